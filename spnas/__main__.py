@@ -1,0 +1,4 @@
+"""``python -m spnas`` is the ``spnas`` command."""
+from .cli import main
+
+raise SystemExit(main())

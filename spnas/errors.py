@@ -1,0 +1,26 @@
+"""Typed errors of the spnas library.
+
+Every error the library raises on purpose derives from :class:`SpnasError`; the ones about
+malformed input also derive from :class:`ValueError`, so callers may catch either.
+"""
+from __future__ import annotations
+
+
+class SpnasError(Exception):
+    """Base class of every error raised on purpose by spnas."""
+
+
+class CodeError(SpnasError, ValueError):
+    """A serial or parallel architecture code is malformed or out of bounds."""
+
+
+class DescError(SpnasError, ValueError):
+    """A model description (``desc`` dict) has an unknown key or a bad value."""
+
+
+class ConversionError(SpnasError, ValueError):
+    """A checkpoint does not map onto the model (lists the tensors that do not fit)."""
+
+
+class InheritanceError(SpnasError, ValueError):
+    """A child architecture cannot inherit weights from the given parent."""

@@ -1,0 +1,170 @@
+"""The model layer against torchvision: naming, shapes, outputs, parameter and FLOP counts."""
+import pytest
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+import spnas
+from spnas import DescError, build_detector, convert_resnet, normalize_desc
+from spnas.backbone import SerialBackbone
+from spnas.detector import build_backbone, build_classifier
+
+R50 = "111-2111-211111-211"
+
+
+def _torchvision_stages(m, x):
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    outs = []
+    for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+        x = layer(x)
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("builder, code, block", [
+    (torchvision.models.resnet50, R50, "bottleneck"),
+    (torchvision.models.resnet18, "11-21-21-21", "basic"),
+    (torchvision.models.resnext50_32x4d, R50, "resnext"),
+])
+def test_torchvision_classification_weights_load_strictly(builder, code, block, rand_norms):
+    torch.manual_seed(0)
+    tv = rand_norms(builder()).eval()
+    ours = SerialBackbone(code, block).eval()
+    result = ours.load_state_dict(convert_resnet(tv.state_dict(), {"backbone": {"code": code, "block": block}}),
+                                  strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        ref, got = _torchvision_stages(tv, x), ours(x)
+    assert [t.shape for t in got] == [t.shape for t in ref]
+    assert [tuple(t.shape) for t in got][0] == (2, 256 if block != "basic" else 64, 24, 32)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    n_tv = sum(p.numel() for n, p in tv.named_parameters() if not n.startswith("fc."))
+    assert sum(p.numel() for p in ours.parameters()) == n_tv
+
+
+def test_resnet50_backbone_exact_parameter_count():
+    assert sum(p.numel() for p in SerialBackbone(R50).parameters()) == 23_508_032
+    assert spnas.params({})["backbone"] == 23_508_032
+
+
+def test_default_detector_matches_torchvision_layout():
+    ours = build_detector({}).state_dict()
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    assert list(ours) == list(tv)
+    assert all(ours[k].shape == tv[k].shape for k in ours)
+    assert spnas.params({})["total"] == sum(v.numel() for k, v in tv.items()
+                                             if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+
+def test_gflops_equal_flop_counter_on_torchvision_backbone():
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        tv(torch.randn(1, 3, 224, 224))
+    assert spnas.gflops({}, size=224) == pytest.approx(counter.get_total_flops() / 1e9, rel=0, abs=1e-9)
+    assert spnas.gflops({"neck": {"code": [1, 0, 0, 0]}}, size=224) > spnas.gflops({}, size=224)
+
+
+@pytest.mark.parametrize("code, block, parallel, stage_ch, strides", [
+    ("1-2-2-2", "basic", [0, 0, 0, 0], [16, 32, 64, 128], [4, 8, 16, 32]),
+    ("12-1-21-2-1", "bottleneck", [1, 0, 2, 0, 1], [128, 128, 256, 512, 512], [4, 8, 16, 32, 64]),
+    ("11-21-1", "resnext", [0, 3, 1], [64, 128, 128], [4, 8, 16]),
+])
+def test_stage_shapes_and_fpn_levels(code, block, parallel, stage_ch, strides):
+    base = 16
+    desc = {"backbone": {"code": code, "block": block, "base_channels": base}, "neck": {"code": parallel}}
+    bb = build_backbone(desc).eval()
+    assert bb.body.stage_channels == stage_ch
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        feats = bb.stage_features(x)
+        fpn = bb(x)
+    assert [tuple(f.shape) for f in feats.values()] == [(1, c, 256 // s, 256 // s) for c, s in zip(stage_ch, strides)]
+    assert list(fpn) == [str(i) for i in range(len(stage_ch))] + ["pool"]
+    assert all(f.shape[1] == 256 for f in fpn.values())
+    assert [len(c) for c in bb.connections] == parallel
+
+
+def test_parallel_passes_share_stage_weights():
+    plain = build_backbone({"backbone": {"code": "1-2-2-2", "base_channels": 8}})
+    par = build_backbone({"backbone": {"code": "1-2-2-2", "base_channels": 8}, "neck": {"code": [2, 1, 0, 3]}})
+    n_plain = sum(p.numel() for p in plain.parameters())
+    n_conn = sum(p.numel() for p in par.connections.parameters())
+    assert sum(p.numel() for p in par.parameters()) == n_plain + n_conn
+    # 1x1 conv out->in + BN(in): stage 0: 32->8, stage 1: 64->32, stage 3: 256->128
+    assert n_conn == 2 * (32 * 8 + 16) + (64 * 32 + 64) + 3 * (256 * 128 + 256)
+    for conns in par.connections:
+        for c in conns:
+            assert torch.count_nonzero(c[1].weight) == 0 and torch.count_nonzero(c[1].bias) == 0
+
+
+def test_detector_runs_train_and_eval_with_five_stages():
+    model = build_detector({"num_classes": 4, "backbone": {"code": "1-2-2-2-2", "block": "basic",
+                                                           "base_channels": 8},
+                            "neck": {"code": [0, 1, 0, 0, 1]}, "min_size": 128, "max_size": 128})
+    assert model.transform.min_size == (128,)
+    assert model.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,), (1024,))
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3", "4"]
+    images = [torch.rand(3, 128, 128), torch.rand(3, 100, 120)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 20.0, 50.0, 90.0], [60, 10, 110, 50.0]]), "labels": torch.tensor([2, 3])}]
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and set(out[0]) == {"boxes", "labels", "scores"}
+
+
+def test_classifier_wrapper():
+    clf = build_classifier({"backbone": {"code": "11-21-21-21", "block": "basic", "base_channels": 8}}, 10)
+    assert tuple(clf(torch.randn(3, 3, 64, 64)).shape) == (3, 10)
+    assert clf.fc.in_features == 64
+    assert all(k.startswith(("body.", "fc.")) for k in clf.state_dict())
+
+
+def test_normalize_desc_defaults_and_spellings():
+    d = normalize_desc({})
+    assert d == {"type": "FasterRCNN", "num_classes": 91,
+                 "backbone": {"type": "SerialBackbone", "code": R50, "block": "bottleneck",
+                              "base_channels": 64, "norm": "bn"},
+                 "neck": {"type": "ParallelFPN", "code": [0, 0, 0, 0], "out_channels": 256}}
+    v = normalize_desc({"backbone": {"type": "SerialBackbone", "block": "BasicBlock", "code": "11-21-21-21"},
+                        "neck": {"type": "ParallelFPN", "code": [0, 1, 0, 0]}, "convert_pretrained": True,
+                        "num_classes": 3.0, "min_size": 320})
+    assert v["backbone"]["block"] == "basic" and v["num_classes"] == 3 and v["min_size"] == 320
+    assert v["convert_pretrained"] is True
+    a = normalize_desc({"backbone": {"code": "x_11-21-21-21_0-1-0-2"}})
+    assert (a["backbone"]["block"], a["backbone"]["code"], a["neck"]["code"]) == ("resnext", "11-21-21-21", [0, 1, 0, 2])
+    assert spnas.arch_string(a) == "x_11-21-21-21_0-1-0-2"
+
+
+@pytest.mark.parametrize("desc, message", [
+    ({"type": "MaskRCNN"}, "type 'MaskRCNN' is not supported"),
+    ({"backbone": {"type": "ResNet"}}, "backbone.type 'ResNet' is not supported"),
+    ({"neck": {"type": "BiFPN"}}, "neck.type 'BiFPN' is not supported"),
+    ({"backbone": {"depth": 50}}, "backbone has unknown key\\(s\\) \\['depth'\\]"),
+    ({"neck": {"code": [0, 0, 0, 0], "levels": 5}}, "neck has unknown key\\(s\\) \\['levels'\\]"),
+    ({"min_sise": 300}, "unknown key\\(s\\) \\['min_sise'\\]"),
+    ({"num_classes": 1}, "num_classes must be an integer >= 2, got 1"),
+    ({"backbone": {"base_channels": "64"}}, "backbone.base_channels must be an integer"),
+    ({"backbone": {"norm": "gn"}}, "backbone.norm 'gn'"),
+    ({"rpn_head": None}, "'rpn_head' is derived from the architecture"),
+    ({"backbone": {"code": "r_11-21_0-0", "block": "basic"}}, "contradicts the code"),
+    ({"neck": {"code": [0, 0]}}, "has 2 entries but the serial code has 4 stages"),
+])
+def test_bad_descriptions_name_the_key(desc, message):
+    with pytest.raises(ValueError, match=message):
+        build_detector(desc)
+
+
+def test_frozen_bn_option():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    bb = build_backbone({"backbone": {"code": "1-2-2-2", "base_channels": 8, "norm": "frozen_bn"}})
+    assert isinstance(bb.body.bn1, FrozenBatchNorm2d)
+    assert not any(k.endswith("num_batches_tracked") for k in bb.body.state_dict())
