@@ -62,8 +62,9 @@ class SerialBackbone(nn.Module):
         self.block = normalize_block(block)
         if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 1:
             raise DescError(f"backbone.base_channels must be a positive integer, got {base_channels!r}")
-        if self.block == "resnext" and base_channels % 2:
-            raise DescError(f"backbone.base_channels must be even for resnext blocks, got {base_channels}")
+        if self.block == "resnext" and base_channels % 16:
+            # torchvision's grouped width is int(planes * 4 / 64) * 32: planes below 16 give 0 channels
+            raise DescError(f"backbone.base_channels must be a multiple of 16 for resnext blocks, got {base_channels}")
         self.base_channels = base_channels
         self.norm = norm
         norm_layer = norm_layer_for(norm)

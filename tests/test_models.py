@@ -154,6 +154,7 @@ def test_normalize_desc_defaults_and_spellings():
     ({"num_classes": 1}, "num_classes must be an integer >= 2, got 1"),
     ({"backbone": {"base_channels": "64"}}, "backbone.base_channels must be an integer"),
     ({"backbone": {"norm": "gn"}}, "backbone.norm 'gn'"),
+    ({"backbone": {"block": "resnext", "base_channels": 8}}, "multiple of 16 for resnext"),
     ({"rpn_head": None}, "'rpn_head' is derived from the architecture"),
     ({"backbone": {"code": "r_11-21_0-0", "block": "basic"}}, "contradicts the code"),
     ({"neck": {"code": [0, 0]}}, "has 2 entries but the serial code has 4 stages"),
