@@ -52,6 +52,80 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_desc(args: argparse.Namespace) -> dict:
+    """``--desc FILE`` or ``--code/--block/--base-channels``."""
+    from .io import read_json
+    if getattr(args, "desc", None):
+        desc = read_json(args.desc, "model description")
+        if not isinstance(desc, dict):
+            raise SpnasError(f"model description {args.desc!r} must be a JSON object")
+        return desc
+    desc: dict = {"backbone": {"code": args.code}}
+    if args.block is not None:
+        desc["backbone"]["block"] = args.block
+    if args.base_channels is not None:
+        desc["backbone"]["base_channels"] = args.base_channels
+    return desc
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from .demo_data import write_demo_dataset
+    out = write_demo_dataset(args.out_dir, train=args.train, val=args.val, size=args.size, classes=args.classes,
+                             seed=args.seed, progress=True)
+    print(f"demo data (COCO layout) written to {out}")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from .engine import TrainConfig
+    kw = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
+              schedule=args.schedule, warmup_iters=args.warmup_iters, clip_grad_norm=args.clip_grad_norm)
+    if args.iters is not None:
+        kw["iters"] = args.iters
+    else:
+        kw["epochs"] = args.epochs
+    return TrainConfig(**kw)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import train_architecture
+    perf = train_architecture(args.data, _load_desc(args), args.out, _train_config(args), arch_id=args.id,
+                              init=args.init, device=args.device, resume=not args.no_resume, progress=True,
+                              min_size=args.min_size, max_size=args.max_size)
+    print(f"{args.out}: mAP {perf.get('mAP') or 0:.2f}  AP50 {perf.get('AP50') or 0:.2f}  "
+          f"params {perf['params']:,}  GFLOPs {perf['gflops']:.2f}  ({perf['train_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .io import atomic_write_json
+    from .trainer import evaluate_architecture
+    metrics = evaluate_architecture(args.data, _load_desc(args), args.weights, split=args.split,
+                                    device=args.device, batch_size=args.batch_size, progress=True)
+    if args.out:
+        atomic_write_json(args.out, metrics)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_reignite(args: argparse.Namespace) -> int:
+    from .reignite import reignite
+    perf = reignite(_load_desc(args), args.weights, args.out, data=args.data, from_detection=args.from_detection,
+                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
+                    seed=args.seed, device=args.device, arch_id=args.id, progress=True)
+    print(f"{args.out}: reignited backbone, top-1 {perf['top1_train']:.1f}% (train) on {perf['source']}")
+    return 0
+
+
+def _arch_args(p: argparse.ArgumentParser, desc: bool = True) -> None:
+    if desc:
+        p.add_argument("--desc", default=None, help="model description JSON (desc_<id>.json)")
+    p.add_argument("--code", default="111-2111-211111-211",
+                   help="serial code, or Vega's one-string form r_111-2111-211111-211_0-0-0-0")
+    p.add_argument("--block", default=None, help="basic | bottleneck | resnext (default bottleneck)")
+    p.add_argument("--base-channels", type=int, default=None, help="stem width (default 64)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spnas", description="SP-NAS detection backbone search")
     parser.add_argument("--version", action="version", version=f"spnas {__version__}")
@@ -60,15 +134,69 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("describe", help="print blocks, stages, channels, strides, params and GFLOPs")
-    p.add_argument("--code", default="111-2111-211111-211",
-                   help="serial code, or Vega's one-string form r_111-2111-211111-211_0-0-0-0")
-    p.add_argument("--block", default=None, help="basic | bottleneck | resnext (default bottleneck)")
-    p.add_argument("--base-channels", type=int, default=None, help="stem width (default 64)")
+    _arch_args(p, desc=False)
     p.add_argument("--parallel", default=None, help="parallel code, e.g. 0,1,0,0 (default all zeros)")
     p.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default 91)")
     p.add_argument("--size", type=int, default=800, help="square input size for GFLOPs (default 800)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("demo-data", help="write the generated demo detection set in COCO layout")
+    p.add_argument("out_dir")
+    p.add_argument("--train", type=int, default=240, help="training images (default 240)")
+    p.add_argument("--val", type=int, default=60, help="validation images (default 60)")
+    p.add_argument("--size", type=int, default=160, help="image side in pixels (default 160)")
+    p.add_argument("--classes", type=int, default=3, help="object classes, at most 8 (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("train", help="train and evaluate one architecture on a COCO-layout data set")
+    p.add_argument("--data", required=True, help="data root with annotations/instances_{train,val}2017.json")
+    _arch_args(p)
+    sched = p.add_mutually_exclusive_group()
+    sched.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
+    sched.add_argument("--iters", type=int, default=None, help="iterations instead of epochs")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--schedule", choices=["step", "cosine"], default="step")
+    p.add_argument("--warmup-iters", type=int, default=100)
+    p.add_argument("--clip-grad-norm", type=float, default=None)
+    p.add_argument("--min-size", type=int, default=None, help="detector resize: shorter side")
+    p.add_argument("--max-size", type=int, default=None, help="detector resize: longer side cap")
+    p.add_argument("--init", default=None, help="weights to start from (.pth: spnas, torchvision detector or resnet)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--id", default="0", help="candidate id used in the output file names (default 0)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="COCO box AP of saved weights")
+    p.add_argument("--data", required=True)
+    _arch_args(p)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reignite", help="re-train a detector's backbone as a classifier (SPEC 2.3)")
+    _arch_args(p)
+    p.add_argument("--weights", required=True, help="detector weights (model_<id>.pth)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", default=None, help="folder-per-class classification set")
+    src.add_argument("--from-detection", default=None, help="detection data root to cut object crops from")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--id", default="0")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_reignite)
     return parser
 
 

@@ -24,3 +24,7 @@ class ConversionError(SpnasError, ValueError):
 
 class InheritanceError(SpnasError, ValueError):
     """A child architecture cannot inherit weights from the given parent."""
+
+
+class ConfigError(SpnasError, ValueError):
+    """A setting (command-line option, training setting, config key) has an invalid value."""

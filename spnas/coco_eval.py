@@ -1,0 +1,39 @@
+"""COCO box AP through pycocotools' COCOeval, with pycocotools' prints kept out of our output.
+
+``coco_metrics(coco_gt, results)`` returns ``mAP`` (AP@[.5:.95] x 100), ``AP50``, ``AP75``,
+``AP_small``, ``AP_medium``, ``AP_large`` (all x 100; ``None`` where COCO leaves a metric
+undefined because the ground truth has no object of that size).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any, Sequence
+
+METRIC_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+
+
+def coco_metrics(coco_gt: Any, results: Sequence[dict]) -> dict[str, "float | None"]:
+    """Evaluate detections ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``."""
+    from pycocotools.cocoeval import COCOeval
+    if not results:  # pycocotools cannot load an empty result list; nothing detected is AP 0
+        return {name: 0.0 for name in METRIC_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(list(results))
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: (float(ev.stats[i]) * 100 if ev.stats[i] >= 0 else None)
+            for i, name in enumerate(METRIC_NAMES)}
+
+
+def to_coco_results(image_id: int, boxes, scores, labels, label_to_cat: dict[int, int]) -> list[dict]:
+    """torchvision predictions of one image (``boxes`` [N, 4] x0y0x1y1, ``scores`` [N],
+    ``labels`` [N] contiguous) -> COCO result dicts with the dataset's category ids."""
+    out = []
+    b = boxes.tolist()
+    for (x0, y0, x1, y1), s, l in zip(b, scores.tolist(), labels.tolist()):
+        out.append({"image_id": int(image_id), "category_id": int(label_to_cat[int(l)]),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
+    return out

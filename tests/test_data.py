@@ -1,0 +1,178 @@
+"""Demo data and the COCO loader: layout, determinism, label mapping and every bad input."""
+import hashlib
+import json
+import logging
+
+import pytest
+import torch
+
+from helpers import demo, load_ann, remap_categories, save_ann
+from spnas.data import CocoDetection, DataError, load_split, make_loader
+from spnas.demo_data import write_demo_dataset
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_demo_data_layout_and_content(tmp_path):
+    root = demo(tmp_path / "d", train=20, val=6, classes=4)
+    for split, n in (("train", 20), ("val", 6)):
+        ann = load_ann(root, split)
+        assert len(ann["images"]) == n
+        assert len(list((root / f"{split}2017").glob("*.jpg"))) == n
+        assert [c["id"] for c in ann["categories"]] == [1, 2, 3, 4]
+        per_image = {}
+        for a in ann["annotations"]:
+            x, y, w, h = a["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= 160 and y + h <= 160 and w > 4 and h > 4
+            per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
+        assert set(per_image) == {im["id"] for im in ann["images"]}  # every image has objects
+        assert max(per_image.values()) <= 4
+    assert load_split(root, "train", train=True).num_classes == 5
+
+
+def test_demo_data_is_deterministic_and_prefix_stable(tmp_path):
+    a = demo(tmp_path / "a", train=10, val=4, seed=3)
+    b = demo(tmp_path / "b", train=10, val=4, seed=3)
+    c = demo(tmp_path / "c", train=10, val=4, seed=4)
+    assert _digest(a) == _digest(b) != _digest(c)
+    big = demo(tmp_path / "big", train=14, val=4, seed=3)
+    assert (big / "train2017" / "000000000010.jpg").read_bytes() == (a / "train2017" / "000000000010.jpg").read_bytes()
+
+
+def test_demo_data_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="--classes must be at most 8, got 9"):
+        write_demo_dataset(tmp_path, classes=9)
+    with pytest.raises(ValueError, match="--size must be an integer >= 64, got 10"):
+        write_demo_dataset(tmp_path, size=10)
+
+
+def test_non_contiguous_category_ids_map_to_contiguous_labels(tmp_path):
+    src = demo(tmp_path / "d", train=12, val=4)
+    root = remap_categories(src, tmp_path / "r", {1: 3, 2: 7, 3: 12})
+    ds = load_split(root, "train", train=True)
+    assert ds.cat_ids == [3, 7, 12] and ds.num_classes == 4
+    assert ds.label_to_cat == {1: 3, 2: 7, 3: 12}
+    raw = load_ann(root)
+    first = [a["category_id"] for a in raw["annotations"] if a["image_id"] == ds.records[0]["id"]]
+    assert [ds.label_to_cat[l] for l in ds.records[0]["labels"]] == first
+
+
+def test_training_drops_images_without_boxes_evaluation_keeps_them(tmp_path):
+    root = demo(tmp_path / "d", train=10, val=4)
+    ann = load_ann(root)
+    ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] not in (2, 5)]
+    save_ann(root, ann)
+    assert len(load_split(root, "train", train=True)) == 8
+    assert len(load_split(root, "train", train=False)) == 10
+
+
+def test_samples_and_seeded_flips(tmp_path):
+    root = demo(tmp_path / "d", train=16, val=4)
+    plain = load_split(root, "train", train=False)
+    ds = load_split(root, "train", train=True, seed=1)
+    flips = 0
+    for i in range(len(ds)):
+        img, tgt = ds[i]
+        ref_img, ref = plain[i]
+        assert img.dtype == torch.float32 and tuple(img.shape) == (3, 160, 160) and 0 <= img.min() and img.max() <= 1
+        if torch.equal(img, ref_img):
+            assert torch.equal(tgt["boxes"], ref["boxes"])
+        else:
+            flips += 1
+            assert torch.equal(img, ref_img.flip(-1))
+            assert torch.allclose(tgt["boxes"][:, [0, 2]], 160 - ref["boxes"][:, [2, 0]])
+    assert 0 < flips < len(ds)
+    again = load_split(root, "train", train=True, seed=1)
+    assert all(torch.equal(ds[i][0], again[i][0]) for i in range(len(ds)))
+    l1 = [t["image_id"] for _, ts in make_loader(ds, 4, True, seed=0, epoch=2) for t in ts]
+    l2 = [t["image_id"] for _, ts in make_loader(ds, 4, True, seed=0, epoch=2) for t in ts]
+    l3 = [t["image_id"] for _, ts in make_loader(ds, 4, True, seed=0, epoch=3) for t in ts]
+    assert l1 == l2 != l3 and sorted(l1) == sorted(l3)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def root(tmp_path):
+    return demo(tmp_path / "d", train=8, val=4)
+
+
+def test_missing_annotation_file(tmp_path, root):
+    (root / "annotations" / "instances_train2017.json").unlink()
+    with pytest.raises(DataError, match="annotation file '.*instances_train2017.json' does not exist"):
+        load_split(root, "train", train=True)
+    with pytest.raises(DataError, match="dataset folder '.*nowhere' does not exist"):
+        load_split(tmp_path / "nowhere", "train", train=True)
+
+
+def test_unreadable_and_non_json_annotation(root):
+    path = root / "annotations" / "instances_train2017.json"
+    path.write_bytes(b"\xff\xfe not json")
+    with pytest.raises(DataError, match="cannot be read|is not valid JSON"):
+        load_split(root, "train", train=True)
+    path.write_text("{\"images\": [")
+    with pytest.raises(DataError, match="is not valid JSON"):
+        load_split(root, "train", train=True)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: [1, 2], "is not COCO: the top level is a list"),
+    (lambda d: {k: v for k, v in d.items() if k != "categories"}, "is not COCO: it has no 'categories' list"),
+    (lambda d: {**d, "images": {}}, "'images' is a dict, not a list"),
+    (lambda d: {**d, "categories": []}, "has no categories"),
+    (lambda d: {**d, "images": d["images"] + [d["images"][0]]}, "repeats id 1"),
+    (lambda d: {**d, "annotations": [{**d["annotations"][0], "image_id": 999}]}, "unknown image_id 999"),
+    (lambda d: {**d, "annotations": [{**d["annotations"][0], "category_id": 42}]}, "unknown category_id 42"),
+    (lambda d: {**d, "annotations": [{**d["annotations"][0], "bbox": [1, 2, 3]}]}, "bbox \\[1, 2, 3\\] is not"),
+    (lambda d: {**d, "annotations": [{k: v for k, v in d["annotations"][0].items() if k != "bbox"}]}, "has no 'bbox'"),
+    (lambda d: {**d, "images": [{**d["images"][0], "file_name": "../../etc/passwd"}]}, "points outside the image folder"),
+    (lambda d: {**d, "images": [{**d["images"][0], "file_name": "/etc/passwd"}]}, "points outside the image folder"),
+    (lambda d: {**d, "images": [{**d["images"][0], "id": "1"}]}, "id '1' is not an integer"),
+])
+def test_malformed_coco_is_rejected(root, mutate, message):
+    save_ann(root, mutate(load_ann(root)))
+    with pytest.raises(DataError, match=message):
+        load_split(root, "train", train=True)
+
+
+def test_bad_boxes_are_skipped_and_counted_or_rejected(root, caplog):
+    ann = load_ann(root)
+    a0, a1 = ann["annotations"][0], ann["annotations"][1]
+    a0["bbox"] = [150.0, 150.0, 40.0, 40.0]   # outside a 160x160 image
+    a1["bbox"] = [10.0, 10.0, 0.0, 5.0]       # zero width
+    save_ann(root, ann)
+    with caplog.at_level(logging.WARNING, logger="spnas.data"):
+        ds = load_split(root, "train", train=False)
+    assert ds.skipped == {"outside": 1, "non_positive": 1, "crowd": 0}
+    assert "skipped 1 box(es) outside the image, 1 with non-positive size" in caplog.text
+    assert sum(len(r["boxes"]) for r in ds.records) == len(ann["annotations"]) - 2
+    with pytest.raises(DataError, match=f"annotation {a0['id']} bbox .* lies outside image"):
+        load_split(root, "train", train=False, bad_boxes="error")
+
+
+def test_missing_images_are_listed(root):
+    (root / "train2017" / "000000000003.jpg").unlink()
+    with pytest.raises(DataError, match="1 image\\(s\\) listed in .* are missing from .*\\['000000000003.jpg'\\]"):
+        load_split(root, "train", train=True)
+
+
+def test_empty_training_set(root):
+    ann = load_ann(root)
+    ann["annotations"] = []
+    save_ann(root, ann)
+    with pytest.raises(DataError, match="gives an empty training set \\(no image has a usable box\\)"):
+        load_split(root, "train", train=True)
+
+
+def test_undecodable_image(root):
+    (root / "train2017" / "000000000001.jpg").write_bytes(b"not an image")
+    ds = load_split(root, "train", train=True)
+    with pytest.raises(DataError, match="000000000001.jpg' cannot be decoded"):
+        ds[0]

@@ -1,0 +1,167 @@
+"""Training engine: schedule, resume, divergence, checkpoints; COCO evaluator against pycocotools."""
+import contextlib
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.cocoeval import COCOeval
+
+from helpers import demo
+from spnas import build_detector
+from spnas.coco_eval import METRIC_NAMES, coco_metrics
+from spnas.data import CocoDetection, load_split
+from spnas.engine import NonFiniteLossError, TrainConfig, lr_factor, train
+from spnas.errors import ConfigError
+from spnas.io import CheckpointError, load_checkpoint
+from spnas.trainer import load_weights
+
+TINY = {"backbone": {"code": "1-2-2-2", "block": "basic", "base_channels": 8}, "neck": {"out_channels": 32},
+        "min_size": 96, "max_size": 96, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+        "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 64,
+        "rpn_batch_size_per_image": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return demo(tmp_path_factory.mktemp("tiny"), train=16, val=4, size=96)
+
+
+def _tiny_model(num_classes=4, seed=0):
+    torch.manual_seed(seed)
+    return build_detector({**TINY, "num_classes": num_classes})
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(iters=90, warmup_iters=10, warmup_factor=0.001, steps=(2 / 3, 8 / 9))
+    assert lr_factor(0, 90, cfg) == pytest.approx(0.001)
+    assert lr_factor(5, 90, cfg) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert [lr_factor(i, 90, cfg) for i in (10, 59, 60, 79, 80, 89)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cos = TrainConfig(iters=100, warmup_iters=0, schedule="cosine")
+    assert lr_factor(0, 100, cos) == pytest.approx(1) and lr_factor(50, 100, cos) == pytest.approx(0.5)
+    assert lr_factor(100, 100, cos) == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"batch_size": 0}, "batch_size=0 is invalid"),
+    ({"lr": -1.0}, "lr=-1.0 is invalid"),
+    ({"schedule": "poly"}, "schedule='poly' is invalid"),
+    ({"epochs": -1}, "epochs=-1 is invalid"),
+    ({"steps": (0.5, 1.5)}, "steps=\\(0.5, 1.5\\) is invalid"),
+])
+def test_bad_training_settings(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kw)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_gives_the_same_weights(tiny_data, tmp_path, monkeypatch):
+    cfg = TrainConfig(iters=12, batch_size=4, lr=0.01, warmup_iters=3, checkpoint_every=2, eval_every=1)
+    tr, va = load_split(tiny_data, "train", train=True), load_split(tiny_data, "val", train=False)
+    ref_model = _tiny_model()
+    ref = train(ref_model, tr, va, cfg, tmp_path / "ref", resume=False)
+    assert ref["iters"] == 12 and [h["iteration"] for h in ref["history"]] == [4, 8, 12]
+
+    real_getitem, calls = CocoDetection.__getitem__, {"n": 0}
+
+    def crashing(self, i):
+        calls["n"] += 1
+        if calls["n"] > 4 * 7 + 2:  # dies while loading the batch of iteration 8
+            raise _Boom("simulated crash")
+        return real_getitem(self, i)
+
+    monkeypatch.setattr(CocoDetection, "__getitem__", crashing)
+    with pytest.raises(_Boom):
+        train(_tiny_model(), tr, va, cfg, tmp_path / "run", resume=False)
+    monkeypatch.setattr(CocoDetection, "__getitem__", real_getitem)
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["iteration"] == 6
+    resumed_model = _tiny_model(seed=123)  # different start: everything must come from the checkpoint
+    res = train(resumed_model, tr, va, cfg, tmp_path / "run", resume=True)
+    assert res["iters"] == 12 and res["history"] == ref["history"]
+    a, b = ref_model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_schedule(tiny_data, tmp_path):
+    tr = load_split(tiny_data, "train", train=True)
+    train(_tiny_model(), tr, None, TrainConfig(iters=2, warmup_iters=1), tmp_path, resume=False)
+    with pytest.raises(CheckpointError, match="was made for 2 iterations, this training has 3"):
+        train(_tiny_model(), tr, None, TrainConfig(iters=3, warmup_iters=1), tmp_path, resume=True)
+
+
+class _NanModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images, targets=None):
+        return {"loss_classifier": self.w * float("nan"), "loss_box_reg": self.w * 0.5}
+
+
+def test_non_finite_loss_names_step_and_terms(tiny_data, tmp_path):
+    tr = load_split(tiny_data, "train", train=True)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 0: \{'loss_classifier': nan, 'loss_box_reg': 0.5\}"):
+        train(_NanModel(), tr, None, TrainConfig(iters=3), tmp_path, resume=False)
+
+
+def test_checkpoint_of_another_architecture_names_the_first_misfit(tmp_path):
+    for code, message in (("1-2-2-21", "unexpected tensor 'backbone.body.layer4.1.conv1.weight'"),
+                          ("1-2-2-1", "tensor 'backbone.body.layer4.0.conv1.weight' has shape \\(32, 32, 3, 3\\), "
+                                      "the model expects \\(64, 32, 3, 3\\)")):
+        other = build_detector({**TINY, "num_classes": 4, "backbone": {**TINY["backbone"], "code": code}})
+        torch.save(other.state_dict(), tmp_path / "other.pth")
+        with pytest.raises(CheckpointError, match="other.pth' belongs to another architecture: " + message):
+            load_weights(_tiny_model(), {**TINY, "num_classes": 4}, tmp_path / "other.pth")
+    fewer = {k: v for k, v in _tiny_model().state_dict().items() if "layer4" not in k}
+    with pytest.raises(CheckpointError, match="tensor 'backbone.body.layer4.0.conv1.weight' is missing"):
+        load_weights(_tiny_model(), {**TINY, "num_classes": 4}, fewer)
+
+
+class Payload:
+    """Stands for an arbitrary pickled object: weights_only loading must refuse it."""
+
+
+def test_unsafe_or_broken_checkpoints_are_refused(tmp_path):
+    torch.save({"model": Payload()}, tmp_path / "pickle.pth")
+    with pytest.raises(CheckpointError, match="is not a safe PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "pickle.pth")
+    (tmp_path / "trunc.pth").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="is not a safe PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "trunc.pth")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_class_count_change_keeps_everything_but_the_predictor():
+    src = _tiny_model(num_classes=91, seed=1)
+    dst = _tiny_model(num_classes=4, seed=2)
+    info = load_weights(dst, {**TINY, "num_classes": 4}, src.state_dict())
+    assert info["fresh"] == 4
+    assert torch.equal(dst.state_dict()["rpn.head.conv.0.0.weight"], src.state_dict()["rpn.head.conv.0.0.weight"])
+
+
+def test_evaluator_matches_direct_pycocotools(tiny_data, capsys):
+    ds = load_split(tiny_data, "val", train=False)
+    rng = np.random.default_rng(0)
+    results = []
+    for ann in ds.coco.dataset["annotations"]:
+        x, y, w, h = ann["bbox"]
+        jit = rng.normal(0, 2, 4)
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                        "bbox": [x + jit[0], y + jit[1], w + jit[2], h + jit[3]], "score": float(rng.uniform(0.3, 1))})
+        results.append({"image_id": ann["image_id"], "category_id": 1 + (ann["category_id"] % 3),
+                        "bbox": [float(v) for v in rng.uniform(0, 60, 4)], "score": float(rng.uniform(0, 0.5))})
+    ours = coco_metrics(ds.coco, results)
+    assert capsys.readouterr().out == ""  # pycocotools' prints stay out of our output
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(ds.coco, ds.coco.loadRes(results), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    for i, name in enumerate(METRIC_NAMES):
+        assert ours[name] == (ev.stats[i] * 100 if ev.stats[i] >= 0 else None)
+    assert 20 < ours["AP50"] <= 100
+    assert coco_metrics(ds.coco, []) == {n: 0.0 for n in METRIC_NAMES}
