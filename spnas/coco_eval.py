@@ -19,7 +19,7 @@ def coco_metrics(coco_gt: Any, results: Sequence[dict]) -> dict[str, "float | No
     if not results:  # pycocotools cannot load an empty result list; nothing detected is AP 0
         return {name: 0.0 for name in METRIC_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(list(results))
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys: keep the caller's dicts intact
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
         ev.evaluate()
         ev.accumulate()

@@ -231,8 +231,8 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: Optional[CocoDete
             end_of_epoch = it % per_epoch == 0 or it == total
             if end_of_epoch and cfg.eval_every and (it // per_epoch) % cfg.eval_every == 0 and it != total:
                 run_eval()
-            if end_of_epoch or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0):
-                save_last()
+            if it < total and (end_of_epoch or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0)):
+                save_last()  # the final checkpoint is written once, after the last evaluation
             if it >= total:
                 break
     bar.close()
