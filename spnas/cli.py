@@ -117,6 +117,25 @@ def cmd_reignite(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .run import run
+    config = load_config(args.config, workdir=args.workdir, overrides=args.set or ())
+    reports = run(config, workers=args.workers, progress=not args.quiet)
+    best = reports.get("best")
+    out = f"{config.workdir}/output"
+    print(f"\nSP-NAS finished in {reports['seconds']:.0f} s. Results: {out}")
+    for name, ph in reports["phases"].items():
+        extra = f", plot {ph['plot']}" if ph.get("plot") else ""
+        print(f"  {name:<12} {len(ph['records'])} record(s), {ph.get('seconds', 0):.0f} s{extra}")
+    if best:
+        m = best["metrics"]
+        print(f"best model: {best['desc']['backbone']['code']} neck {best['desc']['neck']['code']}  "
+              f"mAP {m['mAP']:.2f}  AP50 {m['AP50']:.2f}  params {best['params']:,}  GFLOPs {best['gflops']:.2f}")
+        print(f"  weights {best['weights']}")
+    return 0
+
+
 def _arch_args(p: argparse.ArgumentParser, desc: bool = True) -> None:
     if desc:
         p.add_argument("--desc", default=None, help="model description JSON (desc_<id>.json)")
@@ -197,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", default="0")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_reignite)
+
+    p = sub.add_parser("run", help="run every SP-NAS phase of a Vega-style config on this machine")
+    p.add_argument("config", help="YAML config (see configs/demo.yml)")
+    p.add_argument("--workdir", default=None, help="working directory = {local_base_path} (default runs/spnas)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set serial.search_algorithm.max_sample=8")
+    p.add_argument("--workers", type=int, default=None, help="candidates trained at once (default: config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

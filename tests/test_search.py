@@ -1,0 +1,430 @@
+"""SpNasS / SpNasP search: operators, sampling, Pareto front, state, determinism (SPEC 2.2, 2.4)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from spnas import measure as spm
+from spnas.encoding import Bounds, check_bounds, parse_serial
+from spnas.errors import ConfigError
+from spnas.inherit import align_blocks
+from spnas.search import (SearchError, SearchSettings, _Rejected, add_stage, choose_serial_op, expand, front, is_done,
+                          mutate_parallel, mutate_serial, new_state, pareto_front, propose, records,
+                          stage_pass_gflops, stage_sampling_probabilities, swap, swap_moves, update)
+
+SIZE = 128          # flops_size for every test: small and fast
+
+
+def small_desc(code: str = "11-21-21-21", neck: list[int] | None = None, **extra) -> dict:
+    return {"num_classes": 3, "backbone": {"code": code, "block": "basic", "base_channels": 16},
+            "neck": {"code": neck, "out_channels": 32}, **extra}
+
+
+def seed_of(code: str = "11-21-21-21", mAP: float = 35.0, neck: list[int] | None = None,
+            weights: str = "s3://b/model_0.pth", **extra) -> dict:
+    return {"desc": small_desc(code, neck, **extra), "metrics": {"mAP": mAP}, "weights": weights}
+
+
+def serial_settings(**kw) -> SearchSettings:
+    base = dict(min_blocks=4, max_blocks=16, max_stages=5, flops_size=SIZE)
+    base.update(kw)
+    return SearchSettings("SpNasS", **base)
+
+
+def parallel_settings(**kw) -> SearchSettings:
+    base = dict(flops_size=SIZE)
+    base.update(kw)
+    return SearchSettings("SpNasP", **base)
+
+
+def blocks_peak(peak: int = 12):
+    """Fake serial evaluator: mAP = 40 - |blocks - peak| (optimum 40 at ``peak`` blocks)."""
+    def ev(c: dict) -> dict:
+        n = parse_serial(c["desc"]["backbone"]["code"]).num_blocks
+        return {"id": c["id"], "status": "ok", "metrics": {"mAP": 40.0 - abs(n - peak)},
+                "weights": f"s3://b/model_{c['id']}.pth", "inherited": 10, "fresh": 2}
+    return ev
+
+
+def stage2_passes(c: dict) -> dict:
+    """Fake parallel evaluator: mAP = 30 + 2 * passes on stage 2 (optimum 36 at 3 passes)."""
+    k = c["desc"]["neck"]["code"]
+    return {"id": c["id"], "status": "ok", "metrics": {"mAP": 30.0 + 2 * k[2]}, "weights": f"w{c['id']}"}
+
+
+def run_search(state: dict, evaluate, max_rounds: int = 100) -> tuple[dict, list[list[dict]]]:
+    rounds = []
+    while not is_done(state):
+        state, cands = propose(state)
+        rounds.append(cands)
+        state = update(state, [evaluate(c) for c in cands])
+        assert len(rounds) <= max_rounds
+    return state, rounds
+
+
+def random_code(rng: random.Random, stages: int, max_len: int = 4) -> str:
+    out = []
+    for s in range(stages):
+        n = rng.randint(1, max_len)
+        out.append("".join("2" if (j == 0 and s > 0 and rng.random() < 0.7) else "1" for j in range(n)))
+    return "-".join(out)
+
+
+# ----------------------------------------------------------------------------- operators
+
+@pytest.mark.parametrize("a,e", [(0.05, 0.3), (0.2, 0.6), (0.0, 1.0)])
+def test_operator_rates_match_settings(a, e):
+    s = serial_settings(add_stage_ratio=a, expand_ratio=e, max_stages=6)
+    n = 20000
+    rng = random.Random(1)
+    hist = Counter(choose_serial_op(rng, 4, s) for _ in range(n))
+    assert abs(hist["add_stage"] / n - a) < 0.012
+    assert abs(hist["expand"] / n - (1 - a) * e) < 0.012
+    assert abs(hist["swap"] / n - (1 - a) * (1 - e)) < 0.012
+    # at max_stages add-stage is never drawn; expand/swap split by expand_ratio alone
+    hist = Counter(choose_serial_op(rng, 6, s) for _ in range(n))
+    assert hist["add_stage"] == 0
+    assert abs(hist["expand"] / n - e) < 0.012
+
+
+def test_expand_inserts_one_block_after_stage_start():
+    rng = random.Random(2)
+    for _ in range(500):
+        parent = random_code(rng, rng.randint(1, 6))
+        child = expand(parent, rng)
+        p, c = parse_serial(parent), parse_serial(child)
+        assert c.num_blocks == p.num_blocks + 1 and c.num_stages == p.num_stages
+        changed = [i for i in range(p.num_stages) if p.stages[i] != c.stages[i]]
+        assert len(changed) == 1
+        old, new = p.stages[changed[0]], c.stages[changed[0]]
+        assert new[0] == old[0]
+        assert any(new[pos] == "1" and new[:pos] + new[pos + 1:] == old for pos in range(1, len(new)))
+        align_blocks(parent, child)
+
+
+def test_swap_keeps_blocks_and_stage_count_and_moves_one_boundary():
+    rng = random.Random(3)
+    for _ in range(500):
+        parent = random_code(rng, rng.randint(2, 6))
+        child = swap(parent, rng)
+        p = parse_serial(parent)
+        if child is None:
+            assert all(len(s) == 1 for s in p.stages) and swap_moves(parent) == []
+            continue
+        c = parse_serial(child)
+        assert c.blocks == p.blocks and c.num_stages == p.num_stages
+        assert all(c.stages)
+        diffs = [len(cs) - len(ps) for ps, cs in zip(p.stages, c.stages)]
+        moved = [i for i, d in enumerate(diffs) if d]
+        assert len(moved) == 2 and moved[1] == moved[0] + 1 and sorted(diffs[i] for i in moved) == [-1, 1]
+        align_blocks(parent, child)
+    assert swap("1-1-1-1", rng) is None
+
+
+def test_add_stage_appends_one_plain_block_stage():
+    assert add_stage("11-21-21-21") == "11-21-21-21-1"
+    c = parse_serial(add_stage("111-2111-211111-211"))
+    assert c.num_stages == 5 and c.stages[-1] == "1"
+    assert c.width_multipliers()[-1] == c.width_multipliers()[-2]   # same width
+
+
+def test_mutate_serial_respects_max_stages_and_derivability():
+    s = serial_settings(add_stage_ratio=0.5, expand_ratio=0.5, max_stages=5, num_mutate=3)
+    rng = random.Random(4)
+    op_counts: Counter = Counter()
+    for _ in range(2000):
+        parent = random_code(rng, rng.randint(4, 5))
+        try:
+            child, ops = mutate_serial(parent, rng, s)
+        except _Rejected as rej:  # the only rejection here: a swap drawn where no boundary can move
+            assert rej.reason == "no possible swap"
+            continue
+        op_counts.update(ops)
+        assert 1 <= len(ops) <= 3
+        c, p = parse_serial(child), parse_serial(parent)
+        assert c.num_stages <= 5
+        assert c.num_stages == p.num_stages + ops.count("add_stage")
+        assert c.num_blocks == p.num_blocks + ops.count("add_stage") + ops.count("expand")
+        align_blocks(parent, child)
+    assert set(op_counts) == {"add_stage", "expand", "swap"}
+
+
+# ----------------------------------------------------------------------------- Pareto front
+
+def test_pareto_front_hand_made():
+    pts = [
+        {"mAP": 30, "params": 10},   # 0 front
+        {"mAP": 32, "params": 20},   # 1 front
+        {"mAP": 31, "params": 25},   # 2 dominated by 1
+        {"mAP": 30, "params": 10},   # 3 duplicate of 0: front too
+        {"mAP": 29, "params": 10},   # 4 tie on params, worse mAP: dominated by 0
+        {"mAP": 35, "params": 40},   # 5 front
+        {"mAP": 35, "params": 41},   # 6 tie on mAP, more params: dominated by 5
+    ]
+    assert pareto_front(pts, ("mAP", "params")) == [0, 1, 3, 5]
+    assert pareto_front(pts, ["mAP"]) == [5, 6]
+    assert pareto_front(pts, ["params"]) == [0, 3, 4]
+    assert pareto_front([], ("mAP", "params")) == []
+    three = [{"mAP": 1, "params": 1, "gflops": 5}, {"mAP": 1, "params": 1, "gflops": 4},
+             {"mAP": 2, "params": 3, "gflops": 9}]
+    assert pareto_front(three, ("mAP", "params", "flops")) == [1, 2]
+    with pytest.raises(SearchError, match="params"):
+        pareto_front([{"mAP": 1}], ("mAP", "params"))
+
+
+# ----------------------------------------------------------------------------- SpNasP sampling
+
+def test_stage_pass_cost_is_the_measured_gflops_of_one_more_pass():
+    desc = small_desc("111-21-2-21", [0, 1, 0, 0])
+    costs = stage_pass_gflops(desc, SIZE)
+    base = spm.gflops(desc, SIZE)
+    for s in range(4):
+        more = small_desc("111-21-2-21", [0, 1, 0, 0])
+        more["neck"]["code"][s] += 1
+        assert math.isclose(spm.gflops(more, SIZE) - base, costs[s], rel_tol=1e-9)
+    assert len(set(costs)) >= 3   # the stages really differ in cost
+
+
+def test_flops_inverse_sampling_frequencies():
+    desc = small_desc("111-21-2-21", [0, 3, 0, 1])
+    s = parallel_settings(num_mutate=1, max_per_stage=3)
+    costs = stage_pass_gflops(desc, SIZE)
+    probs = stage_sampling_probabilities(desc, s)
+    inv = [0.0 if k >= 3 else 1 / c for c, k in zip(costs, [0, 3, 0, 1])]
+    expected = [w / sum(inv) for w in inv]
+    assert probs == pytest.approx(expected, rel=1e-12)
+    assert probs[1] == 0.0 and math.isclose(sum(probs), 1.0)
+    rng = random.Random(5)
+    n = 20000
+    hist = Counter()
+    for _ in range(n):
+        code, ops = mutate_parallel(desc, rng, s)
+        (stage,) = [int(o.split(":")[1]) for o in ops]
+        assert code[stage] == [0, 3, 0, 1][stage] + 1
+        hist[stage] += 1
+    assert hist[1] == 0
+    for st in range(4):
+        assert abs(hist[st] / n - expected[st]) < 0.015
+    full = small_desc("111-21-2-21", [3, 3, 3, 3])
+    assert stage_sampling_probabilities(full, s) == [0.0] * 4
+
+
+# ----------------------------------------------------------------------------- search runs
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_serial_search_sanity(seed):
+    s = serial_settings(max_sample=22, candidates_per_round=4, expand_ratio=0.5, seed=seed)
+    state = new_state(s, [seed_of("11-21-21-21")])
+    state, rounds = run_search(state, blocks_peak(12))
+    recs = records(state)
+    cands = [r for r in recs if r["round"] >= 0]
+    assert len(cands) == 22 and [len(r) for r in rounds] == [4, 4, 4, 4, 4, 2]
+    assert [r["id"] for r in recs] == list(range(23))
+    codes = [r["desc"]["backbone"]["code"] for r in recs]
+    assert len(set(codes)) == len(codes)
+    by_id = {r["id"]: r for r in recs}
+    for r in cands:
+        code = parse_serial(r["desc"]["backbone"]["code"])
+        check_bounds(code, r["desc"]["neck"]["code"], Bounds(4, 16, 4, 5))
+        assert r["desc"]["neck"]["code"] == [0] * code.num_stages
+        parent = by_id[r["parent"]]
+        assert parent["round"] < r["round"]               # parents come from earlier results
+        assert r["parent_desc"] == parent["desc"] and r["parent_weights"] == parent["weights"]
+        align_blocks(parent["desc"]["backbone"]["code"], code)   # derivable from its parent's code
+        assert r["params"] == spm.params(r["desc"])["total"]
+        assert r["status"] == "ok" and r["inherited"] == 10 and r["fresh"] == 2
+    top = front(state)
+    assert max(r["metrics"]["mAP"] for r in top) == 40.0
+    assert any(parse_serial(r["desc"]["backbone"]["code"]).num_blocks == 12 for r in top)
+    pts = [{"mAP": r["metrics"]["mAP"], "params": r["params"]} for r in recs]
+    assert [r["id"] for r in top] == [recs[i]["id"] for i in pareto_front(pts, ("mAP", "params"))]
+    assert propose(state)[1] == []
+
+
+def test_parallel_search_sanity():
+    s = parallel_settings(max_sample=24, objective_keys=("mAP", "flops"), seed=0)
+    assert s.objective_keys == ("mAP", "gflops")
+    state = new_state(s, [seed_of("11-21-21-21", mAP=30.0)])
+    state, rounds = run_search(state, stage2_passes)
+    recs = records(state)
+    cands = [r for r in recs if r["round"] >= 0]
+    assert len(cands) == 24
+    keys = [(r["desc"]["backbone"]["code"], tuple(r["desc"]["neck"]["code"])) for r in recs]
+    assert len(set(keys)) == len(keys)
+    by_id = {r["id"]: r for r in recs}
+    for r in cands:
+        parent = by_id[r["parent"]]
+        k, pk = r["desc"]["neck"]["code"], parent["desc"]["neck"]["code"]
+        assert r["desc"]["backbone"] == parent["desc"]["backbone"]          # serial code kept
+        assert all(a >= b for a, b in zip(k, pk)) and 1 <= sum(k) - sum(pk) <= 3 == s.num_mutate
+        assert sum(k) - sum(pk) == len(r["ops"]) and max(k) <= 3
+        assert math.isclose(r["gflops"], spm.gflops(r["desc"], SIZE))
+    top = front(state)
+    assert max(r["metrics"]["mAP"] for r in top) == 36.0
+    assert any(r["desc"]["neck"]["code"][2] == 3 for r in top)
+
+
+def test_spnasp_ignores_serial_bounds_of_the_serial_phase():
+    # a 4-block serial network (as the demo's serial phase yields) under default min_blocks=8
+    s = SearchSettings("SpNasP", max_sample=3, max_per_stage=2, flops_size=SIZE)
+    state, cands = propose(new_state(s, [seed_of("1-2-2-2")]))
+    assert len(cands) == 3 and all(c["desc"]["backbone"]["code"] == "1-2-2-2" for c in cands)
+    assert all(max(c["desc"]["neck"]["code"]) <= 2 for c in cands)
+
+
+def test_failed_candidates_are_recorded_and_search_goes_on():
+    s = serial_settings(max_sample=12, seed=1)
+    ok = blocks_peak(12)
+
+    def ev(c):
+        if c["id"] % 3 == 0:
+            # a failure that also reports a tempting metric must still never reach the front
+            return {"id": c["id"], "status": "failed", "metrics": {"mAP": 99.0}, "error": "CUDA out of memory"}
+        if c["id"] == 4:
+            return {**ok(c), "metrics": {"mAP": float("nan")}}
+        return ok(c)
+
+    state, _ = run_search(new_state(s, [seed_of()]), ev)
+    recs = records(state)
+    failed = [r for r in recs if r["status"] == "failed"]
+    assert [r["id"] for r in failed] == [3, 4, 6, 9, 12]
+    assert failed[0]["error"] == "CUDA out of memory" and "non-finite" in failed[1]["error"]
+    assert len([r for r in recs if r["round"] >= 0]) == 12
+    top_ids = {r["id"] for r in front(state)}
+    assert not top_ids & {r["id"] for r in failed}
+    assert all(r["parent"] not in {f["id"] for f in failed} for r in recs if r["round"] >= 0)
+
+
+def test_budget_respected_by_every_proposal():
+    seed = seed_of()
+    p0 = spm.params(seed["desc"])["total"]
+    g0 = spm.gflops(seed["desc"], SIZE)
+    s = serial_settings(max_sample=10, add_stage_ratio=0.3, max_params=p0 + 40000, max_gflops=g0 * 1.3, seed=2)
+    state, _ = run_search(new_state(s, [seed]), blocks_peak(12))
+    cands = [r for r in records(state) if r["round"] >= 0]
+    assert len(cands) == 10
+    for r in cands:
+        assert r["params"] == spm.params(r["desc"])["total"] <= p0 + 40000
+        assert r["gflops"] <= g0 * 1.3
+
+
+def test_redraw_exhaustion_raises_clear_error():
+    s = serial_settings(min_blocks=4, max_blocks=4, max_stages=4, max_redraws=7)
+    state = new_state(s, [seed_of("1-1-1-1")])
+    with pytest.raises(SearchError, match=r"could not find a valid new child after 7 draws"):
+        propose(state)
+    # dedup exhaustion: with at most 1 extra pass per stage and 1..3 passes per child, the seed
+    # [0, 0, 0, 0] has exactly 4 + 6 + 4 = 14 distinct children
+    p = parallel_settings(max_per_stage=1, max_sample=20, max_redraws=300)
+    state = new_state(p, [seed_of()])
+    state, cands = propose(state, k=14)
+    assert len({tuple(c["desc"]["neck"]["code"]) for c in cands}) == 14
+    with pytest.raises(SearchError, match=r"after 300 draws: 300 duplicate .* 14 candidate\(s\) proposed"):
+        propose(state, k=1)
+
+
+def test_spnass_child_neck_is_zero_and_seed_only_keys_dropped():
+    s = serial_settings(max_sample=4, add_stage_ratio=0.5, seed=3)
+    seed = seed_of(neck=[1, 0, 0, 2], convert_pretrained=True, freeze_swap_keys=True)
+    state, cands = propose(new_state(s, [seed]))
+    for c in cands:
+        n = parse_serial(c["desc"]["backbone"]["code"]).num_stages
+        assert c["desc"]["neck"]["code"] == [0] * n
+        assert "convert_pretrained" not in c["desc"] and c["desc"]["freeze_swap_keys"] is True
+        assert c["parent"] == 0 and c["parent_weights"] == "s3://b/model_0.pth" and c["round"] == 0
+
+
+# ----------------------------------------------------------------------------- state contract
+
+def test_propose_update_contract():
+    s = serial_settings(max_sample=5, candidates_per_round=4)
+    state = new_state(s, [seed_of(), seed_of("11-21-211-21", mAP=36.0, weights="w1")])
+    recs = records(state)
+    assert [(r["id"], r["status"], r["round"], r["parent"]) for r in recs] == [(0, "ok", -1, None), (1, "ok", -1, None)]
+    before = copy.deepcopy(state)
+    st1, cands = propose(state)
+    assert state == before                                       # input not mutated
+    assert [c["id"] for c in cands] == [2, 3, 4, 5]
+    assert set(cands[0]) == {"id", "round", "desc", "parent", "parent_desc", "parent_weights", "ops",
+                             "params", "gflops"}
+    assert all(r["status"] == "pending" for r in records(st1) if r["id"] >= 2)
+    assert not is_done(st1)
+    st2, more = propose(st1, k=10)                               # capped at max_sample
+    assert [c["id"] for c in more] == [6] and more[0]["round"] == 1
+    st3, none = propose(st2)
+    assert none == [] and not is_done(st3)                       # pending candidates remain
+    with pytest.raises(SearchError, match="unknown candidate id 99"):
+        update(st3, [{"id": 99, "status": "ok", "metrics": {"mAP": 1.0}}])
+    with pytest.raises(SearchError, match="not pending"):
+        update(st3, [{"id": 0, "status": "ok", "metrics": {"mAP": 1.0}}])
+    with pytest.raises(SearchError, match="status"):
+        update(st3, [{"id": 2, "status": "done", "metrics": {"mAP": 1.0}}])
+    with pytest.raises(SearchError, match="mAP"):
+        update(st3, [{"id": 2, "status": "ok", "metrics": {"AP50": 1.0}}])
+    with pytest.raises(SearchError, match="unknown key"):
+        update(st3, [{"id": 2, "status": "ok", "metrics": {"mAP": 1.0}, "colour": "red"}])
+    st4 = update(st3, [{"id": 2, "status": "ok", "metrics": {"mAP": 1.0}, "weights": "w2"}])
+    with pytest.raises(SearchError, match="not pending"):
+        update(st4, [{"id": 2, "status": "ok", "metrics": {"mAP": 2.0}}])
+    st5 = update(st4, [{"id": float(i), "status": "failed", "error": "boom", "metrics": None} for i in (3, 4, 5, 6)])
+    assert is_done(st5)
+    assert [r["status"] for r in records(st5)][2:] == ["ok", "failed", "failed", "failed", "failed"]
+
+
+def test_json_round_trip_mid_search_gives_identical_proposals():
+    s = serial_settings(max_sample=16, seed=7)
+    ev = blocks_peak(11)
+    state = new_state(s, [seed_of()])
+    for _ in range(2):
+        state, cands = propose(state)
+        state = update(state, [ev(c) for c in cands])
+    reloaded = json.loads(json.dumps(state))
+    a, ra = run_search(state, ev)
+    b, rb = run_search(reloaded, ev)
+    assert ra == rb and len(ra) == 2
+    assert records(a) == records(b)
+
+
+def test_same_seed_same_proposals_different_seed_different():
+    def codes(seed: int, alg: str) -> list:
+        if alg == "SpNasS":
+            s, ev = serial_settings(max_sample=12, seed=seed), blocks_peak(12)
+        else:
+            s, ev = parallel_settings(max_sample=12, seed=seed), stage2_passes
+        state, _ = run_search(new_state(s, [seed_of()]), ev)
+        return [(r["parent"], r["ops"], r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"])
+                for r in records(state)]
+
+    for alg in ("SpNasS", "SpNasP"):
+        assert codes(11, alg) == codes(11, alg)
+        assert codes(11, alg) != codes(12, alg)
+
+
+# ----------------------------------------------------------------------------- settings
+
+@pytest.mark.parametrize("field,value,extra", [
+    ("add_stage_ratio", 1.5, {}), ("expand_ratio", -0.1, {}), ("max_sample", 0, {}),
+    ("min_blocks", 70, {}), ("min_stages", 7, {}), ("objective_keys", ("mAP", "latency"), {}),
+    ("algorithm", "SpNasX", {}), ("num_mutate", 0, {}), ("max_redraws", 0, {}), ("flops_size", 16, {}),
+    ("max_gflops", -1.0, {}), ("max_params", 0, {}), ("candidates_per_round", 2.5, {}),
+    ("max_per_stage", 0, {"algorithm": "SpNasP"}), ("max_stages", 9, {}),
+])
+def test_settings_validation_names_the_field(field, value, extra):
+    kw = {"algorithm": "SpNasS", **extra, field: value}
+    with pytest.raises(ConfigError, match=field):
+        SearchSettings(**kw)
+
+
+def test_settings_normalisation():
+    s = SearchSettings("spnasp", max_sample=20.0, objective_keys=["mAP", "flops"], max_params=1e6)
+    assert s.algorithm == "SpNasP" and s.max_sample == 20 and isinstance(s.max_sample, int)
+    assert s.objective_keys == ("mAP", "gflops") and s.max_params == 1000000
+    with pytest.raises(SearchError, match="at least one seed"):
+        new_state(s, [])
+    with pytest.raises(SearchError, match="mAP"):
+        new_state(s, [{"desc": small_desc(), "metrics": {}, "weights": None}])
