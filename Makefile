@@ -19,15 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: install ## the main job (today: describe the seed architecture and a parallel child)
-	$(BIN)/spnas describe --code 111-2111-211111-211
-	$(BIN)/spnas describe --code r_111-2111-211111-211_0-1-0-1
+DEMO_DATA ?= data/demo
+DEMO_RUN  ?= runs/demo
+
+demo: install ## the main job: all five SP-NAS phases on generated demo data (~4 min on 2 CPU cores)
+	test -f $(DEMO_DATA)/annotations/instances_val2017.json || $(BIN)/spnas demo-data $(DEMO_DATA)
+	$(BIN)/spnas run configs/demo.yml --workdir $(DEMO_RUN) --set fine_tune.dataset.common.data_root=$(DEMO_DATA)
 
 test: install ## run every test (CPU); fails when any test fails
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install ## run the benchmarks in bench/ (ratios measured side by side)
-	$(BIN)/python bench/forward_latency.py
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info

@@ -402,6 +402,14 @@ def load_config(source: "str | os.PathLike | dict", workdir: "str | os.PathLike 
     wd = str(Path(workdir).resolve()) if workdir else str(Path(general.get("local_base_path", "runs/spnas")).resolve())
     raw = _substitute(_resolve_refs(raw), wd)
     ignored: list[str] = []
+    pipeline = raw.get("pipeline")
+    if not isinstance(pipeline, list) or not pipeline or not all(isinstance(p, str) for p in pipeline):
+        raise _err("pipeline", f"must be a non-empty list of step names, got {pipeline!r}")
+    for key in raw:
+        if key not in ("general", "pipeline") and key not in pipeline:
+            if not isinstance(raw[key], dict):
+                raise _err(key, f"is neither 'general', 'pipeline' nor a step section (got {raw[key]!r})")
+            ignored.append(f"{key} (a section not in the pipeline)")
     general = _mapping(raw.get("general"), "general")
     _check_keys(general, "general", _GENERAL_OURS, "general", ignored)
     seed = _int(general.get("seed", 0), "general.seed", 0)
@@ -410,12 +418,6 @@ def load_config(source: "str | os.PathLike | dict", workdir: "str | os.PathLike 
     if device not in (None, "auto", "cpu", "cuda"):
         raise _err("general.device", f"must be auto, cpu or cuda, got {device!r}")
 
-    pipeline = raw.get("pipeline")
-    if not isinstance(pipeline, list) or not pipeline or not all(isinstance(p, str) for p in pipeline):
-        raise _err("pipeline", f"must be a non-empty list of step names, got {pipeline!r}")
-    for key in raw:
-        if key not in ("general", "pipeline") and key not in pipeline:
-            raise _err(key, f"is neither 'general', 'pipeline' nor a step of the pipeline {pipeline}")
     steps: list[StepConfig] = []
     seen_roles: list[str] = []
     defaults: dict[str, Any] = {}
@@ -430,7 +432,7 @@ def load_config(source: "str | os.PathLike | dict", workdir: "str | os.PathLike 
     if order != sorted(order):
         raise _err("pipeline", f"steps must run in the order {' -> '.join(ROLES)}; got roles {seen_roles}")
     for item in dict.fromkeys(ignored):
-        log.info("config %s: %s is a Vega setting this project does not use; ignored", name, item)
+        log.info("config %s: %s is not used by this project; ignored", name, item)
     return RunConfig(workdir=wd, seed=seed, workers=workers, device=None if device == "auto" else device,
                      steps=tuple(steps), ignored=tuple(dict.fromkeys(ignored)), source=name)
 

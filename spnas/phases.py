@@ -29,7 +29,7 @@ from .detector import normalize_desc
 from .engine import TrainConfig
 from .errors import SpnasError
 from .inherit import convert_torchvision, inherit_weights, unwrap_state_dict
-from .io import atomic_write_bytes, atomic_write_json, load_checkpoint, read_json
+from .io import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_checkpoint, read_json
 from .trainer import evaluate_architecture, train_architecture
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,15 @@ def search_init(out_dir: "str | Path", settings: Mapping[str, Any], seeds: Seque
             for code in codes:
                 d = normalize_desc(seed["desc"])
                 d["neck"]["code"] = list(code)
-                expanded.append({**seed, "desc": normalize_desc(d)})
+                d = normalize_desc(d)
+                if d != normalize_desc(seed["desc"]):
+                    # the new connection modules start at zero: same function, so same metrics
+                    state, _ = inherit_weights(seed["desc"], load_checkpoint(seed["weights"]), d)
+                    weights = Path(out_dir) / f"seed_{len(expanded)}.pth"
+                    atomic_torch_save(weights, state)
+                    expanded.append({**seed, "desc": d, "weights": str(weights)})
+                else:
+                    expanded.append({**seed, "desc": d})
         seeds = expanded
     state = new_state(s, seeds)
     path = Path(out_dir) / "state.json"

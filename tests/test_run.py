@@ -1,0 +1,154 @@
+"""`spnas run`: every phase of a small config, the files it writes, reproducibility, failures."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import demo
+from spnas.cli import main
+from spnas.config import load_config
+from spnas.errors import SpnasError
+
+DEMO = Path(__file__).parent.parent / "configs" / "demo.yml"
+
+
+def tiny_overrides(data_root):
+    return [f"fine_tune.dataset.common.data_root={data_root}",
+            "fine_tune.model.model_desc.min_size=96", "fine_tune.model.model_desc.max_size=96",
+            "fine_tune.model.model_desc.backbone.base_channels=8", "fine_tune.trainer.epochs=1",
+            "fine_tune.trainer.lr_scheduler.params.warmup_iters=2",
+            "fine_tune.trainer.lr_scheduler.params.after_scheduler_config.params.milestones=[1]",
+            "serial.search_algorithm.max_sample=2", "serial.search_algorithm.flops_size=96",
+            "parallel.search_algorithm.max_sample=2", "parallel.search_algorithm.flops_size=96",
+            "reignition.top_k=1", "fully_train.trainer.epochs=1",
+            "fully_train.trainer.lr_scheduler.params.after_scheduler_config.params.milestones=[1]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return demo(tmp_path_factory.mktemp("data"), train=16, val=6, size=96)
+
+
+def _run(data, workdir, workers):
+    argv = ["run", str(DEMO), "--workdir", str(workdir), "--workers", str(workers), "--quiet"]
+    for o in tiny_overrides(data):
+        argv += ["--set", o]
+    assert main(argv) == 0
+    return json.loads((workdir / "output" / "reports.json").read_text())
+
+
+@pytest.mark.slow
+def test_run_all_phases_files_and_reproducibility(tiny_data, tmp_path):
+    a = _run(tiny_data, tmp_path / "a", workers=2)
+    out = tmp_path / "a" / "output"
+    assert list(a["phases"]) == ["fine_tune", "serial", "reignition", "parallel", "fully_train"]
+    # fine_tune: candidate 0
+    for f in ("desc_0.json", "performance_0.json", "model_0.pth", "output.csv"):
+        assert (out / "fine_tune" / f).is_file()
+    # search phases: per candidate files with consistent ids, output.csv of the front, plot, state
+    for phase, n_seeds in (("serial", 1), ("parallel", 1)):
+        recs = a["phases"][phase]["records"]
+        cands = [r for r in recs if r["parent"] is not None]
+        assert len(recs) == n_seeds + 2 and len(cands) == 2
+        for r in cands:
+            assert r["status"] == "ok" and r["parent"] in {x["id"] for x in recs}
+            assert r["inherited"] > 0 and r["fresh"] >= 0
+            for f in (f"desc_{r['id']}.json", f"performance_{r['id']}.json", f"model_{r['id']}.pth",
+                      f"inherit_{r['id']}.json"):
+                assert (out / phase / f).is_file(), f
+            desc = json.loads((out / phase / f"desc_{r['id']}.json").read_text())
+            assert desc["backbone"]["code"] == r["desc"]["backbone"]["code"]
+            assert desc["neck"]["code"] == r["desc"]["neck"]["code"]
+            perf = json.loads((out / phase / f"performance_{r['id']}.json").read_text())
+            assert perf["mAP"] == r["metrics"]["mAP"]
+            inh = json.loads((out / phase / f"inherit_{r['id']}.json").read_text())
+            assert len(inh["inherited"]) == r["inherited"] and len(inh["fresh"]) == r["fresh"]
+        rows = list(csv.DictReader((out / phase / "output.csv").open()))
+        assert sorted(int(r["worker_id"]) for r in rows) == sorted(a["phases"][phase]["front"])
+        assert (out / phase / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / phase / "state.json").is_file()
+    par = a["phases"]["parallel"]["records"]
+    assert all(r["desc"]["backbone"]["code"] == par[0]["desc"]["backbone"]["code"] for r in par)
+    assert any(sum(r["desc"]["neck"]["code"]) > 0 for r in par)
+    re_ = a["phases"]["reignition"]["records"]
+    assert len(re_) == 1 and (out / "reignition" / f"model_{re_[0]['id']}.pth").is_file()
+    assert a["phases"]["parallel"]["seeds"] == [{"seed": 0, "from": f"reignition/{re_[0]['id']}"}]
+    full = a["phases"]["fully_train"]["records"]
+    assert len(full) == 1 and full[0]["id"] in a["phases"]["parallel"]["front"]
+    assert a["best"]["id"] == full[0]["id"] and (out / "fully_train" / f"model_{full[0]['id']}.pth").is_file()
+    assert not list(out.rglob("train_*"))  # training state removed once a candidate is done
+
+    b = _run(tiny_data, tmp_path / "b", workers=2)
+    for phase in ("serial", "parallel"):
+        ca = [(r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], (r["metrics"] or {}).get("mAP"))
+              for r in a["phases"][phase]["records"]]
+        cb = [(r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], (r["metrics"] or {}).get("mAP"))
+              for r in b["phases"][phase]["records"]]
+        assert ca == cb
+
+
+def test_failed_candidate_is_recorded_and_all_failed_stops(tiny_data, tmp_path, monkeypatch):
+    import spnas.run as run_mod
+    from spnas import phases
+    real = phases.train_candidate
+    calls = []
+
+    def flaky(candidate, **kw):
+        calls.append(candidate["id"])
+        if candidate["id"] == 1:
+            return {"id": 1, "status": "failed", "metrics": None, "error": "RuntimeError: out of memory",
+                    "weights": None, "inherited": None, "fresh": None}
+        return real(candidate, **kw)
+
+    monkeypatch.setattr(run_mod.phases, "train_candidate", flaky)
+    cfg = load_config(DEMO, workdir=tmp_path / "w", overrides=tiny_overrides(tiny_data) + [
+        "pipeline=[fine_tune, serial]"])
+    reports = run_mod.run(cfg, workers=1, progress=False)
+    recs = reports["phases"]["serial"]["records"]
+    failed = [r for r in recs if r["status"] == "failed"]
+    assert [r["id"] for r in failed] == [1] and failed[0]["error"] == "RuntimeError: out of memory"
+    assert 1 not in reports["phases"]["serial"]["front"] and len(recs) == 3
+
+    monkeypatch.setattr(run_mod.phases, "train_candidate", lambda c, **kw: {
+        "id": c["id"], "status": "failed", "metrics": None, "error": f"ValueError: bad {c['id']}",
+        "weights": None, "inherited": None, "fresh": None})
+    with pytest.raises(SpnasError, match="serial round 0: every candidate failed: 1: ValueError: bad 1; 2: ValueError: bad 2"):
+        run_mod.run(load_config(DEMO, workdir=tmp_path / "w2", overrides=tiny_overrides(tiny_data) + [
+            "pipeline=[fine_tune, serial]"]), workers=1, progress=False)
+
+
+def test_run_reports_config_errors_with_key(tmp_path, capsys):
+    assert main(["run", str(DEMO), "--workdir", str(tmp_path), "--set", "serial.search_algorithm.num_mutate=0"]) == 2
+    assert "serial.search_algorithm" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reference_page_config_runs(tiny_data, tmp_path):
+    """The config assembled from the reference page's snippets runs as written; only the
+    dataset paths are filled in and the schedule is shrunk with --set for CPU CI."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    torch.manual_seed(0)
+    ckpt = tmp_path / "fasterrcnn_resnet50_fpn_coco.pth"
+    torch.save(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), ckpt)
+    ref = (Path(__file__).parent / "data" / "reference.yml").read_text()
+    cfg_path = tmp_path / "spnas.yml"
+    cfg_path.write_text(ref.replace("{data_root}", str(tiny_data)).replace("{pretrained}", str(ckpt)))
+    shrink = ["fine_tune.model.model_desc.min_size=96", "fine_tune.model.model_desc.max_size=96",
+              "fine_tune.trainer.epochs=1", "serial.search_algorithm.max_sample=1",
+              "parallel.search_algorithm.max_sample=1", "reignition.trainer.epochs=1",
+              "fully_train.trainer.epochs=1"]
+    argv = ["run", str(cfg_path), "--workdir", str(tmp_path / "run"), "--quiet"]
+    for o in shrink:
+        argv += ["--set", o]
+    assert main(argv) == 0
+    reports = json.loads((tmp_path / "run" / "output" / "reports.json").read_text())
+    ft = reports["phases"]["fine_tune"]["records"][0]
+    assert ft["desc"]["backbone"]["code"] == "111-2111-211111-211" and ft["desc"]["num_classes"] == 4
+    assert ft["fresh"] == 4  # the 91-class box predictor was replaced, everything else converted
+    serial = reports["phases"]["serial"]["records"]
+    assert len(serial) == 2 and serial[1]["status"] == "ok"
+    par = reports["phases"]["parallel"]["records"]
+    assert par[0]["desc"]["neck"]["code"] == [0, 1, 2, 3]  # the search space's neck code is the start
+    assert reports["best"]["id"] in reports["phases"]["parallel"]["front"]
