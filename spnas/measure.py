@@ -66,3 +66,27 @@ def describe(desc: Mapping[str, Any] | None = None, size: int = 800) -> dict[str
     d = normalize_desc(desc)
     return {"arch": arch_string(d), "desc": d, "stages": stage_table(d), "params": params(d),
             "gflops": gflops(d, size), "size": size}
+
+
+def latency_ms(desc: Mapping[str, Any] | None = None, size: int = 800, device: "str | torch.device" = "cpu",
+               repeats: int = 5) -> float:
+    """Median wall time (ms) of one forward pass of backbone + parallel sub-networks + FPN on a
+    ``1 x 3 x size x size`` input on ``device`` (eval mode, after two warm-up passes). Measured,
+    so it varies a little between runs and machines: the search's ``latency`` objective."""
+    import statistics
+    import time
+    dev = torch.device(device)
+    model = build_backbone(desc).eval().to(dev)
+    x = torch.randn(1, 3, size, size, device=dev)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            model(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= 2:
+                times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 3)

@@ -78,7 +78,7 @@ def fine_tune(data_root: str, out_dir: "str | Path", desc: Mapping[str, Any], tr
 
 
 def _metrics(perf: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "params", "gflops")
+    keys = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "params", "gflops", "latency")
     return {k: perf.get(k) for k in keys}
 
 

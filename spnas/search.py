@@ -54,8 +54,8 @@ from .measure import params as measure_params
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("SpNasS", "SpNasP")
-OBJECTIVE_KEYS = ("mAP", "params", "gflops")
-OBJECTIVE_ALIASES = {"flops": "gflops", "map": "mAP"}
+OBJECTIVE_KEYS = ("mAP", "params", "gflops", "latency")
+OBJECTIVE_ALIASES = {"flops": "gflops", "map": "mAP", "latency_ms": "latency"}
 MAXIMISED = frozenset({"mAP"})
 STATE_FORMAT = "spnas.search/1"
 

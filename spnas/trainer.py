@@ -23,7 +23,7 @@ from .engine import TrainConfig, evaluate, train
 from .errors import SpnasError
 from .inherit import convert_resnet, unwrap_state_dict
 from .io import CheckpointError, atomic_write_json, check_state_fits, load_checkpoint
-from .measure import gflops, params
+from .measure import gflops, latency_ms, params
 
 log = logging.getLogger(__name__)
 _PREDICTOR = "roi_heads.box_predictor."
@@ -77,12 +77,16 @@ def dataset_desc(desc: Mapping[str, Any] | None, train_set: CocoDetection, **ove
     return normalize_desc(d)
 
 
-def model_cost(desc: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` (total count), ``params_k`` (thousands, as Vega reports) and ``gflops`` at the
-    description's ``max_size`` (default 800)."""
+def model_cost(desc: Mapping[str, Any], device: "str | None" = None) -> dict[str, Any]:
+    """``params`` (total count), ``params_k`` (thousands, as Vega reports), ``gflops`` and
+    ``latency`` (ms, backbone + FPN, measured on ``device``) at the description's ``max_size``
+    (default 800)."""
+    from .engine import _device_of
     d = normalize_desc(desc)
     n = params(d)["total"]
-    return {"params": n, "params_k": round(n / 1e3, 1), "gflops": round(gflops(d, int(d.get("max_size", 800))), 3)}
+    size = int(d.get("max_size", 800))
+    return {"params": n, "params_k": round(n / 1e3, 1), "gflops": round(gflops(d, size), 3),
+            "latency": latency_ms(d, size, _device_of(device))}
 
 
 def train_architecture(data_root: "str | os.PathLike", desc: Mapping[str, Any] | None, out_dir: "str | os.PathLike",
@@ -114,7 +118,7 @@ def train_architecture(data_root: "str | os.PathLike", desc: Mapping[str, Any] |
     metrics.pop("iteration", None)
     from .io import atomic_torch_save
     atomic_torch_save(out / f"model_{arch_id}.pth", {k: v.detach().cpu() for k, v in state.items()})
-    perf = {**metrics, **model_cost(d), "best_iteration": result["best"]["iteration"], "iters": result["iters"],
+    perf = {**metrics, **model_cost(d, device), "best_iteration": result["best"]["iteration"], "iters": result["iters"],
             "train_seconds": round(result["seconds"], 2),
             "images_per_second": round(result["images"] / result["seconds"], 2) if result["seconds"] > 0 else None,
             "init": loaded, "history": result["history"]}
@@ -135,4 +139,4 @@ def evaluate_architecture(data_root: "str | os.PathLike", desc: Mapping[str, Any
                          f"{ds.num_classes - 1} categories (+ background = {ds.num_classes})")
     model = build_detector(d)
     load_weights(model, d, weights)
-    return {**evaluate(model, ds, device, batch_size, progress), **model_cost(d)}
+    return {**evaluate(model, ds, device, batch_size, progress), **model_cost(d, device)}

@@ -104,12 +104,13 @@ def test_failed_candidate_is_recorded_and_all_failed_stops(tiny_data, tmp_path, 
 
     monkeypatch.setattr(run_mod.phases, "train_candidate", flaky)
     cfg = load_config(DEMO, workdir=tmp_path / "w", overrides=tiny_overrides(tiny_data) + [
-        "pipeline=[fine_tune, serial]"])
+        "pipeline=[fine_tune, serial]", "serial.search_algorithm.objective_keys=[mAP, params, latency]"])
     reports = run_mod.run(cfg, workers=1, progress=False)
     recs = reports["phases"]["serial"]["records"]
     failed = [r for r in recs if r["status"] == "failed"]
     assert [r["id"] for r in failed] == [1] and failed[0]["error"] == "RuntimeError: out of memory"
     assert 1 not in reports["phases"]["serial"]["front"] and len(recs) == 3
+    assert all(r["metrics"]["latency"] > 0 for r in recs if r["status"] == "ok")  # the measured objective
 
     monkeypatch.setattr(run_mod.phases, "train_candidate", lambda c, **kw: {
         "id": c["id"], "status": "failed", "metrics": None, "error": f"ValueError: bad {c['id']}",
