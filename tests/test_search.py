@@ -409,7 +409,7 @@ def test_same_seed_same_proposals_different_seed_different():
 
 @pytest.mark.parametrize("field,value,extra", [
     ("add_stage_ratio", 1.5, {}), ("expand_ratio", -0.1, {}), ("max_sample", 0, {}),
-    ("min_blocks", 70, {}), ("min_stages", 7, {}), ("objective_keys", ("mAP", "latency"), {}),
+    ("min_blocks", 70, {}), ("min_stages", 7, {}), ("objective_keys", ("mAP", "energy"), {}),
     ("algorithm", "SpNasX", {}), ("num_mutate", 0, {}), ("max_redraws", 0, {}), ("flops_size", 16, {}),
     ("max_gflops", -1.0, {}), ("max_params", 0, {}), ("candidates_per_round", 2.5, {}),
     ("max_per_stage", 0, {"algorithm": "SpNasP"}), ("max_stages", 9, {}),
@@ -428,3 +428,10 @@ def test_settings_normalisation():
         new_state(s, [])
     with pytest.raises(SearchError, match="mAP"):
         new_state(s, [{"desc": small_desc(), "metrics": {}, "weights": None}])
+
+
+def test_latency_objective_comes_from_measured_metrics():
+    s = SearchSettings("SpNasS", objective_keys=["mAP", "latency_ms"])
+    assert s.objective_keys == ("mAP", "latency")
+    pts = [{"mAP": 50.0, "latency": 10.0}, {"mAP": 55.0, "latency": 12.0}, {"mAP": 54.0, "latency": 13.0}]
+    assert pareto_front(pts, s.objective_keys) == [0, 1]
