@@ -1,0 +1,135 @@
+"""The SP-NAS Kubeflow pipeline, built from the same config as ``spnas run``.
+
+    python -m pipelines.spnas_pipeline --config configs/demo.yml --output pipelines/spnas_pipeline.yaml
+
+fine_tune -> serial rounds -> reignition -> parallel rounds -> full train -> publish. Search
+rounds are unrolled here (KFP v2 has no while loop): rounds = ceil(max_sample /
+candidates_per_round), each a ``dsl.ParallelFor`` over the proposed candidates with
+``parallelism`` pods at once and ``dsl.Collected`` results into the update step. Wiring only.
+"""
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+DEFAULT_IMAGE = "ghcr.io/spnas-kfp/spnas:0.1.0"
+SECRET = "spnas-s3"   # keys: endpoint, accesskey, secretkey
+
+
+def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parallelism: int = 4,
+                   retries: int = 2, secret: Optional[str] = SECRET, caching: bool = False):
+    """Return the ``@dsl.pipeline`` function for ``config_path`` (read now, embedded as text)."""
+    os.environ["SPNAS_IMAGE"] = image
+    from kfp import dsl, kubernetes
+    from components import spnas_components as c
+    from spnas.config import load_config
+
+    raw = yaml.safe_load(Path(config_path).read_text())
+    cfg = load_config(raw, workdir="/tmp/spnas")
+    # one line of JSON (valid YAML): kfp writes parameter defaults into a comment header,
+    # where a multi-line default would break the compiled file
+    text = json.dumps(raw, sort_keys=True)
+    roles = {s.role: s for s in cfg.steps}
+    for needed in ("fine_tune", "serial", "parallel", "full_train"):
+        if needed not in roles:
+            raise SystemExit(f"{config_path}: the pipeline needs a {needed} step; steps are {[s.role for s in cfg.steps]}")
+    data_default = roles["fine_tune"].dataset.data_root or ""
+
+    def heavy(task, cpu, memory, accelerator, gpus):
+        """Training pods: resources, retries, object-store secret, shared memory for loaders."""
+        task.set_cpu_request(cpu).set_memory_request(memory).set_retry(retries, backoff_duration="60s")
+        task.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
+        task.set_caching_options(caching)
+        light(task)
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        return task
+
+    def light(task):
+        task.set_caching_options(caching)
+        if secret:
+            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={
+                "endpoint": "SPNAS_S3_ENDPOINT", "accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"})
+        return task
+
+    def search(step, seeds, ctx):
+        init = light(c.search_init(config=ctx["config"], step=step.name, seeds=seeds, run_uri=ctx["run_uri"],
+                                   overrides=ctx["overrides"]))
+        init.set_display_name(f"{step.name}: start")
+        state = init.output
+        n = step.search["max_sample"]
+        k = step.search.get("candidates_per_round", 4)
+        for r in range(math.ceil(n / k)):
+            prop = light(c.propose(state=state, k=k)).set_display_name(f"{step.name} round {r}: propose")
+            with dsl.ParallelFor(prop.outputs["candidates"], parallelism=parallelism,
+                                 name=f"{step.name}-round-{r}") as cand:
+                train = heavy(c.train_candidate(config=ctx["config"], step=step.name, candidate=cand,
+                                                data_uri=ctx["data_uri"], run_uri=ctx["run_uri"],
+                                                overrides=ctx["overrides"]), **ctx["res"])
+                train.set_display_name(f"{step.name} round {r}: train candidate")
+            upd = light(c.update(state=prop.outputs["state"], results=dsl.Collected(train.outputs["Output"])))
+            upd.set_display_name(f"{step.name} round {r}: update")
+            state = upd.output
+        front = light(c.search_front(state=state, run_uri=ctx["run_uri"], step=step.name))
+        front.set_display_name(f"{step.name}: Pareto front")
+        return front
+
+    @dsl.pipeline(name="spnas", description="SP-NAS: serial-to-parallel detection backbone search "
+                  f"(config {Path(config_path).name})")
+    def spnas_pipeline(data_uri: str = data_default, results_uri: str = "minio://mlpipeline/spnas-runs",
+                       seed: int = cfg.seed, candidate_epochs: int = -1, full_epochs: int = -1,
+                       accelerator_type: str = "nvidia.com/gpu", gpus_per_task: int = 0,
+                       cpu_per_task: str = "2", memory_per_task: str = "8G", config: str = text):
+        prep = light(c.prepare(config=config, seed=seed, candidate_epochs=candidate_epochs, full_epochs=full_epochs,
+                               results_uri=results_uri, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+        prep.set_display_name("validate config")
+        ctx = {"config": config, "data_uri": data_uri, "run_uri": prep.outputs["run_uri"],
+               "overrides": prep.outputs["overrides"],
+               "res": {"cpu": cpu_per_task, "memory": memory_per_task, "accelerator": accelerator_type,
+                       "gpus": gpus_per_task}}
+        ft = heavy(c.fine_tune(config=config, step=roles["fine_tune"].name, data_uri=data_uri,
+                               run_uri=ctx["run_uri"], overrides=ctx["overrides"]), **ctx["res"])
+        ft.set_display_name("fine_tune")
+        serial_front = search(roles["serial"], [ft.outputs["Output"]], ctx)
+        seeds = serial_front.outputs["Output"]
+        if "reignition" in roles:
+            re_ = heavy(c.reignition(config=config, step=roles["reignition"].name, front=seeds, data_uri=data_uri,
+                                     run_uri=ctx["run_uri"], overrides=ctx["overrides"]), **ctx["res"])
+            re_.set_display_name("reignition")
+            seeds = re_.output
+        parallel_front = search(roles["parallel"], seeds, ctx)
+        full = heavy(c.full_train(config=config, step=roles["full_train"].name,
+                                  front=parallel_front.outputs["Output"], data_uri=data_uri, run_uri=ctx["run_uri"],
+                                  overrides=ctx["overrides"]), **ctx["res"])
+        full.set_display_name("full train")
+        pub = light(c.publish(serial_front=serial_front.outputs["Output"],
+                              parallel_front=parallel_front.outputs["Output"], best=full.outputs["Output"]))
+        pub.set_display_name("publish report")
+
+    return spnas_pipeline
+
+
+def compile_pipeline(config_path: "str | Path", output: "str | Path", image: str = DEFAULT_IMAGE,
+                     parallelism: int = 4) -> Path:
+    from kfp import compiler
+    func = build_pipeline(config_path, image=image, parallelism=parallelism)
+    compiler.Compiler().compile(func, str(output))
+    return Path(output)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/demo.yml")
+    ap.add_argument("--output", default="pipelines/spnas_pipeline.yaml")
+    ap.add_argument("--image", default=os.environ.get("IMAGE", DEFAULT_IMAGE))
+    ap.add_argument("--parallelism", type=int, default=4, help="candidate pods per round at once")
+    args = ap.parse_args()
+    print(compile_pipeline(args.config, args.output, args.image, args.parallelism))
+
+
+if __name__ == "__main__":
+    main()
