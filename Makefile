@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test bench clean
+.PHONY: help install demo test bench compile run schedule upload image push clean
+IMAGE  ?= ghcr.io/spnas-kfp/spnas:0.1.0
+CONFIG ?= configs/demo.yml
+PARAMS ?=
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +34,24 @@ test: install ## run every test (CPU); fails when any test fails
 
 bench: install ## run the benchmarks in bench/ (ratios measured side by side)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+compile: install ## compile the Kubeflow pipeline from $(CONFIG) to pipelines/spnas_pipeline.yaml (IMAGE=...)
+	$(BIN)/python -m pipelines.spnas_pipeline --config $(CONFIG) --output pipelines/spnas_pipeline.yaml --image $(IMAGE)
+
+run: install ## submit the compiled pipeline to KFP_ENDPOINT (PARAMS="--param data_uri=s3://...")
+	$(BIN)/python -m pipelines.submit run $(PARAMS)
+
+schedule: install ## nightly recurring run on KFP_ENDPOINT (CRON="0 0 2 * * *", PARAMS=...)
+	$(BIN)/python -m pipelines.submit schedule --cron "$(or $(CRON),0 0 2 * * *)" $(PARAMS)
+
+upload: install ## upload the compiled pipeline (VERSION=v2 adds a version)
+	$(BIN)/python -m pipelines.submit upload $(if $(VERSION),--version $(VERSION)) $(PARAMS)
+
+image: ## build the component image (needs Docker; IMAGE=...)
+	docker build -f images/Dockerfile -t $(IMAGE) .
+
+push: image ## push the component image
+	docker push $(IMAGE)
 
 clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info
