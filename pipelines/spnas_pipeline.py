@@ -65,13 +65,20 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         k = step.search.get("candidates_per_round", 4)
         for r in range(math.ceil(n / k)):
             prop = light(c.propose(state=state, k=k)).set_display_name(f"{step.name} round {r}: propose")
-            with dsl.ParallelFor(prop.outputs["candidates"], parallelism=parallelism,
+            items = light(c.candidates(proposal=prop.output, run_uri=ctx["run_uri"], overrides=ctx["overrides"]))
+            items.set_display_name(f"{step.name} round {r}: candidates")
+            with dsl.ParallelFor(items.output, parallelism=parallelism,
                                  name=f"{step.name}-round-{r}") as cand:
+                # inside the loop only pipeline parameters and the item: kfp.local resolves other
+                # tasks' outputs to the loop item there (run prefix and overrides ride on the item)
                 train = heavy(c.train_candidate(config=ctx["config"], step=step.name, candidate=cand,
-                                                data_uri=ctx["data_uri"], run_uri=ctx["run_uri"],
-                                                overrides=ctx["overrides"]), **ctx["res"])
+                                                data_uri=ctx["data_uri"],
+                                                # also inputs, so that the loop's pods receive them
+                                                accelerator_type=ctx["res"]["accelerator"],
+                                                gpus_per_task=ctx["res"]["gpus"], cpu_per_task=ctx["res"]["cpu"],
+                                                memory_per_task=ctx["res"]["memory"]), **ctx["res"])
                 train.set_display_name(f"{step.name} round {r}: train candidate")
-            upd = light(c.update(state=prop.outputs["state"], results=dsl.Collected(train.outputs["Output"])))
+            upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"])))
             upd.set_display_name(f"{step.name} round {r}: update")
             state = upd.output
         front = light(c.search_front(state=state, run_uri=ctx["run_uri"], step=step.name))
@@ -84,17 +91,18 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                        seed: int = cfg.seed, candidate_epochs: int = -1, full_epochs: int = -1,
                        accelerator_type: str = "nvidia.com/gpu", gpus_per_task: int = 0,
                        cpu_per_task: str = "2", memory_per_task: str = "8G", config: str = text):
-        prep = light(c.prepare(config=config, seed=seed, candidate_epochs=candidate_epochs, full_epochs=full_epochs,
-                               results_uri=results_uri, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+        prep = light(c.prepare(config=config, seed=seed, candidate_epochs=candidate_epochs, full_epochs=full_epochs))
         prep.set_display_name("validate config")
-        ctx = {"config": config, "data_uri": data_uri, "run_uri": prep.outputs["run_uri"],
-               "overrides": prep.outputs["overrides"],
+        prefix = light(c.run_prefix(results_uri=results_uri, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
+        prefix.set_display_name("run prefix")
+        # single-output tasks only: kfp.local mis-resolves named outputs used inside a ParallelFor
+        ctx = {"config": config, "data_uri": data_uri, "run_uri": prefix.output, "overrides": prep.output,
                "res": {"cpu": cpu_per_task, "memory": memory_per_task, "accelerator": accelerator_type,
                        "gpus": gpus_per_task}}
         ft = heavy(c.fine_tune(config=config, step=roles["fine_tune"].name, data_uri=data_uri,
                                run_uri=ctx["run_uri"], overrides=ctx["overrides"]), **ctx["res"])
         ft.set_display_name("fine_tune")
-        serial_front = search(roles["serial"], [ft.outputs["Output"]], ctx)
+        serial_front = search(roles["serial"], ft.outputs["Output"], ctx)
         seeds = serial_front.outputs["Output"]
         if "reignition" in roles:
             re_ = heavy(c.reignition(config=config, step=roles["reignition"].name, front=seeds, data_uri=data_uri,

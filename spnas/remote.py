@@ -36,9 +36,25 @@ def plain(value: Any) -> Any:
     return value
 
 
-def load_step(config_text: str, step_name: str, overrides: Sequence[str] = ()) -> tuple[RunConfig, StepConfig]:
+def struct(value: Any) -> Any:
+    """``value`` without ``None`` entries (recursively): KFP struct outputs cannot hold nulls."""
+    if isinstance(value, dict):
+        return {k: struct(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [struct(v) for v in value if v is not None]
+    return value
+
+
+def _state(state: "str | Mapping[str, Any]") -> dict:
+    """Search state from its JSON text (how it travels between pods) or a dict."""
+    return plain(json.loads(state) if isinstance(state, str) else dict(state))
+
+
+def load_step(config_text: str, step_name: str, overrides: "Sequence[str] | str" = ()) -> tuple[RunConfig, StepConfig]:
     """Parse the run config (YAML text, embedded in the pipeline at compile time) and return the
-    named step."""
+    named step. ``overrides`` is a list of ``key=value`` or its JSON text."""
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides) if overrides.strip() else []
     try:
         raw = yaml.safe_load(config_text)
     except yaml.YAMLError as exc:
@@ -95,11 +111,11 @@ def fine_tune(config_text: str, step_name: str, data_uri: str, run_uri: str, mod
         shutil.copyfile(Path(tmp) / "model_0.pth", model_path)
         weights = _publish_candidate(Path(tmp), 0, run_uri, step_name)
         publish(Path(tmp) / "output.csv", run_uri, step_name)
-    return {**res["record"], "weights": weights, "phase": step_name}
+    return struct({**res["record"], "weights": weights, "phase": step_name})
 
 
 def search_init(config_text: str, step_name: str, seeds: Sequence[Mapping[str, Any]], run_uri: str,
-                overrides: Sequence[str] = ()) -> dict[str, Any]:
+                overrides: Sequence[str] = ()) -> str:
     """The search state of ``step_name`` started from ``seeds`` (records with weight URIs)."""
     cfg, step = load_step(config_text, step_name, overrides)
     seeds = [plain(dict(s)) for s in seeds]
@@ -115,55 +131,64 @@ def search_init(config_text: str, step_name: str, seeds: Sequence[Mapping[str, A
                 rec["weights"] = publish(w, run_uri, step_name)
             elif w:
                 rec["weights"] = next((s["weights"] for s in seeds if _local(s["weights"]) == w), w)
-    return state
+    return json.dumps(state)
 
 
-def propose(state: Mapping[str, Any], k: Optional[int] = None) -> tuple[dict, list[dict]]:
-    """One round's candidates (at most ``k``) and the new state."""
+def propose(state: "str | Mapping[str, Any]", k: Optional[int] = None) -> str:
+    """One round: JSON text ``{"state": new state, "candidates": [at most k candidates]}``."""
     from .search import propose as _propose
-    return _propose(plain(dict(state)), k)
+    new_state, candidates = _propose(_state(state), k)
+    return json.dumps({"state": new_state, "candidates": struct(candidates)})
+
+
+def candidates(proposal: str, run_uri: str = "", overrides: "str | Sequence[str]" = "[]") -> list[dict]:
+    """The candidates of a proposal (the items a ParallelFor fans out over), each with the run's
+    prefix and overrides attached."""
+    ov = overrides if isinstance(overrides, str) else json.dumps(list(overrides))
+    return [{**c, "run_uri": run_uri, "overrides": ov} for c in json.loads(proposal)["candidates"]]
 
 
 def train_candidate(config_text: str, step_name: str, candidate: Mapping[str, Any], data_uri: str,
                     run_uri: str, model_path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train one candidate on one pod. Never raises for a bad candidate: failures are data."""
-    candidate = plain(dict(candidate))
+    candidate = plain({k: v for k, v in dict(candidate).items() if k not in ("run_uri", "overrides")})
     try:
         cfg, step = load_step(config_text, step_name, overrides)
         data = _local(data_uri)
         parent = _local(candidate["parent_weights"])
     except Exception as exc:  # a bad input must not fail the ParallelFor
-        return {"id": candidate.get("id"), "status": "failed", "metrics": None, "weights": None,
-                "error": f"{type(exc).__name__}: {exc}", "inherited": None, "fresh": None}
+        return struct({"id": candidate.get("id"), "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
     with tempfile.TemporaryDirectory(prefix="spnas-cand-") as tmp:
         result = phases.train_candidate({**candidate, "parent_weights": parent}, data, tmp, step.trainer,
                                         freeze_swap_keys=step.freeze_swap_keys, device=cfg.device,
                                         img_prefix=step.dataset.img_prefix, ann_prefix=step.dataset.ann_prefix)
         result.pop("traceback", None)
+        result["id"] = candidate["id"]
         if result["status"] == "ok":
             Path(model_path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tmp) / f"model_{candidate['id']}.pth", model_path)
             result["weights"] = _publish_candidate(Path(tmp), candidate["id"], run_uri, step_name)
-    return result
+    return struct(result)
 
 
-def update(state: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Record a round's results in the state."""
+def update(proposal: str, results: Sequence[Mapping[str, Any]]) -> str:
+    """Record a round's results in the proposal's state; returns the new state (JSON text)."""
     from .search import update as _update
     keep = ("id", "status", "metrics", "error", "weights", "inherited", "fresh")
-    return _update(plain(dict(state)), [{k: plain(r[k]) for k in keep if k in r} for r in results])
+    state = _state(json.loads(proposal)["state"])
+    return json.dumps(_update(state, [{k: plain(r[k]) for k in keep if k in r} for r in results]))
 
 
-def search_front(state: Mapping[str, Any], run_uri: str, step_name: str) -> list[dict]:
+def search_front(state: "str | Mapping[str, Any]", run_uri: str, step_name: str) -> list[dict]:
     """Publish the phase's ``state.json``, ``output.csv`` and ``pareto.png``; return the front."""
     from .search import front
-    state = plain(dict(state))
+    state = _state(state)
     with tempfile.TemporaryDirectory(prefix="spnas-front-") as tmp:
         atomic_write_json(Path(tmp) / "state.json", state)
         paths = phases.search_report(Path(tmp) / "state.json", tmp, step_name)
         for p in (Path(tmp) / "state.json", paths["output_csv"], paths["plot"]):
             publish(p, run_uri, step_name)
-    return [{**r, "phase": step_name} for r in front(state)]
+    return struct([{**r, "phase": step_name} for r in front(state)])
 
 
 def reignition(config_text: str, step_name: str, front: Sequence[Mapping[str, Any]], data_uri: str,
@@ -172,7 +197,7 @@ def reignition(config_text: str, step_name: str, front: Sequence[Mapping[str, An
     cfg, step = load_step(config_text, step_name, overrides)
     chosen = sorted((plain(dict(r)) for r in front), key=lambda r: -((r.get("metrics") or {}).get("mAP") or 0))
     if step.top_k == 0:
-        return list(chosen)
+        return struct(list(chosen))
     chosen = chosen[:step.top_k] if step.top_k else chosen
     det = _local(data_uri)
     cls = _local(step.dataset.data_root) if step.dataset.kind == "imagenet" and step.dataset.data_root else None
@@ -185,7 +210,7 @@ def reignition(config_text: str, step_name: str, front: Sequence[Mapping[str, An
             r["weights"] = _publish_candidate(Path(tmp), r["id"], run_uri, step_name)
             r["phase"] = step_name
         publish(Path(tmp) / "output.csv", run_uri, step_name)
-    return done
+    return struct(done)
 
 
 def full_train(config_text: str, step_name: str, front: Sequence[Mapping[str, Any]], data_uri: str,
@@ -202,7 +227,7 @@ def full_train(config_text: str, step_name: str, front: Sequence[Mapping[str, An
         shutil.copyfile(Path(tmp) / f"model_{best['id']}.pth", model_path)
         done["weights"] = _publish_candidate(Path(tmp), best["id"], run_uri, step_name)
         publish(Path(tmp) / "output.csv", run_uri, step_name)
-    return {**done, "phase": step_name}
+    return struct({**done, "phase": step_name})
 
 
 def report_markdown(phases_records: Mapping[str, Sequence[Mapping[str, Any]]], best: Mapping[str, Any]) -> str:
@@ -223,11 +248,9 @@ def report_markdown(phases_records: Mapping[str, Sequence[Mapping[str, Any]]], b
     return "\n".join(lines)
 
 
-def prepare(config_text: str, seed: int, candidate_epochs: int, full_epochs: int, results_uri: str,
-            job_id: str) -> tuple[list[str], str]:
-    """Turn the run's pipeline parameters into config overrides and the run's result prefix.
-    ``-1`` keeps the config's value. The overrides are validated here, once, before any pod
-    trains anything."""
+def prepare(config_text: str, seed: int, candidate_epochs: int, full_epochs: int) -> list[str]:
+    """Turn the run's pipeline parameters into config overrides (``-1`` keeps the config's
+    value), validated here, once, before any pod trains anything."""
     raw = yaml.safe_load(config_text)
     cfg = load_config(raw, workdir=tempfile.gettempdir())
     overrides = [f"general.seed={int(seed)}"] if int(seed) >= 0 else []
@@ -237,5 +260,4 @@ def prepare(config_text: str, seed: int, candidate_epochs: int, full_epochs: int
         if s.role == "full_train" and int(full_epochs) >= 0:
             overrides.append(f"{s.name}.trainer.epochs={int(full_epochs)}")
     load_config(raw, workdir=tempfile.gettempdir(), overrides=overrides)
-    run_uri = f"{results_uri.rstrip('/')}/{job_id}" if job_id else results_uri
-    return overrides, run_uri
+    return overrides
