@@ -25,9 +25,17 @@ $(STAMP): pyproject.toml
 DEMO_DATA ?= data/demo
 DEMO_RUN  ?= runs/demo
 
-demo: install ## the main job: all five SP-NAS phases on generated demo data (~4 min on 2 CPU cores)
+STORE_DIR ?= runs/objectstore
+
+demo: install ## the main job: all five SP-NAS phases on demo data read from and published to a local S3 store (~4 min)
 	test -f $(DEMO_DATA)/annotations/instances_val2017.json || $(BIN)/spnas demo-data $(DEMO_DATA)
-	$(BIN)/spnas run configs/demo.yml --workdir $(DEMO_RUN) --set fine_tune.dataset.common.data_root=$(DEMO_DATA)
+	$(BIN)/spnas objectstore start --dir $(STORE_DIR)
+	eval "$$($(BIN)/spnas objectstore env --dir $(STORE_DIR))" \
+	  && $(BIN)/spnas data upload $(DEMO_DATA) minio://spnas/datasets/demo \
+	  && $(BIN)/spnas run configs/demo.yml --workdir $(DEMO_RUN) \
+	       --set fine_tune.dataset.common.data_root=minio://spnas/datasets/demo \
+	       --publish minio://spnas/runs/demo; \
+	rc=$$?; $(BIN)/spnas objectstore stop --dir $(STORE_DIR); exit $$rc
 
 test: install ## run every test (CPU); fails when any test fails
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -121,13 +121,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run import run
     config = load_config(args.config, workdir=args.workdir, overrides=args.set or ())
-    reports = run(config, workers=args.workers, progress=not args.quiet)
+    reports = run(config, workers=args.workers, progress=not args.quiet, publish=args.publish)
     best = reports.get("best")
     out = f"{config.workdir}/output"
     print(f"\nSP-NAS finished in {reports['seconds']:.0f} s. Results: {out}")
     for name, ph in reports["phases"].items():
         extra = f", plot {ph['plot']}" if ph.get("plot") else ""
         print(f"  {name:<12} {len(ph['records'])} record(s), {ph.get('seconds', 0):.0f} s{extra}")
+    if reports.get("published"):
+        print(f"  published to {reports['published']['uri']} ({reports['published']['objects']} files)")
     if best:
         m = best["metrics"]
         print(f"best model: {best['desc']['backbone']['code']} neck {best['desc']['neck']['code']}  "
@@ -224,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set serial.search_algorithm.max_sample=8")
     p.add_argument("--workers", type=int, default=None, help="candidates trained at once (default: config)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--publish", default=None, metavar="URI",
+                   help="upload the output folder to an s3:// or minio:// prefix at the end")
     p.set_defaults(func=cmd_run)
 
     from .storage_cli import register

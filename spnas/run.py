@@ -48,8 +48,11 @@ def _devices(config: RunConfig, workers: int) -> list[Optional[str]]:
 class Runner:
     """Runs the steps of ``config`` in order and keeps ``reports.json`` current."""
 
-    def __init__(self, config: RunConfig, workers: Optional[int] = None, progress: bool = True) -> None:
+    def __init__(self, config: RunConfig, workers: Optional[int] = None, progress: bool = True,
+                 publish: Optional[str] = None) -> None:
+        config = _fetch_data(config)
         self.config = config
+        self.publish = publish
         self.workers = workers or config.workers
         self.progress = progress
         self.out = Path(config.workdir) / "output"
@@ -74,6 +77,11 @@ class Runner:
         self.reports["best"] = best
         self.reports["seconds"] = round(time.perf_counter() - t0, 2)
         self._save_reports()
+        if self.publish:
+            from .storage import upload
+            keys = upload(self.out, self.publish)
+            self.reports["published"] = {"uri": self.publish, "objects": len(keys)}
+            _say(f"published {len(keys)} files of {self.out} to {self.publish}")
         return self.reports
 
     # -- phases -----------------------------------------------------------------------
@@ -185,6 +193,23 @@ class Runner:
         return done
 
 
-def run(config: RunConfig, workers: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
-    """Run every step of ``config``; returns the reports (also in ``output/reports.json``)."""
-    return Runner(config, workers, progress).run()
+def _fetch_data(config: RunConfig) -> RunConfig:
+    """Data sets named by ``s3://``/``minio://`` URIs are fetched into the local cache (once:
+    the cache is keyed by ETag) and the steps point at the local copies."""
+    import dataclasses
+    from .storage import is_uri, local_path
+    steps = []
+    for s in config.steps:
+        if s.dataset.data_root and is_uri(s.dataset.data_root):
+            local = str(local_path(s.dataset.data_root))
+            log.info("%s: data %s -> %s", s.name, s.dataset.data_root, local)
+            s = dataclasses.replace(s, dataset=dataclasses.replace(s.dataset, data_root=local))
+        steps.append(s)
+    return dataclasses.replace(config, steps=tuple(steps))
+
+
+def run(config: RunConfig, workers: Optional[int] = None, progress: bool = True,
+        publish: Optional[str] = None) -> dict[str, Any]:
+    """Run every step of ``config``; returns the reports (also in ``output/reports.json``).
+    ``publish``: an ``s3://``/``minio://`` prefix that receives the whole output folder."""
+    return Runner(config, workers, progress, publish).run()
