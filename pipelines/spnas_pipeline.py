@@ -38,7 +38,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     for needed in ("fine_tune", "serial", "parallel", "full_train"):
         if needed not in roles:
             raise SystemExit(f"{config_path}: the pipeline needs a {needed} step; steps are {[s.role for s in cfg.steps]}")
-    data_default = roles["fine_tune"].dataset.data_root or ""
+    # the config's own spelling (not made absolute), so the compiled file is the same anywhere
+    data_default = str(((raw.get(roles["fine_tune"].name) or {}).get("dataset") or {}).get("common", {}).get("data_root", ""))
 
     def heavy(task, cpu, memory, accelerator, gpus):
         """Training pods: resources, retries, object-store secret, shared memory for loaders."""

@@ -112,7 +112,12 @@ def test_compiled_yaml_runs_under_kfp_local(tiny_data, tmp_path):
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipeline = load_component_from_file(str(package))
     results = tmp_path / "results"
-    pipeline(data_uri=str(tiny_data), results_uri=str(results), seed=0)
+    import builtins
+    saved = builtins.print  # kfp.local patches print to indent; its concurrent loop tasks can leave it patched
+    try:
+        pipeline(data_uri=str(tiny_data), results_uri=str(results), seed=0)
+    finally:
+        builtins.print = saved
     runs = [p for p in results.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     run = runs[0]

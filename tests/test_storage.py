@@ -424,7 +424,7 @@ def test_server_goes_away_then_restarts(s3env, server, tmp_path, capsys, caplog,
         assert f"http://127.0.0.1:{port}" in capsys.readouterr().out
         assert _cli("objectstore", "env", "--dir", str(d)) == 0
         lines = capsys.readouterr().out.splitlines()
-        env = dict(line.removeprefix("export ").split("=", 1) for line in lines)
+        env = dict(line.strip().removeprefix("export ").split("=", 1) for line in lines if line.strip())
         assert set(env) == {"SPNAS_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
         for k, v in env.items():
             monkeypatch.setenv(k, v)
