@@ -45,6 +45,9 @@ class CocoSplit:
 def resolve_split(data_root: "str | os.PathLike", split: str, img_prefix: str = "2017",
                   ann_prefix: str = "instances") -> CocoSplit:
     """The standard COCO layout under ``data_root`` for ``split`` (``train``/``val``)."""
+    from .storage import is_uri, local_path
+    if is_uri(str(data_root)):  # s3:// or minio://: fetched once into the ETag-keyed cache
+        data_root = local_path(str(data_root))
     root = Path(data_root)
     if not root.is_dir():
         raise DataError(f"dataset folder {str(root)!r} does not exist")

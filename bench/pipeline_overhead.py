@@ -1,0 +1,69 @@
+"""The tiny SP-NAS config run through kfp.local (the compiled pipeline YAML, SubprocessRunner,
+use_venv=False) versus ``spnas run`` of the same config, side by side in one process.
+
+Prints both wall times, the ratio kfp.local / spnas run (goal <= 1.2) and the overhead per
+pipeline task. Both sides train the same candidates on the same generated data.
+
+    python bench/pipeline_overhead.py
+"""
+import argparse
+import builtins
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args()
+    import kfp.local
+    from kfp.components import load_component_from_file
+
+    from helpers import demo
+    from spnas.config import apply_overrides, load_config
+    from spnas.run import run
+    from test_run import tiny_overrides
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = demo(tmp / "data", train=16, val=6, size=96)
+        raw = apply_overrides(yaml.safe_load((ROOT / "configs" / "demo.yml").read_text()), tiny_overrides(data))
+        cfg_path = tmp / "tiny.yml"
+        cfg_path.write_text(yaml.safe_dump(raw))
+        package = tmp / "tiny.yaml"
+        subprocess.run([sys.executable, "-m", "pipelines.spnas_pipeline", "--config", str(cfg_path), "--output",
+                        str(package), "--parallelism", "2"], cwd=ROOT, check=True, capture_output=True)
+        spec = next(yaml.safe_load_all(package.read_text()))
+        n_tasks = len(spec["deploymentSpec"]["executors"])
+
+        t = time.perf_counter()
+        run(load_config(raw, workdir=tmp / "local"), workers=2, progress=False)
+        t_run = time.perf_counter() - t
+
+        kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp / "root"))
+        saved = builtins.print
+        t = time.perf_counter()
+        try:
+            load_component_from_file(str(package))(data_uri=str(data), results_uri=str(tmp / "results"), seed=0)
+        finally:
+            builtins.print = saved
+        t_kfp = time.perf_counter() - t
+        runs = list((tmp / "results").iterdir())
+        tasks = sum(1 for _ in (tmp / "root").rglob("executor_output.json")) or n_tasks
+    print(f"tiny config: 2 serial + 2 parallel candidates, {len(runs)} run, {tasks} pipeline tasks executed")
+    print(f"spnas run (2 workers)            {t_run:8.1f} s")
+    print(f"kfp.local, compiled pipeline     {t_kfp:8.1f} s")
+    print(f"overhead per pipeline task       {(t_kfp - t_run) / max(tasks, 1):8.2f} s")
+    print(f"ratio kfp.local / spnas run      {t_kfp / t_run:8.3f}  (goal <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()
