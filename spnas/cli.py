@@ -121,7 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .run import run
     config = load_config(args.config, workdir=args.workdir, overrides=args.set or ())
-    reports = run(config, workers=args.workers, progress=not args.quiet, publish=args.publish)
+    reports = run(config, workers=args.workers, progress=not args.quiet, publish=args.publish,
+                  resume=args.resume)
     best = reports.get("best")
     out = f"{config.workdir}/output"
     print(f"\nSP-NAS finished in {reports['seconds']:.0f} s. Results: {out}")
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--publish", default=None, metavar="URI",
                    help="upload the output folder to an s3:// or minio:// prefix at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --workdir: finished phases and candidates are kept, "
+                        "an interrupted training continues from its last checkpoint")
     p.set_defaults(func=cmd_run)
 
     from .storage_cli import register

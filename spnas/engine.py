@@ -22,6 +22,7 @@ from torch import nn
 from .coco_eval import coco_metrics, to_coco_results
 from .data import CocoDetection, make_loader
 from .errors import ConfigError, SpnasError
+from .faults import failpoint
 from .io import CheckpointError, atomic_torch_save, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: Optional[CocoDete
             scaler.update()
             scheduler.step()
             it += 1
+            failpoint("train_iter", f"(iteration {it}/{total})")
             images_seen += len(images)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")

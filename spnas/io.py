@@ -15,6 +15,7 @@ from typing import Any, Callable, IO
 import torch
 
 from .errors import SpnasError
+from .faults import failpoint
 
 
 class CheckpointError(SpnasError, ValueError):
@@ -30,6 +31,7 @@ def _atomic(path: "str | os.PathLike", write: Callable[[IO[bytes]], None]) -> Pa
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        failpoint("write", str(path))
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -7,6 +7,11 @@ Per step, files go to ``<workdir>/output/<step name>/`` (Vega's layout): ``desc_
 ``performance_<id>.json``, ``model_<id>.pth`` per candidate, ``output.csv`` per phase, and
 ``state.json`` (search state) for search phases; ``<workdir>/output/reports.json`` holds every
 record of the run.
+
+Resume: each finished unit of work leaves a ``result_<id>.json`` (written atomically, last).
+With ``resume=True`` a phase function returns that result instead of training again, and an
+unfinished training continues from ``train_<id>/last.pth``; so a killed run, resumed, ends with
+exactly the records of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from .config import RunConfig, StepConfig
 from .detector import normalize_desc
 from .engine import TrainConfig
 from .errors import SpnasError
+from .faults import failpoint
 from .inherit import convert_torchvision, inherit_weights, unwrap_state_dict
 from .io import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_checkpoint, read_json
 from .trainer import evaluate_architecture, train_architecture
@@ -37,6 +43,27 @@ log = logging.getLogger(__name__)
 
 class PhaseError(SpnasError):
     """A phase cannot go on (e.g. every candidate of a round failed)."""
+
+
+def _result_file(out: Path, arch_id: Any) -> Path:
+    return out / f"result_{arch_id}.json"
+
+
+def _finished(out: Path, arch_id: Any, resume: bool) -> Optional[Any]:
+    """The saved result of ``arch_id`` when resuming and it finished before, else None."""
+    path = _result_file(out, arch_id)
+    if resume and path.is_file():
+        log.info("%s: %s finished before the interruption; its result is reused", out.name, arch_id)
+        return read_json(path, "result file")
+    return None
+
+
+def check_round(step_name: str, round_no: Any, results: Sequence[Mapping[str, Any]]) -> None:
+    """Raise :class:`PhaseError` listing every failure when no candidate of a round succeeded
+    (a search cannot go on from nothing); one success is enough to go on."""
+    if results and all(r.get("status") != "ok" for r in results):
+        raise PhaseError(f"{step_name} round {round_no}: every candidate failed: "
+                         + "; ".join(f"candidate {r.get('id')}: {r.get('error')}" for r in results))
 
 
 def _cfg(trainer: "TrainConfig | Mapping[str, Any]") -> TrainConfig:
@@ -57,10 +84,14 @@ def trainer_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def fine_tune(data_root: str, out_dir: "str | Path", desc: Mapping[str, Any], trainer: "TrainConfig | Mapping",
               pretrained: Optional[str] = None, convert_pretrained: bool = False, device: Optional[str] = None,
-              progress: bool = False, img_prefix: str = "2017", ann_prefix: str = "instances") -> dict[str, Any]:
+              progress: bool = False, img_prefix: str = "2017", ann_prefix: str = "instances",
+              resume: bool = False) -> dict[str, Any]:
     """SPEC 2.1: build the seed, load (and convert) a torchvision checkpoint when given, train
     for the configured epochs (0 = convert and evaluate only). Writes candidate 0's files."""
     out = Path(out_dir)
+    done = _finished(out, 0, resume)
+    if done is not None:
+        return done
     init = None
     if pretrained:
         raw = load_checkpoint(pretrained)
@@ -73,8 +104,10 @@ def fine_tune(data_root: str, out_dir: "str | Path", desc: Mapping[str, Any], tr
               "metrics": _metrics(perf), "params": perf["params"], "gflops": perf["gflops"],
               "weights": str(out / "model_0.pth"), "inherited": perf["init"]["loaded"], "fresh": perf["init"]["fresh"]}
     write_output_csv(out, [record])
-    return {"desc": str(out / "desc_0.json"), "model": str(out / "model_0.pth"), "metrics": record["metrics"],
-            "record": record}
+    result = {"desc": str(out / "desc_0.json"), "model": str(out / "model_0.pth"), "metrics": record["metrics"],
+              "record": record}
+    atomic_write_json(_result_file(out, 0), result)
+    return result
 
 
 def _metrics(perf: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,6 +159,14 @@ def search_propose(state_path: "str | Path", k: Optional[int] = None) -> list[di
     return candidates
 
 
+def search_pending(state_path: "str | Path") -> list[dict]:
+    """Candidates proposed but not yet recorded (a round interrupted before its update), in the
+    form :func:`search_propose` returned them; empty when no round is open."""
+    from .search import pending
+    keys = ("id", "round", "desc", "parent", "parent_desc", "parent_weights", "ops", "params", "gflops")
+    return [{k: r[k] for k in keys} for r in pending(read_json(state_path, "search state"))]
+
+
 def search_update(state_path: "str | Path", results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Record a round's results; returns ``{"front": [ids], "done": bool}``."""
     from .search import front, is_done, update
@@ -137,11 +178,16 @@ def search_update(state_path: "str | Path", results: Sequence[Mapping[str, Any]]
 
 def train_candidate(candidate: Mapping[str, Any], data_root: str, out_dir: "str | Path",
                     trainer: "TrainConfig | Mapping", freeze_swap_keys: bool = False, device: Optional[str] = None,
-                    progress: bool = False, img_prefix: str = "2017", ann_prefix: str = "instances") -> dict[str, Any]:
+                    progress: bool = False, img_prefix: str = "2017", ann_prefix: str = "instances",
+                    resume: bool = False) -> dict[str, Any]:
     """Inherit the parent's weights (SPEC 3), train, evaluate. Never raises for a bad candidate:
-    the failure comes back as ``{"status": "failed", "error": ...}`` so a round goes on."""
+    the failure comes back as ``{"status": "failed", "error": ...}`` so a round goes on. The
+    result is also saved as ``result_<id>.json``; ``resume`` reuses it."""
     cid = candidate["id"]
     out = Path(out_dir)
+    done = _finished(out, cid, resume)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     result: dict[str, Any] = {"id": cid, "status": "failed", "metrics": None, "error": None, "weights": None,
                               "inherited": None, "fresh": None}
@@ -164,6 +210,8 @@ def train_candidate(candidate: Mapping[str, Any], data_root: str, out_dir: "str 
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc(limit=6)
     result["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(_result_file(out, cid), result)
+    failpoint("candidate", str(cid))
     return result
 
 
@@ -195,7 +243,7 @@ def search_report(state_path: "str | Path", out_dir: "str | Path", title: str) -
 def reignition(models: Sequence[Mapping[str, Any]], out_dir: "str | Path", detection_root: str,
                data: Optional[str] = None, epochs: int = 1, batch_size: int = 32, lr: float = 0.01,
                image_size: int = 64, seed: int = 0, device: Optional[str] = None, progress: bool = False,
-               img_prefix: str = "2017", ann_prefix: str = "instances") -> list[dict]:
+               img_prefix: str = "2017", ann_prefix: str = "instances", resume: bool = False) -> list[dict]:
     """SPEC 2.3: re-train each model's backbone as a classifier (``data`` folder, or object crops
     of ``detection_root``), then evaluate the detector with the new backbone. ``models`` are
     records ``{"id", "desc", "weights"}``; returns records with the new weights and metrics."""
@@ -203,6 +251,10 @@ def reignition(models: Sequence[Mapping[str, Any]], out_dir: "str | Path", detec
     out = Path(out_dir)
     done = []
     for m in models:
+        saved = _finished(out, m["id"], resume)
+        if saved is not None:
+            done.append(saved)
+            continue
         perf = reignite(m["desc"], m["weights"], out, data=data, from_detection=None if data else detection_root,
                         epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, device=device,
                         arch_id=m["id"], progress=progress)
@@ -214,22 +266,28 @@ def reignition(models: Sequence[Mapping[str, Any]], out_dir: "str | Path", detec
         done.append({"id": m["id"], "status": "ok", "parent": m["id"], "desc": normalize_desc(m["desc"]),
                      "metrics": _metrics(metrics), "params": metrics["params"], "gflops": metrics["gflops"],
                      "weights": str(weights), "reignition": perf})
+        atomic_write_json(_result_file(out, m["id"]), done[-1])
     write_output_csv(out, done)
     return done
 
 
 def full_train(models: Sequence[Mapping[str, Any]], data_root: str, out_dir: "str | Path",
                trainer: "TrainConfig | Mapping", device: Optional[str] = None, progress: bool = False,
-               img_prefix: str = "2017", ann_prefix: str = "instances") -> list[dict]:
+               img_prefix: str = "2017", ann_prefix: str = "instances", resume: bool = False) -> list[dict]:
     """SPEC 2.5: train each model with the full schedule from its own weights and evaluate."""
     out = Path(out_dir)
     done = []
     for m in models:
+        saved = _finished(out, m["id"], resume)
+        if saved is not None:
+            done.append(saved)
+            continue
         perf = train_architecture(data_root, m["desc"], out, _cfg(trainer), arch_id=m["id"], init=m["weights"],
                                   device=device, progress=progress, img_prefix=img_prefix, ann_prefix=ann_prefix)
         _cleanup(out, m["id"])
         done.append({"id": m["id"], "status": "ok", "parent": m["id"], "desc": read_json(out / f"desc_{m['id']}.json"),
                      "metrics": _metrics(perf), "params": perf["params"], "gflops": perf["gflops"],
                      "weights": str(out / f"model_{m['id']}.pth")})
+        atomic_write_json(_result_file(out, m["id"]), done[-1])
     write_output_csv(out, done)
     return done

@@ -176,7 +176,10 @@ def update(proposal: str, results: Sequence[Mapping[str, Any]]) -> str:
     from .search import update as _update
     keep = ("id", "status", "metrics", "error", "weights", "inherited", "fresh")
     state = _state(json.loads(proposal)["state"])
-    return json.dumps(_update(state, [{k: plain(r[k]) for k in keep if k in r} for r in results]))
+    results = [{k: plain(r[k]) for k in keep if k in r} for r in results]
+    rounds = {c.get("round") for c in json.loads(proposal)["candidates"]}
+    phases.check_round(str(state.get("settings", {}).get("algorithm", "search")), min(rounds, default=0), results)
+    return json.dumps(_update(state, results))
 
 
 def search_front(state: "str | Mapping[str, Any]", run_uri: str, step_name: str) -> list[dict]:

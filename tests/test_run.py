@@ -115,7 +115,7 @@ def test_failed_candidate_is_recorded_and_all_failed_stops(tiny_data, tmp_path, 
     monkeypatch.setattr(run_mod.phases, "train_candidate", lambda c, **kw: {
         "id": c["id"], "status": "failed", "metrics": None, "error": f"ValueError: bad {c['id']}",
         "weights": None, "inherited": None, "fresh": None})
-    with pytest.raises(SpnasError, match="serial round 0: every candidate failed: 1: ValueError: bad 1; 2: ValueError: bad 2"):
+    with pytest.raises(SpnasError, match="serial round 0: every candidate failed: candidate 1: ValueError: bad 1; candidate 2: ValueError: bad 2"):
         run_mod.run(load_config(DEMO, workdir=tmp_path / "w2", overrides=tiny_overrides(tiny_data) + [
             "pipeline=[fine_tune, serial]"]), workers=1, progress=False)
 

@@ -435,3 +435,19 @@ def test_latency_objective_comes_from_measured_metrics():
     assert s.objective_keys == ("mAP", "latency")
     pts = [{"mAP": 50.0, "latency": 10.0}, {"mAP": 55.0, "latency": 12.0}, {"mAP": 54.0, "latency": 13.0}]
     assert pareto_front(pts, s.objective_keys) == [0, 1]
+
+
+def test_kfp_update_stops_when_every_candidate_of_a_round_failed():
+    """The Kubeflow update step applies the same rule as ``spnas run``: one success is enough to
+    go on; a round with no success stops with every failure listed."""
+    from spnas import remote
+    from spnas.phases import PhaseError
+    proposal = remote.propose(new_state(serial_settings(candidates_per_round=2), [seed_of()]))
+    ids = [c["id"] for c in json.loads(proposal)["candidates"]]
+    failed = [{"id": i, "status": "failed", "error": f"NonFiniteLossError: loss nan at step {i}"} for i in ids]
+    with pytest.raises(PhaseError, match="SpNasS round 0: every candidate failed: candidate 1: NonFiniteLossError: "
+                                         "loss nan at step 1; candidate 2: NonFiniteLossError: loss nan at step 2"):
+        remote.update(proposal, failed)
+    ok = [{**failed[0], "status": "ok", "error": None, "metrics": {"mAP": 36.0}, "weights": "w1"}, failed[1]]
+    state = json.loads(remote.update(proposal, ok))
+    assert [r["status"] for r in state["records"]] == ["ok", "ok", "failed"]

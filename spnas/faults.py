@@ -1,0 +1,37 @@
+"""Fail points: named places where a test can kill the process, to prove resume loses nothing.
+
+``SPNAS_FAILPOINT=name:n`` (``n`` defaults to 1) makes the ``n``-th call of
+``failpoint(name)`` in this process kill the process with SIGKILL, exactly as a node failure or
+the OOM killer would: no ``finally`` block, no atexit handler runs. Unset (the normal case), a
+fail point costs one environment lookup. Names used by the library:
+
+* ``train_iter``   after each optimizer step of any training (inside fine_tune, a candidate...)
+* ``candidate``    after a search candidate's result file is written (mid-round)
+* ``phase``        after a phase's completion file is written (between phases)
+* ``write``        inside an atomic write, after the temporary file is complete and before it
+                   is renamed over the target (during a write)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections import Counter
+
+ENV = "SPNAS_FAILPOINT"
+_hits: Counter = Counter()
+
+
+def failpoint(name: str, detail: str = "") -> None:
+    """Kill this process with SIGKILL when ``SPNAS_FAILPOINT`` names this point and call count."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    want, _, count = spec.partition(":")
+    if want != name:
+        return
+    _hits[name] += 1
+    if _hits[name] == int(count or 1):
+        sys.stderr.write(f"{ENV}: killing pid {os.getpid()} at {name} #{_hits[name]} {detail}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
