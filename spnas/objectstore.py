@@ -12,7 +12,8 @@ Contracts:
   then SIGKILL. A PID is only signalled when ``/proc/<pid>/cmdline`` is this folder's ``weed mini``.
 * Files in ``data_dir``: ``objectstore.json`` (ports, endpoint, pid: no secrets),
   ``objectstore.pid``, ``credentials.json`` and ``s3-identities.json`` (0600, the only files
-  holding the keys), ``weed.log`` (server output) and ``weed/`` (SeaweedFS data).
+  holding the keys), ``weed.log`` (server output, 0600: it names rejected key ids) and ``weed/``
+  (SeaweedFS data).
 """
 from __future__ import annotations
 
@@ -204,16 +205,24 @@ def _read_pid(d: Path) -> Optional[int]:
         return None
 
 
+def _check_strength(access_key: str, secret_key: str, where: str) -> None:
+    """Refuse keys weaker than MinIO accepts (the message never shows them)."""
+    if len(access_key) < 3 or len(secret_key) < 8 or any(c.isspace() for c in access_key + secret_key):
+        raise StorageError(f"{where}: access key must have 3+ and secret key 8+ characters, without spaces")
+
+
 def _credentials(d: Path, access_key: Optional[str], secret_key: Optional[str]) -> tuple[str, str]:
+    """The keys to start with: given, stored for the folder, or new random ones (never none)."""
     if (access_key is None) != (secret_key is None):
         raise StorageError("give both access_key and secret_key, or neither (random ones are generated)")
     if access_key is not None and secret_key is not None:
-        if len(access_key) < 3 or len(secret_key) < 8 or any(c.isspace() for c in access_key + secret_key):
-            raise StorageError("access key must have 3+ and secret key 8+ characters, without spaces")
+        _check_strength(access_key, secret_key, "object store credentials")
         return access_key, secret_key
     stored = _read_json(d / CREDENTIALS_FILE)
     if stored and stored.get("access_key") and stored.get("secret_key"):
-        return str(stored["access_key"]), str(stored["secret_key"])
+        ak, sk = str(stored["access_key"]), str(stored["secret_key"])
+        _check_strength(ak, sk, f"stored credentials in {str(d / CREDENTIALS_FILE)!r}")
+        return ak, sk
     alnum = string.ascii_uppercase + string.digits
     ak = "SPNAS" + "".join(secrets.choice(alnum) for _ in range(15))
     sk = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40))
@@ -375,14 +384,17 @@ def start(data_dir: "str | os.PathLike[str]", port: Optional[int] = None, access
         _write_private(d / IDENTITIES_FILE, identities)
         weed_dir.mkdir(exist_ok=True)
         cmd = _command(weed or weed_binary(), weed_dir, d / IDENTITIES_FILE, p)
-        with open(d / LOG_FILE, "ab") as logf:
+        # 0600 like the keys: SeaweedFS logs the key id of each rejected request
+        log_fd = os.open(d / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(log_fd, 0o600)
+        with os.fdopen(log_fd, "ab") as logf:
             logf.write(f"\n=== spnas objectstore start {time.strftime('%Y-%m-%dT%H:%M:%S')} port {p}\n".encode())
             logf.flush()
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                     cwd=weed_dir, env=_child_env(), start_new_session=True, close_fds=True)
         _children[proc.pid] = proc
-        (d / PID_FILE).write_text(f"{proc.pid}\n")
-        from .io import atomic_write_json
+        from .io import atomic_write_json, atomic_write_text
+        atomic_write_text(d / PID_FILE, f"{proc.pid}\n")
         atomic_write_json(d / STATE_FILE, {"port": p, "ports": ports_for(p), "endpoint": _endpoint(p),
                                            "pid": proc.pid, "weed": cmd[0], "started": time.time()})
         log.info("starting object store (weed mini, pid %d) at %s, data %s", proc.pid, _endpoint(p), weed_dir)

@@ -152,17 +152,18 @@ class ObjectInfo:
 def _parse_endpoint(value: str) -> tuple[str, bool, str]:
     """``SPNAS_S3_ENDPOINT`` -> (``host:port``, secure, display URL). No scheme means HTTP."""
     raw = value.strip()
+    if "@" in raw:  # user:password@host: refused before any message could echo the value
+        raise StorageError(f"{ENV_ENDPOINT} must not contain credentials (user:password@); "
+                           f"use {ENV_ACCESS_KEY}/{ENV_SECRET_KEY}")
     if "://" in raw:
         parts = urlsplit(raw)
         if parts.scheme not in ("http", "https"):
             raise StorageError(f"{ENV_ENDPOINT}={raw!r}: the scheme must be http or https")
-        if parts.username or parts.password:
-            raise StorageError(f"{ENV_ENDPOINT} must not contain credentials; use {ENV_ACCESS_KEY}/{ENV_SECRET_KEY}")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise StorageError(f"{ENV_ENDPOINT}={raw!r} must be host[:port] without a path")
         netloc, secure = parts.netloc, parts.scheme == "https"
     else:
-        if "/" in raw or "@" in raw:
+        if "/" in raw:
             raise StorageError(f"{ENV_ENDPOINT}={raw!r} must be host[:port] or http(s)://host[:port]")
         netloc, secure = raw, False
     if not netloc:

@@ -345,8 +345,10 @@ def _listening_addresses(pid: int) -> list[str]:
 
 def test_server_listens_on_loopback_only(server):
     pid = server["pid"]
-    addrs = _listening_addresses(pid)
     expected = {f"127.0.0.1:{p}" for p in objectstore.ports_for(server["port"]).values()}
+    deadline = time.monotonic() + 30  # SeaweedFS opens its admin port after S3 answers: wait for it
+    while not expected <= set(addrs := _listening_addresses(pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert expected <= set(addrs), addrs
     assert all(a.startswith("127.0.0.1:") for a in addrs), addrs
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
