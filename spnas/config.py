@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,7 +35,8 @@ import yaml
 
 from .detector import normalize_desc
 from .engine import TrainConfig
-from .errors import ConfigError, SpnasError
+from .encoding import looks_like_arch, parse_arch, parse_parallel, parse_serial
+from .errors import CodeError, ConfigError, SpnasError, brief
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,14 @@ _TRAINER_KEYS = {"type", "epochs", "iters", "with_train", "optimizer", "lr_sched
 _DATASET_KEYS = {"type", "common", "train", "val", "test"}
 _DATASET_COMMON = {"data_root", "data_path", "batch_size", "img_prefix", "ann_prefix", "num_workers"}
 _MODEL_KEYS = {"pretrained_model_file", "model_desc", "models_folder"}
+
+#: Limits on a config's shape, so that a hostile file (a YAML alias bomb, a self-referencing
+#: anchor, a fan-out of refs) fails fast with a ConfigError instead of exhausting time or memory.
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+MAX_REF_CHAIN = 20
+#: Step names become folder names (``<workdir>/output/<step>/``) and object-store prefixes.
+_STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -116,14 +126,78 @@ class RunConfig:
 
 
 def _err(path: str, msg: str) -> ConfigError:
+    if len(path) > 300:  # key paths are built from the config's own (possibly hostile) keys
+        path = f"{path[:300]}..."
     return ConfigError(f"config key {path}: {msg}")
+
+
+#: What ``yaml.safe_load`` raises on bad input. Besides YAMLError, its constructors of explicit
+#: tags fail with ValueError (``!!int x``, ``!!timestamp 2020-13-45``, an int of over 4300 digits),
+#: IndexError (``!!float`` with no value), KeyError (``!!bool maybe``), AttributeError
+#: (``!!timestamp x``); deep nesting raises RecursionError.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, LookupError, AttributeError, TypeError, RecursionError)
+
+
+def _check_shape(raw: dict, name: str) -> None:
+    """Raise :class:`ConfigError` for a mapping key that is not a string, nesting deeper than
+    :data:`MAX_DEPTH` or more than :data:`MAX_VALUES` values (walked iteratively, so shared or
+    self-referencing YAML anchors cannot make it loop or recurse without bound)."""
+    stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
+    count = 0
+    while stack:
+        node, path, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"config {name!r} has more than {MAX_VALUES} values "
+                              "(a YAML alias bomb or a self-referencing anchor?)")
+        if depth > MAX_DEPTH:
+            raise _err(path, f"is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    raise _err(path or "<top level>", f"key {brief(k)} is not a string")
+                stack.append((v, f"{path}.{k}" if path else k, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+
+
+def _count_values(node: Any, limit: int) -> int:
+    """Number of values in ``node`` (mappings and lists included), stopping past ``limit``."""
+    stack, count = [node], 0
+    while stack and count <= limit:
+        n = stack.pop()
+        count += 1
+        if isinstance(n, dict):
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
+    return count
+
+
+def _path_value(value: Any, path: str, what: str = "a path") -> Optional[str]:
+    """``None`` or a non-empty string without NUL bytes (which no file system accepts)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise _err(path, f"must be {what} string, got {brief(value)}")
+    return value
+
+
+def _name_part(value: Any, path: str) -> str:
+    """A piece of a file name (``img_prefix``/``ann_prefix``): no separators, NUL or ``..``."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, int) and not 0 <= value < 10**9):
+        raise _err(path, f"must be a string such as '2017', got {brief(value)}")
+    text = str(value)
+    if any(c in text for c in "/\\\x00") or ".." in text:
+        raise _err(path, f"{brief(text)} must be part of a file name (no '/', '\\', '..' or NUL)")
+    return text
 
 
 def _mapping(value: Any, path: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _err(path, f"must be a mapping, got {value!r}")
+        raise _err(path, f"must be a mapping, got {brief(value)}")
     return value
 
 
@@ -142,21 +216,25 @@ def _int(value: Any, path: str, minimum: int = 0) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _err(path, f"must be an integer >= {minimum}, got {value!r}")
+        raise _err(path, f"must be an integer >= {minimum}, got {brief(value)}")
     return value
 
 
 def _num(value: Any, path: str, lo: float = 0.0, hi: float = float("inf"), open_lo: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise _err(path, f"must be a number, got {value!r}")
-    if value < lo or value > hi or (open_lo and value == lo):
-        raise _err(path, f"must be in {'(' if open_lo else '['}{lo}, {hi}], got {value!r}")
-    return float(value)
+        raise _err(path, f"must be a number, got {brief(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        raise _err(path, f"must be a number, got {brief(value)} (too large)") from None
+    if number < lo or number > hi or (open_lo and number == lo):
+        raise _err(path, f"must be in {'(' if open_lo else '['}{lo}, {hi}], got {brief(value)}")
+    return number
 
 
 def _bool(value: Any, path: str) -> bool:
     if not isinstance(value, bool):
-        raise _err(path, f"must be true or false, got {value!r}")
+        raise _err(path, f"must be true or false, got {brief(value)}")
     return value
 
 
@@ -171,32 +249,46 @@ def _substitute(node: Any, workdir: str) -> Any:
 
 
 def _resolve_refs(raw: dict) -> dict:
-    """Replace every ``{ref: "step.section[.sub]"}`` mapping by a copy of its target."""
-    def lookup(ref: str, path: str, depth: int) -> Any:
-        node: Any = raw
-        for part in ref.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise _err(f"{path}.ref", f"{ref!r} does not name a section of this config")
-            node = node[part]
-        return resolve(copy.deepcopy(node), ref, depth + 1)
+    """Replace every ``{ref: "step.section[.sub]"}`` mapping by a copy of its target.
 
-    def resolve(node: Any, path: str, depth: int = 0) -> Any:
-        if depth > 20:
-            raise _err(path, "ref chain is too deep (a ref cycle?)")
+    Each target is resolved once; a ref cycle, a chain longer than :data:`MAX_REF_CHAIN` or
+    copies adding up to more than :data:`MAX_VALUES` values raise :class:`ConfigError`."""
+    done: dict[str, tuple[Any, int]] = {}   # ref -> (resolved target, its number of values)
+    copied = [0]
+
+    def lookup(ref: str, path: str, chain: tuple[str, ...]) -> Any:
+        if ref in chain:
+            raise _err(f"{path}.ref", f"ref cycle {' -> '.join(map(brief, chain + (ref,)))}")
+        if len(chain) >= MAX_REF_CHAIN:
+            raise _err(f"{path}.ref", f"ref chain is longer than {MAX_REF_CHAIN}: {' -> '.join(map(brief, chain))}")
+        if ref not in done:
+            node: Any = raw
+            for part in ref.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise _err(f"{path}.ref", f"{brief(ref)} does not name a section of this config")
+                node = node[part]
+            target = resolve(node, ref, chain + (ref,))
+            done[ref] = (target, _count_values(target, MAX_VALUES))
+        target, size = done[ref]
+        copied[0] += size
+        if copied[0] > MAX_VALUES:
+            raise _err(f"{path}.ref", f"refs expand the config beyond {MAX_VALUES} values")
+        return copy.deepcopy(target)
+
+    def resolve(node: Any, path: str, chain: tuple[str, ...] = ()) -> Any:
         if isinstance(node, dict):
             if "ref" in node:
                 ref = node["ref"]
                 if not isinstance(ref, str):
-                    raise _err(f"{path}.ref", f"must be a string like 'fine_tune.trainer', got {ref!r}")
-                base = lookup(ref, path, depth)
+                    raise _err(f"{path}.ref", f"must be a string like 'fine_tune.trainer', got {brief(ref)}")
+                base = lookup(ref, path, chain)
                 if not isinstance(base, dict):
-                    raise _err(f"{path}.ref", f"{ref!r} is not a mapping")
+                    raise _err(f"{path}.ref", f"{brief(ref)} is not a mapping")
                 rest = {k: v for k, v in node.items() if k != "ref"}
-                merged = {**base, **{k: resolve(v, f"{path}.{k}", depth) for k, v in rest.items()}}
-                return merged
-            return {k: resolve(v, f"{path}.{k}", depth) for k, v in node.items()}
+                return {**base, **{k: resolve(v, f"{path}.{k}", chain) for k, v in rest.items()}}
+            return {k: resolve(v, f"{path}.{k}" if path else k, chain) for k, v in node.items()}
         if isinstance(node, list):
-            return [resolve(v, f"{path}[{i}]", depth) for i, v in enumerate(node)]
+            return [resolve(v, f"{path}[{i}]", chain) for i, v in enumerate(node)]
         return node
     return resolve(raw, "")
 
@@ -206,18 +298,18 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     raw = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r} must look like key.path=value")
+            raise ConfigError(f"--set {brief(item)} must look like key.path=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+                raise ConfigError(f"--set {brief(item)}: {brief(part)} is not a mapping")
         try:
             node[parts[-1]] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+        except _YAML_ERRORS as exc:
+            raise ConfigError(f"--set {brief(item)}: value is not valid YAML: {exc}") from None
     return raw
 
 
@@ -227,21 +319,20 @@ def _dataset(sec: Any, path: str, ignored: list[str]) -> DatasetConfig:
     kind = {"cocodataset": "coco", "coco": "coco", "imagenet": "imagenet", "imagefolder": "imagenet"}.get(
         str(sec.get("type", "CocoDataset")).lower())
     if kind is None:
-        raise _err(f"{path}.type", f"{sec.get('type')!r} is not supported: use CocoDataset or Imagenet")
+        raise _err(f"{path}.type", f"{brief(sec.get('type'))} is not supported: use CocoDataset or Imagenet")
     common = dict(_mapping(sec.get("common"), f"{path}.common"))
     for split in ("train", "val", "test"):
         extra = _mapping(sec.get(split), f"{path}.{split}")
         _check_keys(extra, f"{path}.{split}", _DATASET_COMMON, "dataset", ignored)
     _check_keys(common, f"{path}.common", _DATASET_COMMON, "dataset", ignored)
-    root = common.get("data_root", common.get("data_path"))
-    if root is not None and not isinstance(root, str):
-        raise _err(f"{path}.common.data_root", f"must be a path or URI string, got {root!r}")
+    root = _path_value(common.get("data_root", common.get("data_path")), f"{path}.common.data_root",
+                       "a path or URI")
     if root is not None and "://" not in root:
         root = os.path.abspath(root)
     return DatasetConfig(kind=kind, data_root=root,
                          batch_size=_int(common.get("batch_size", 4), f"{path}.common.batch_size", 1),
-                         img_prefix=str(common.get("img_prefix", "2017")),
-                         ann_prefix=str(common.get("ann_prefix", "instances")),
+                         img_prefix=_name_part(common.get("img_prefix", "2017"), f"{path}.common.img_prefix"),
+                         ann_prefix=_name_part(common.get("ann_prefix", "instances"), f"{path}.common.ann_prefix"),
                          num_workers=_int(common.get("num_workers", 0), f"{path}.common.num_workers", 0))
 
 
@@ -252,7 +343,7 @@ def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str]
     callbacks = sec.get("callbacks") or []
     callbacks = [callbacks] if isinstance(callbacks, str) else callbacks
     if not isinstance(callbacks, list) or not all(isinstance(c, str) for c in callbacks):
-        raise _err(f"{path}.callbacks", f"must be a name or a list of names, got {callbacks!r}")
+        raise _err(f"{path}.callbacks", f"must be a name or a list of names, got {brief(callbacks)}")
     reignition = "ReignitionCallback" in callbacks
     for c in callbacks:
         if c != "ReignitionCallback":
@@ -266,7 +357,7 @@ def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str]
     opt = _mapping(sec.get("optimizer"), f"{path}.optimizer")
     _check_keys(opt, f"{path}.optimizer", {"type", "params"}, None, ignored)
     if str(opt.get("type", "SGD")) != "SGD":
-        raise _err(f"{path}.optimizer.type", f"{opt.get('type')!r} is not supported: SGD is")
+        raise _err(f"{path}.optimizer.type", f"{brief(opt.get('type'))} is not supported: SGD is")
     params = _mapping(opt.get("params"), f"{path}.optimizer.params")
     _check_keys(params, f"{path}.optimizer.params", {"lr", "momentum", "weight_decay"}, None, ignored)
     if "lr" in params:
@@ -302,7 +393,7 @@ def _scheduler(sched: dict, path: str, epochs: int, ignored: list[str]) -> dict[
         _check_keys(params, f"{path}.params", {"warmup_type", "warmup_iters", "warmup_ratio", "after_scheduler_config",
                                                 "by_epoch"}, None, ignored)
         if params.get("warmup_type", "linear") != "linear":
-            raise _err(f"{path}.params.warmup_type", f"{params['warmup_type']!r} is not supported: linear is")
+            raise _err(f"{path}.params.warmup_type", f"{brief(params['warmup_type'])} is not supported: linear is")
         if "warmup_iters" in params:
             out["warmup_iters"] = _int(params["warmup_iters"], f"{path}.params.warmup_iters", 0)
         if "warmup_ratio" in params:
@@ -315,9 +406,9 @@ def _scheduler(sched: dict, path: str, epochs: int, ignored: list[str]) -> dict[
         _check_keys(params, f"{path}.params", {"milestones", "gamma"}, None, ignored)
         ms = params.get("milestones", [])
         if not isinstance(ms, list) or not all(isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 for m in ms):
-            raise _err(f"{path}.params.milestones", f"must be a list of positive epochs, got {ms!r}")
+            raise _err(f"{path}.params.milestones", f"must be a list of positive epochs, got {brief(ms)}")
         if epochs and any(m > epochs for m in ms):
-            raise _err(f"{path}.params.milestones", f"{ms!r} lie beyond the {epochs} training epochs")
+            raise _err(f"{path}.params.milestones", f"{brief(ms)} lie beyond the {epochs} training epochs")
         out["schedule"] = "step"
         out["steps"] = tuple(m / epochs for m in ms) if epochs else ()
         if "gamma" in params:
@@ -327,7 +418,7 @@ def _scheduler(sched: dict, path: str, epochs: int, ignored: list[str]) -> dict[
         _check_keys(params, f"{path}.params", {"T_max", "eta_min"}, None, ignored)
         out["schedule"] = "cosine"
         return out
-    raise _err(f"{path}.type", f"{kind!r} is not supported: WarmupScheduler, MultiStepLR or CosineAnnealingLR")
+    raise _err(f"{path}.type", f"{brief(kind)} is not supported: WarmupScheduler, MultiStepLR or CosineAnnealingLR")
 
 
 def _search(sec: Any, path: str, seed: int, ignored: list[str]) -> dict:
@@ -335,7 +426,7 @@ def _search(sec: Any, path: str, seed: int, ignored: list[str]) -> dict:
     _check_keys(sec, path, _SEARCH_KEYS, "search_algorithm", ignored)
     kind = sec.get("type")
     if kind not in ("SpNasS", "SpNasP"):
-        raise _err(f"{path}.type", f"{kind!r} is not a search algorithm of this project: SpNasS or SpNasP")
+        raise _err(f"{path}.type", f"{brief(kind)} is not a search algorithm of this project: SpNasS or SpNasP")
     out = {k: v for k, v in sec.items() if k in _SEARCH_KEYS and k not in ("type", "expend_ratio")}
     if "expend_ratio" in sec:
         if "expand_ratio" in sec and sec["expand_ratio"] != sec["expend_ratio"]:
@@ -343,13 +434,16 @@ def _search(sec: Any, path: str, seed: int, ignored: list[str]) -> dict:
         out["expand_ratio"] = sec["expend_ratio"]
     if "objective_keys" in out:
         ok = out["objective_keys"]
-        out["objective_keys"] = tuple([ok] if isinstance(ok, str) else ok)
+        out["objective_keys"] = (ok,) if isinstance(ok, str) else (tuple(ok) if isinstance(ok, list) else ok)
+    for k, v in out.items():  # SearchSettings would float() them: name the key instead of an OverflowError
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2**63:
+            raise _err(f"{path}.{k}", f"{brief(v)} is too large")
     out["algorithm"] = kind
     out.setdefault("seed", seed)
     from .search import SearchSettings
     try:
         SearchSettings(**out)
-    except TypeError as exc:
+    except (TypeError, OverflowError) as exc:  # OverflowError: float() of a huge integer ratio
         raise _err(path, str(exc)) from None
     except ConfigError as exc:
         raise _err(path, str(exc)) from None
@@ -361,7 +455,7 @@ def _search_space(sec: Any, path: str, ignored: list[str]) -> tuple[str, tuple]:
     _check_keys(sec, path, {"type", "hyperparameters"}, None, ignored)
     hps = sec.get("hyperparameters") or []
     if not isinstance(hps, list):
-        raise _err(f"{path}.hyperparameters", f"must be a list, got {hps!r}")
+        raise _err(f"{path}.hyperparameters", f"must be a list, got {brief(hps)}")
     found: dict[str, tuple] = {}
     for i, hp in enumerate(hps):
         hp = _mapping(hp, f"{path}.hyperparameters[{i}]")
@@ -369,12 +463,22 @@ def _search_space(sec: Any, path: str, ignored: list[str]) -> tuple[str, tuple]:
         key = hp.get("key")
         if key not in ("network.backbone.code", "network.neck.code"):
             raise _err(f"{path}.hyperparameters[{i}].key",
-                       f"{key!r} is not searched here: network.backbone.code or network.neck.code")
+                       f"{brief(key)} is not searched here: network.backbone.code or network.neck.code")
         if str(hp.get("type", "CATEGORY")).upper() != "CATEGORY":
-            raise _err(f"{path}.hyperparameters[{i}].type", f"{hp.get('type')!r}: only CATEGORY is supported")
+            raise _err(f"{path}.hyperparameters[{i}].type", f"{brief(hp.get('type'))}: only CATEGORY is supported")
         rng = hp.get("range")
         if not isinstance(rng, list) or not rng:
-            raise _err(f"{path}.hyperparameters[{i}].range", f"must be a non-empty list, got {rng!r}")
+            raise _err(f"{path}.hyperparameters[{i}].range", f"must be a non-empty list, got {brief(rng)}")
+        for j, code in enumerate(rng):  # a malformed code fails here, not hours into the search
+            try:
+                if key == "network.neck.code":
+                    parse_parallel(code)
+                elif looks_like_arch(code):
+                    parse_arch(code)
+                else:
+                    parse_serial(code)
+            except CodeError as exc:
+                raise _err(f"{path}.hyperparameters[{i}].range[{j}]", str(exc)) from None
         found[key] = tuple(tuple(r) if isinstance(r, list) else r for r in rng)
     return ("network.backbone.code", found["network.backbone.code"]) if "network.backbone.code" in found else \
         (("network.neck.code", found["network.neck.code"]) if found else ("", ()))
@@ -393,30 +497,46 @@ def load_config(source: "str | os.PathLike | dict", workdir: "str | os.PathLike 
                 raw = yaml.safe_load(fh)
         except FileNotFoundError:
             raise ConfigError(f"config file {name!r} does not exist") from None
-        except yaml.YAMLError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {name!r} cannot be read: {exc}") from None
+        except _YAML_ERRORS as exc:
             raise ConfigError(f"config file {name!r} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {name!r} must be a mapping at the top level")
+    _check_shape(raw, name)
     raw = apply_overrides(raw, overrides)
+    _check_shape(raw, name)
     general = _mapping(raw.get("general"), "general")
-    wd = str(Path(workdir).resolve()) if workdir else str(Path(general.get("local_base_path", "runs/spnas")).resolve())
+    base = _path_value(general.get("local_base_path", "runs/spnas"), "general.local_base_path")
+    try:
+        wd = str(Path(workdir if workdir else base).resolve())
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _err("general.local_base_path", f"{brief(str(workdir or base))} cannot be resolved: {exc}") from None
     raw = _substitute(_resolve_refs(raw), wd)
     ignored: list[str] = []
     pipeline = raw.get("pipeline")
     if not isinstance(pipeline, list) or not pipeline or not all(isinstance(p, str) for p in pipeline):
-        raise _err("pipeline", f"must be a non-empty list of step names, got {pipeline!r}")
+        raise _err("pipeline", f"must be a non-empty list of step names, got {brief(pipeline)}")
+    for i, step_name in enumerate(pipeline):
+        if not _STEP_NAME.fullmatch(step_name):
+            raise _err(f"pipeline[{i}]", f"step name {brief(step_name)} must be 1-64 letters, digits, '_' or '-' "
+                       "starting with a letter or '_' (it names the step's output folder)")
+        if step_name in pipeline[:i]:
+            raise _err(f"pipeline[{i}]", f"step {step_name!r} is listed twice")
     for key in raw:
         if key not in ("general", "pipeline") and key not in pipeline:
             if not isinstance(raw[key], dict):
-                raise _err(key, f"is neither 'general', 'pipeline' nor a step section (got {raw[key]!r})")
+                raise _err(key, f"is neither 'general', 'pipeline' nor a step section (got {brief(raw[key])})")
             ignored.append(f"{key} (a section not in the pipeline)")
     general = _mapping(raw.get("general"), "general")
     _check_keys(general, "general", _GENERAL_OURS, "general", ignored)
     seed = _int(general.get("seed", 0), "general.seed", 0)
+    if seed >= 2**63:  # torch.manual_seed and the search's generator take a 64-bit seed
+        raise _err("general.seed", f"must be below 2**63, got {brief(seed)}")
     workers = _int(general.get("workers", 1), "general.workers", 1)
     device = general.get("device")
     if device not in (None, "auto", "cpu", "cuda"):
-        raise _err("general.device", f"must be auto, cpu or cuda, got {device!r}")
+        raise _err("general.device", f"must be auto, cpu or cuda, got {brief(device)}")
 
     steps: list[StepConfig] = []
     seen_roles: list[str] = []
@@ -443,7 +563,7 @@ def _step(name: str, sec: dict, seed: int, roles_before: list[str], defaults: di
     _check_keys(pipe, f"{name}.pipe_step", {"type", "models_folder"}, "pipe_step", ignored)
     ptype = pipe.get("type", "SearchPipeStep" if "search_algorithm" in sec else "TrainPipeStep")
     if ptype not in ("TrainPipeStep", "SearchPipeStep"):
-        raise _err(f"{name}.pipe_step.type", f"{ptype!r} is not supported: TrainPipeStep or SearchPipeStep")
+        raise _err(f"{name}.pipe_step.type", f"{brief(ptype)} is not supported: TrainPipeStep or SearchPipeStep")
     model = _mapping(sec.get("model"), f"{name}.model")
     _check_keys(model, f"{name}.model", _MODEL_KEYS, None, ignored)
     dataset = _dataset(sec["dataset"], f"{name}.dataset", ignored) if "dataset" in sec else defaults.get("dataset")
@@ -491,10 +611,9 @@ def _step(name: str, sec: dict, seed: int, roles_before: list[str], defaults: di
     top_k = sec.get("top_k")
     if top_k is not None:
         top_k = _int(top_k, f"{name}.top_k", 0 if role == "reignition" else 1)
-    pretrained = model.get("pretrained_model_file")
-    if pretrained is not None and not isinstance(pretrained, str):
-        raise _err(f"{name}.model.pretrained_model_file", f"must be a path, got {pretrained!r}")
-    folder = pipe.get("models_folder", model.get("models_folder"))
+    pretrained = _path_value(model.get("pretrained_model_file"), f"{name}.model.pretrained_model_file")
+    where = f"{name}.pipe_step.models_folder" if "models_folder" in pipe else f"{name}.model.models_folder"
+    folder = _path_value(pipe.get("models_folder", model.get("models_folder")), where)
     return StepConfig(name=name, role=role, dataset=dataset, trainer=trainer, model_desc=merged,
                       pretrained_model_file=pretrained, models_folder=folder,
                       convert_pretrained=_bool(convert, f"{name}.model.model_desc.convert_pretrained"),

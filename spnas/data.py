@@ -22,12 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import SpnasError
+from .errors import SpnasError, brief
 
 log = logging.getLogger(__name__)
+
+#: Largest image side accepted (pixels). float32 counts whole pixels exactly up to 2**24, and
+#: boxes of images without a width/height are clipped to it, so no inf reaches the model.
+MAX_SIDE = 1 << 24
 
 
 class DataError(SpnasError, ValueError):
@@ -64,7 +69,7 @@ def _load_coco(ann_file: Path):
             raw = json.load(fh)
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"annotation file {str(ann_file)!r} cannot be read: {exc}") from None
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int of over 4300 digits, deep nesting
         raise DataError(f"annotation file {str(ann_file)!r} is not valid JSON: {exc}") from None
     _validate_coco(raw, ann_file)
     coco = COCO()
@@ -72,6 +77,16 @@ def _load_coco(ann_file: Path):
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def _finite_number(value: Any) -> bool:
+    """True for an int or float (not bool) that is finite as a float (huge ints are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
 
 
 def _validate_coco(raw: Any, ann_file: Path) -> None:
@@ -95,29 +110,35 @@ def _validate_coco(raw: Any, ann_file: Path) -> None:
                 if key not in entry:
                     raise DataError(f"{where}: {kind}[{n}] has no {key!r}")
             if isinstance(entry["id"], bool) or not isinstance(entry["id"], int):
-                raise DataError(f"{where}: {kind}[{n}] id {entry['id']!r} is not an integer")
+                raise DataError(f"{where}: {kind}[{n}] id {brief(entry['id'])} is not an integer")
             if entry["id"] in seen[kind]:
                 raise DataError(f"{where}: {kind}[{n}] repeats id {entry['id']}")
             seen[kind].add(entry["id"])
+    for n, cat in enumerate(raw["categories"]):
+        if not isinstance(cat["name"], str):
+            raise DataError(f"{where}: categories[{n}] name {brief(cat['name'])} is not a string")
     for n, img in enumerate(raw["images"]):
         name = img["file_name"]
-        if not isinstance(name, str) or not name:
-            raise DataError(f"{where}: images[{n}] file_name {name!r} is not a file name")
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise DataError(f"{where}: images[{n}] file_name {brief(name)} is not a file name")
         parts = Path(name).parts
         if os.path.isabs(name) or ".." in parts or name.startswith(("/", "\\")):
-            raise DataError(f"{where}: images[{n}] file_name {name!r} points outside the image folder")
+            raise DataError(f"{where}: images[{n}] file_name {brief(name)} points outside the image folder")
         for key in ("width", "height"):
-            if key in img and (isinstance(img[key], bool) or not isinstance(img[key], (int, float)) or img[key] <= 0):
-                raise DataError(f"{where}: images[{n}] {key} {img[key]!r} is not a positive number")
+            if key in img and not (_finite_number(img[key]) and 0 < img[key] <= MAX_SIDE):
+                raise DataError(f"{where}: images[{n}] {key} {brief(img[key])} is not a positive number "
+                                f"up to {MAX_SIDE}")
     for n, ann in enumerate(raw["annotations"]):
-        if ann["image_id"] not in seen["images"]:
-            raise DataError(f"{where}: annotations[{n}] refers to unknown image_id {ann['image_id']!r}")
-        if ann["category_id"] not in seen["categories"]:
-            raise DataError(f"{where}: annotations[{n}] refers to unknown category_id {ann['category_id']!r}")
+        for key, kind in (("image_id", "images"), ("category_id", "categories")):
+            ref = ann[key]
+            if isinstance(ref, bool) or not isinstance(ref, int):
+                raise DataError(f"{where}: annotations[{n}] {key} {brief(ref)} is not an integer")
+            if ref not in seen[kind]:
+                raise DataError(f"{where}: annotations[{n}] refers to unknown {key} {brief(ref)}")
         b = ann["bbox"]
-        if not (isinstance(b, list) and len(b) == 4 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
-            raise DataError(f"{where}: annotations[{n}] bbox {b!r} is not [x, y, width, height]")
+        if not (isinstance(b, list) and len(b) == 4 and all(_finite_number(v) for v in b)):
+            raise DataError(f"{where}: annotations[{n}] bbox {brief(b)} is not [x, y, width, height] "
+                            "of finite numbers")
 
 
 def _hflip_flag(seed: int, epoch: int, index: int) -> bool:
@@ -148,8 +169,7 @@ class CocoDetection(Dataset):
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
 
-        missing = [img["file_name"] for img in self.coco.dataset["images"]
-                   if not (self.img_dir / img["file_name"]).is_file()]
+        missing = [img["file_name"] for img in self.coco.dataset["images"] if not self._is_file(img["file_name"])]
         if missing:
             raise DataError(f"{len(missing)} image(s) listed in {str(self.ann_file)!r} are missing from "
                             f"{str(self.img_dir)!r}, e.g. {missing[:3]}")
@@ -168,8 +188,22 @@ class CocoDetection(Dataset):
             raise DataError(f"{str(self.ann_file)!r} gives an empty {'training' if train else 'evaluation'} set"
                             + (" (no image has a usable box)" if train else ""))
 
+    def _is_file(self, name: str) -> bool:
+        """``img_dir/name`` is a file; a name the OS refuses (too long, ...) is a DataError."""
+        try:
+            return (self.img_dir / name).is_file()
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{str(self.ann_file)!r}: image file_name {brief(name)} cannot be checked "
+                            f"in {str(self.img_dir)!r}: {exc}") from None
+
     def _boxes_for(self, img: dict, bad_boxes: str) -> tuple[list[list[float]], list[int]]:
+        """Boxes ``[x0, y0, x1, y1]`` clipped to the image, with positive size after clipping.
+
+        Without a width (height) in the file, only boxes reaching past :data:`MAX_SIDE` count
+        as outside and the clip is at ``MAX_SIDE``."""
         w, h = img.get("width"), img.get("height")
+        wmax = float(w) if w is not None else float(MAX_SIDE)
+        hmax = float(h) if h is not None else float(MAX_SIDE)
         boxes, labels = [], []
         for ann in self.coco.imgToAnns.get(img["id"], []):
             if ann.get("iscrowd", 0):
@@ -179,8 +213,13 @@ class CocoDetection(Dataset):
             problem = None
             if bw <= 0 or bh <= 0:
                 problem = "non_positive"
-            elif w is not None and h is not None and (x < -1 or y < -1 or x + bw > w + 1 or y + bh > h + 1):
+            elif (w is not None and x < -1) or (h is not None and y < -1) or x + bw > wmax + 1 or y + bh > hmax + 1:
                 problem = "outside"
+            else:  # clipped to the image (all in [0, MAX_SIDE + 1]) and rounded as the model sees it, in float32
+                x0, y0, x1, y1 = (float(np.float32(v)) for v in (
+                    max(0.0, x), max(0.0, y), min(wmax, max(0.0, x + bw)), min(hmax, max(0.0, y + bh))))
+                if x1 <= x0 or y1 <= y0:  # nothing left inside ([-1, -1, 0.5, 0.5]) or thinner than float32 resolves
+                    problem = "outside" if x + bw <= 0 or y + bh <= 0 or x >= wmax or y >= hmax else "non_positive"
             if problem:
                 if bad_boxes == "error":
                     raise DataError(f"{str(self.ann_file)!r}: annotation {ann['id']} bbox {ann['bbox']} "
@@ -188,9 +227,6 @@ class CocoDetection(Dataset):
                                     f"image {img['id']} ({w}x{h})")
                 self.skipped[problem] += 1
                 continue
-            x0, y0 = max(0.0, x), max(0.0, y)
-            x1 = min(float(w), x + bw) if w else x + bw
-            y1 = min(float(h), y + bh) if h else y + bh
             boxes.append([x0, y0, x1, y1])
             labels.append(self.cat_to_label[ann["category_id"]])
         return boxes, labels
@@ -214,7 +250,7 @@ class CocoDetection(Dataset):
         try:
             with Image.open(path) as im:
                 return pil_to_tensor(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(f"image {str(path)!r} cannot be decoded: {exc}") from None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -19,13 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import CodeError
+from .errors import CodeError, brief
 
 #: Structural limits of any code this library builds (the search bounds are tighter).
 MAX_BLOCKS = 128
 MAX_STAGES = 8
 MAX_DOUBLINGS = 6
 MAX_PARALLEL_PER_STAGE = 8
+_MAX_CODE_CHARS = 1024
 
 BLOCK_TYPES = ("basic", "bottleneck", "resnext")
 _BLOCK_ALIASES = {
@@ -41,7 +42,7 @@ def normalize_block(name: str) -> str:
     spelling (``BottleneckBlock``, ``BasicBlock``, Vega's one-letter ``r``/``b``/``x``)."""
     if not isinstance(name, str) or name.strip().lower().replace("_", "") not in _BLOCK_ALIASES:
         raise CodeError(
-            f"unknown block type {name!r}: expected one of {', '.join(BLOCK_TYPES)} "
+            f"unknown block type {brief(name)}: expected one of {', '.join(BLOCK_TYPES)} "
             "(or BasicBlock, BottleneckBlock, ResNeXtBlock)")
     return _BLOCK_ALIASES[name.strip().lower().replace("_", "")]
 
@@ -99,28 +100,31 @@ def parse_serial(code: "str | SerialCode") -> SerialCode:
     if isinstance(code, SerialCode):
         return code
     if not isinstance(code, str):
-        raise CodeError(f"serial code must be a string like '111-2111-211111-211', got {code!r}")
+        raise CodeError(f"serial code must be a string like '111-2111-211111-211', got {brief(code)}")
     text = code.strip()
     if not text:
-        raise CodeError(f"serial code {code!r} is empty")
+        raise CodeError(f"serial code {brief(code)} is empty")
+    if len(text) > _MAX_CODE_CHARS:  # far beyond any valid code: refuse before scanning it
+        raise CodeError(f"serial code {brief(code)} is {len(text)} characters long; "
+                        f"at most {MAX_BLOCKS} blocks in {MAX_STAGES} stages are allowed")
     for pos, ch in enumerate(text):
         if ch not in "12-":
             raise CodeError(
-                f"serial code {code!r} has bad character {ch!r} at position {pos}: "
+                f"serial code {brief(code)} has bad character {ch!r} at position {pos}: "
                 "only '1' (keep width), '2' (double width) and '-' (stage boundary) are allowed")
     stages = tuple(text.split("-"))
     for i, s in enumerate(stages):
         if not s:
-            raise CodeError(f"serial code {code!r}: stage {i} is empty")
+            raise CodeError(f"serial code {brief(code)}: stage {i} is empty")
     parsed = SerialCode(stages)
     if parsed.num_stages > MAX_STAGES:
-        raise CodeError(f"serial code {code!r} has {parsed.num_stages} stages; at most {MAX_STAGES} are allowed")
+        raise CodeError(f"serial code {brief(code)} has {parsed.num_stages} stages; at most {MAX_STAGES} are allowed")
     if parsed.num_blocks > MAX_BLOCKS:
-        raise CodeError(f"serial code {code!r} has {parsed.num_blocks} blocks; at most {MAX_BLOCKS} are allowed")
+        raise CodeError(f"serial code {brief(code)} has {parsed.num_blocks} blocks; at most {MAX_BLOCKS} are allowed")
     doublings = parsed.blocks.count("2")
     if doublings > MAX_DOUBLINGS:
         raise CodeError(
-            f"serial code {code!r} doubles the width {doublings} times; at most {MAX_DOUBLINGS} are allowed")
+            f"serial code {brief(code)} doubles the width {doublings} times; at most {MAX_DOUBLINGS} are allowed")
     return parsed
 
 
@@ -133,36 +137,42 @@ def parse_parallel(code: "str | Sequence[int] | None", num_stages: int | None = 
     """
     if code is None or (isinstance(code, (list, tuple)) and len(code) == 0):
         if num_stages is None:
-            raise CodeError(f"parallel code {code!r} is empty and the number of stages is unknown")
+            raise CodeError(f"parallel code {brief(code)} is empty and the number of stages is unknown")
         return (0,) * num_stages
+    shown = brief(code)
+    too_many = f"extra passes on one stage; at most {MAX_PARALLEL_PER_STAGE} are allowed"
+    values: list[int] = []
     if isinstance(code, str):
         text = code.strip().strip("[]")
         sep = "," if "," in text else "-"
         parts = [p.strip() for p in text.split(sep)]
         if not text or any(p == "" for p in parts):
-            raise CodeError(f"parallel code {code!r} has an empty entry")
-        values: list[int] = []
+            raise CodeError(f"parallel code {shown} has an empty entry")
         for p in parts:
-            if not p.isdigit():
-                raise CodeError(f"parallel code {code!r}: entry {p!r} is not a non-negative integer")
+            # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+            if not (p.isascii() and p.isdigit()):
+                raise CodeError(f"parallel code {shown}: entry {brief(p, 60)} is not a non-negative integer")
+            if len(p.lstrip("0")) > len(str(MAX_PARALLEL_PER_STAGE)):  # int() of 5000 digits raises
+                raise CodeError(f"parallel code {shown}: {brief(p, 60)} {too_many}")
             values.append(int(p))
     elif isinstance(code, (list, tuple)):
-        values = []
         for v in code:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-                raise CodeError(f"parallel code {code!r}: entry {v!r} is not an integer")
+                raise CodeError(f"parallel code {shown}: entry {brief(v, 60)} is not an integer")
             if v < 0:
-                raise CodeError(f"parallel code {code!r}: entry {v!r} is negative")
+                raise CodeError(f"parallel code {shown}: entry {brief(v, 60)} is negative")
             values.append(int(v))
     else:
-        raise CodeError(f"parallel code must be a list of integers like [0, 1, 0, 0], got {code!r}")
+        raise CodeError(f"parallel code must be a list of integers like [0, 1, 0, 0], got {shown}")
     for v in values:
         if v > MAX_PARALLEL_PER_STAGE:
-            raise CodeError(
-                f"parallel code {code!r}: {v} extra passes on one stage; at most {MAX_PARALLEL_PER_STAGE} are allowed")
+            raise CodeError(f"parallel code {shown}: {brief(v, 60)} {too_many}")
     if num_stages is not None and len(values) != num_stages:
         raise CodeError(
-            f"parallel code {code!r} has {len(values)} entries but the serial code has {num_stages} stages")
+            f"parallel code {shown} has {len(values)} entries but the serial code has {num_stages} stages")
+    if len(values) > MAX_STAGES:
+        raise CodeError(f"parallel code {shown} has {len(values)} entries; a code has one per stage and "
+                        f"at most {MAX_STAGES} stages")
     return tuple(values)
 
 
@@ -172,14 +182,14 @@ def parse_arch(text: str) -> tuple[str, SerialCode, tuple[int, ...]]:
     The parallel part may be omitted (``r_111-2111-211111-211`` means all zeros).
     """
     if not isinstance(text, str):
-        raise CodeError(f"architecture string must look like 'r_111-2111-211111-211_0-0-0-0', got {text!r}")
+        raise CodeError(f"architecture string must look like 'r_111-2111-211111-211_0-0-0-0', got {brief(text)}")
     parts = text.strip().split("_")
     if len(parts) not in (2, 3):
         raise CodeError(
-            f"architecture string {text!r} must have the form <t>_<serial>[_<parallel>], "
+            f"architecture string {brief(text)} must have the form <t>_<serial>[_<parallel>], "
             "e.g. 'r_111-2111-211111-211_0-0-0-0'")
     if parts[0] not in _VEGA_LETTER.values():
-        raise CodeError(f"architecture string {text!r}: block letter {parts[0]!r} is not one of r, b, x")
+        raise CodeError(f"architecture string {brief(text)}: block letter {brief(parts[0])} is not one of r, b, x")
     block = normalize_block(parts[0])
     serial = parse_serial(parts[1])
     parallel = parse_parallel(parts[2] if len(parts) == 3 else None, serial.num_stages)
@@ -189,7 +199,13 @@ def parse_arch(text: str) -> tuple[str, SerialCode, tuple[int, ...]]:
 def format_arch(block: str, serial: "str | SerialCode", parallel: Iterable[int] | None = None) -> str:
     """Inverse of :func:`parse_arch`: ``('bottleneck', '11-21', [0, 1]) -> 'r_11-21_0-1'``."""
     s = parse_serial(serial)
-    p = parse_parallel(list(parallel) if parallel is not None else None, s.num_stages)
+    if parallel is not None and not isinstance(parallel, (str, list, tuple)):
+        try:
+            parallel = list(parallel)
+        except TypeError:
+            raise CodeError(f"parallel code must be a list of integers like [0, 1, 0, 0], "
+                            f"got {brief(parallel)}") from None
+    p = parse_parallel(parallel, s.num_stages)
     return f"{_VEGA_LETTER[normalize_block(block)]}_{s}_{'-'.join(map(str, p))}"
 
 

@@ -28,3 +28,9 @@ class InheritanceError(SpnasError, ValueError):
 
 class ConfigError(SpnasError, ValueError):
     """A setting (command-line option, training setting, config key) has an invalid value."""
+
+
+def brief(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for quoting hostile input in messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

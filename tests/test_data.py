@@ -122,6 +122,21 @@ def test_unreadable_and_non_json_annotation(root):
         load_split(root, "train", train=True)
 
 
+def _ann0(**fields):
+    """Keep only the first annotation, with ``fields`` changed."""
+    return lambda d: {**d, "annotations": [{**d["annotations"][0], **fields}]}
+
+
+def _img0(**fields):
+    """Keep only the first image, with ``fields`` changed."""
+    return lambda d: {**d, "images": [{**d["images"][0], **fields}]}
+
+
+def _cat0(**fields):
+    """Change ``fields`` of the first category."""
+    return lambda d: {**d, "categories": [{**d["categories"][0], **fields}] + d["categories"][1:]}
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: [1, 2], "is not COCO: the top level is a list"),
     (lambda d: {k: v for k, v in d.items() if k != "categories"}, "is not COCO: it has no 'categories' list"),
@@ -135,10 +150,32 @@ def test_unreadable_and_non_json_annotation(root):
     (lambda d: {**d, "images": [{**d["images"][0], "file_name": "../../etc/passwd"}]}, "points outside the image folder"),
     (lambda d: {**d, "images": [{**d["images"][0], "file_name": "/etc/passwd"}]}, "points outside the image folder"),
     (lambda d: {**d, "images": [{**d["images"][0], "id": "1"}]}, "id '1' is not an integer"),
+    # hostile values: each is an error naming the file and the entry, never a crash or NaN in the model
+    (lambda d: {**d, "annotations": d["annotations"] + [{**d["annotations"][0], "bbox": [1, 1, 5, 5]}]},
+     "annotations\\[{n}\\] repeats id 1"),  # {n}: the appended entry's index
+    (_ann0(bbox=[1, 2, float("nan"), 4]), "annotations\\[0\\] bbox \\[1, 2, nan, 4\\] is not \\[x, y, width, height\\] "
+                                          "of finite numbers"),
+    (_ann0(bbox=[1, 2, float("inf"), 4]), "bbox \\[1, 2, inf, 4\\] is not"),
+    (_ann0(bbox=[-float("inf"), 2, 3, 4]), "bbox \\[-inf, 2, 3, 4\\] is not"),
+    (_ann0(bbox=["1", "2", "3", "4"]), "bbox \\['1', '2', '3', '4'\\] is not"),
+    (_ann0(bbox="1 2 3 4"), "bbox '1 2 3 4' is not"),
+    (_ann0(bbox=[1, 2, True, 4]), "bbox \\[1, 2, True, 4\\] is not"),
+    (_ann0(category_id="1"), "annotations\\[0\\] category_id '1' is not an integer"),
+    (_ann0(category_id=1.0), "annotations\\[0\\] category_id 1.0 is not an integer"),
+    (_ann0(category_id=[1]), "annotations\\[0\\] category_id \\[1\\] is not an integer"),
+    (_ann0(image_id=None), "annotations\\[0\\] image_id None is not an integer"),
+    (_img0(width=-160), "images\\[0\\] width -160 is not a positive number"),
+    (_img0(height=0), "images\\[0\\] height 0 is not a positive number"),
+    (_img0(height="160"), "images\\[0\\] height '160' is not a positive number"),
+    (_img0(width=float("inf")), "images\\[0\\] width inf is not a positive number"),
+    (_cat0(id="1"), "categories\\[0\\] id '1' is not an integer"),
+    (_cat0(id=1.0), "categories\\[0\\] id 1.0 is not an integer"),
 ])
 def test_malformed_coco_is_rejected(root, mutate, message):
-    save_ann(root, mutate(load_ann(root)))
-    with pytest.raises(DataError, match=message):
+    raw = load_ann(root)
+    save_ann(root, mutate(raw))
+    message = message.replace("{n}", str(len(raw["annotations"])))
+    with pytest.raises(DataError, match="instances_train2017.json'.*" + message):
         load_split(root, "train", train=True)
 
 
@@ -154,6 +191,29 @@ def test_bad_boxes_are_skipped_and_counted_or_rejected(root, caplog):
     assert "skipped 1 box(es) outside the image, 1 with non-positive size" in caplog.text
     assert sum(len(r["boxes"]) for r in ds.records) == len(ann["annotations"]) - 2
     with pytest.raises(DataError, match=f"annotation {a0['id']} bbox .* lies outside image"):
+        load_split(root, "train", train=False, bad_boxes="error")
+
+
+@pytest.mark.parametrize("bbox, kind", [
+    ([0.0, 0.0, 1e30, 10.0], "outside"),          # huge width: past the 160x160 image
+    ([1e30, 1e30, 1e30, 1e30], "outside"),
+    ([-1e30, 0.0, 1e30, 10.0], "outside"),        # starts far left of the image
+    ([0.0, 0.0, 1e308, 1e308], "outside"),        # float32(1e308) would be inf
+    ([10.0, 10.0, -5.0, 5.0], "non_positive"),    # negative width
+])
+def test_hostile_boxes_are_skipped_counted_and_logged(root, caplog, bbox, kind):
+    ann = load_ann(root)
+    ann["annotations"][0]["bbox"] = bbox
+    save_ann(root, ann)
+    with caplog.at_level(logging.WARNING, logger="spnas.data"):
+        ds = load_split(root, "train", train=False)
+    assert ds.skipped == {"outside": 0, "non_positive": 0, "crowd": 0, kind: 1}
+    assert "skipped" in caplog.text and "instances_train2017.json" in caplog.text
+    boxes = torch.tensor([b for r in ds.records for b in r["boxes"]], dtype=torch.float32)
+    assert len(boxes) == len(ann["annotations"]) - 1
+    assert torch.isfinite(boxes).all() and (boxes >= 0).all() and (boxes <= 160).all()
+    assert (boxes[:, 2:] > boxes[:, :2]).all()
+    with pytest.raises(DataError, match=f"annotation {ann['annotations'][0]['id']} bbox .* image"):
         load_split(root, "train", train=False, bad_boxes="error")
 
 
