@@ -32,5 +32,8 @@ class ConfigError(SpnasError, ValueError):
 
 def brief(value: object, limit: int = 200) -> str:
     """``repr(value)`` cut to about ``limit`` characters, for quoting hostile input in messages."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit cannot even be shown
+        return f"<{type(value).__name__} too large to show>"
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

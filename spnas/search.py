@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .detector import build_backbone, normalize_desc
 from .encoding import MAX_BLOCKS, MAX_PARALLEL_PER_STAGE, MAX_STAGES, Bounds, SerialCode, check_bounds, parse_serial
-from .errors import CodeError, ConfigError, SpnasError
+from .errors import CodeError, ConfigError, SpnasError, brief
 from .measure import gflops as measure_gflops
 from .measure import params as measure_params
 
@@ -92,7 +92,7 @@ def canonical_objective(key: str) -> str:
 
 
 def _bad(name: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"search setting {name}={value!r} is invalid: {expected}")
+    return ConfigError(f"search setting {name}={brief(value)} is invalid: {expected}")
 
 
 def _as_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -108,7 +108,7 @@ def _as_int(name: str, value: Any, minimum: int | None = None, maximum: int | No
 
 
 def _as_ratio(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # no float(): 10**400
         raise _bad(name, value, "expected a probability in [0, 1]")
     return float(value)
 

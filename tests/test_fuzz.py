@@ -589,3 +589,13 @@ def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 64x64 image is now over twice the limit
     with pytest.raises(DataError, match="cannot be decoded: Image size .* exceeds limit"):  # was DecompressionBombError
         ds.read_image(0)
+
+
+def test_search_settings_refuse_huge_numbers_with_a_typed_error():
+    """Settings can arrive without the config loader (KFP structs): huge ints are refused, and
+    an int too long for repr() is still named."""
+    from spnas.search import SearchSettings
+    with pytest.raises(ConfigError, match=r"search setting add_stage_ratio=<int too large to show> is invalid"):
+        SearchSettings("SpNasS", add_stage_ratio=10 ** 5000)
+    with pytest.raises(ConfigError, match=r"search setting expand_ratio=10{199}\.\.\. \(401 characters\) is invalid"):
+        SearchSettings("SpNasS", expand_ratio=10 ** 400)
