@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import tempfile
 import time
@@ -24,15 +23,6 @@ from pathlib import Path
 
 from spnas import objectstore, storage
 from spnas.demo_data import write_demo_dataset
-
-
-def free_port() -> int:
-    rng = random.Random()
-    for _ in range(200):
-        p = rng.randrange(20000, 45000, 10)
-        if all(objectstore.port_free(q) for q in objectstore.ports_for(p).values()):
-            return p
-    raise SystemExit("no free port block on 127.0.0.1")
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -53,7 +43,7 @@ def main() -> int:
         total = sum(len(b) for b in files.values())
         print(f"data set      {len(files)} files, {total / 1e6:.2f} MB ({args.train} train + {args.val} val images)")
         store_dir = tmp / "store"
-        info = objectstore.start(store_dir, port=free_port(), buckets=["bench"])
+        info = objectstore.start(store_dir, port=objectstore.free_port_block(), buckets=["bench"])
         try:
             print(f"object store  weed mini at {info['endpoint']} ready in {info['seconds']:.2f} s")
             os.environ.update(objectstore.env(store_dir))

@@ -32,7 +32,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from .storage import (ENV_ACCESS_KEY, ENV_ENDPOINT, ENV_REGION, ENV_SECRET_KEY, RetryPolicy, Store,
                       StorageError)
@@ -112,6 +112,18 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def free_port_block(exclude: Iterable[int] = ()) -> int:
+    """A random base port (20000-44990, step 10) whose whole block (:func:`ports_for`) is free
+    on 127.0.0.1 now, for tests and benchmarks that run their own store beside others."""
+    import random
+    rng, skip = random.Random(), set(exclude)
+    for _ in range(200):
+        p = rng.randrange(20000, 45000, 10)
+        if p not in skip and all(port_free(q) for q in ports_for(p).values()):
+            return p
+    raise StorageError("no free block of ports on 127.0.0.1 after 200 tries")
 
 
 def _write_private(path: Path, obj: Any) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import secrets
 import stat
 import tempfile
@@ -151,15 +150,6 @@ def _check_output(handler: _AllRecords, caplog: pytest.LogCaptureFixture, capfd:
 # fixtures
 
 
-def _free_base_port() -> int:
-    rng = random.Random()
-    for _ in range(200):
-        p = rng.randrange(20000, 45000, 10)
-        if all(objectstore.port_free(q) for q in objectstore.ports_for(p).values()):
-            return p
-    raise RuntimeError("no free port block on 127.0.0.1")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """One intra-op thread: on a shared 2-core machine, a second spinning thread makes the tiny
@@ -179,7 +169,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     try:
         for attempt in range(3):  # another process may grab a port between the check and the start
             try:
-                info = objectstore.start(d, port=_free_base_port(), access_key=ACCESS, secret_key=SECRET,
+                info = objectstore.start(d, port=objectstore.free_port_block(), access_key=ACCESS, secret_key=SECRET,
                                          buckets=[BUCKET], ready_timeout=30)
                 break
             except StorageError:
@@ -496,7 +486,7 @@ def test_embedded_store_always_runs_with_credentials(server: dict[str, Any], tmp
     SCANNED["objectstore"] = {"files": files}
 
     d = tmp_path / "weak"
-    port = _free_base_port()
+    port = objectstore.free_port_block()
     for ak, sk in ((ACCESS, None), (None, SECRET), ("", ""), ("ab", SECRET), (ACCESS, "seven77"),
                    (ACCESS, "with space 123"), (f"{ACCESS} x", SECRET)):
         with pytest.raises(StorageError, match="access_key and secret_key|access key must have") as err:

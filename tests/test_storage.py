@@ -26,23 +26,12 @@ from spnas.storage_cli import register
 BUCKET = "spnas-test"
 
 
-def _free_base_port(exclude: set[int] = frozenset()) -> int:
-    rng = random.Random()
-    for _ in range(200):
-        p = rng.randrange(20000, 45000, 10)
-        if p in exclude:
-            continue
-        if all(objectstore.port_free(q) for q in objectstore.ports_for(p).values()):
-            return p
-    raise RuntimeError("no free port block on 127.0.0.1")
-
-
 def _start(d: Path, **kw) -> dict:
     """Start a server on a free port block (another process may grab a port: try again)."""
     last: Exception | None = None
     for _ in range(3):
         try:
-            return objectstore.start(d, port=_free_base_port(), ready_timeout=30, **kw)
+            return objectstore.start(d, port=objectstore.free_port_block(), ready_timeout=30, **kw)
         except StorageError as exc:
             last = exc
             objectstore.stop(d, grace=2)
@@ -420,7 +409,7 @@ def test_server_goes_away_then_restarts(s3env, server, tmp_path, capsys, caplog,
     """A second server, driven through the CLI: stopped mid-run, fetches retry with backoff and
     fail clearly; restarted on the same ports, the data is still there."""
     d = tmp_path / "store2"
-    port = _free_base_port(exclude={server["port"]})
+    port = objectstore.free_port_block(exclude={server["port"]})
     try:
         assert _cli("objectstore", "start", "--dir", str(d), "--port", str(port), "--bucket", "runs") == 0
         assert f"http://127.0.0.1:{port}" in capsys.readouterr().out
