@@ -24,12 +24,13 @@ naming its path.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 
@@ -138,40 +139,38 @@ def _err(path: str, msg: str) -> ConfigError:
 _YAML_ERRORS = (yaml.YAMLError, ValueError, LookupError, AttributeError, TypeError, RecursionError)
 
 
+def _walk(node: Any) -> Iterator[tuple[Any, str, int]]:
+    """Every value of ``node`` with its key path and depth, depth first and iteratively (a
+    self-referencing YAML anchor cannot make it recurse; callers stop it by their own limits)."""
+    stack: list[tuple[Any, str, int]] = [(node, "", 0)]
+    while stack:
+        item = stack.pop()
+        yield item
+        node, path, depth = item
+        if isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+
+
 def _check_shape(raw: dict, name: str) -> None:
     """Raise :class:`ConfigError` for a mapping key that is not a string, nesting deeper than
-    :data:`MAX_DEPTH` or more than :data:`MAX_VALUES` values (walked iteratively, so shared or
-    self-referencing YAML anchors cannot make it loop or recurse without bound)."""
-    stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
-    count = 0
-    while stack:
-        node, path, depth = stack.pop()
-        count += 1
+    :data:`MAX_DEPTH` or more than :data:`MAX_VALUES` values."""
+    for count, (node, path, depth) in enumerate(_walk(raw), 1):
         if count > MAX_VALUES:
             raise ConfigError(f"config {name!r} has more than {MAX_VALUES} values "
                               "(a YAML alias bomb or a self-referencing anchor?)")
         if depth > MAX_DEPTH:
             raise _err(path, f"is nested more than {MAX_DEPTH} levels deep")
         if isinstance(node, dict):
-            for k, v in node.items():
+            for k in node:
                 if not isinstance(k, str):
                     raise _err(path or "<top level>", f"key {brief(k)} is not a string")
-                stack.append((v, f"{path}.{k}" if path else k, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
 
 
 def _count_values(node: Any, limit: int) -> int:
     """Number of values in ``node`` (mappings and lists included), stopping past ``limit``."""
-    stack, count = [node], 0
-    while stack and count <= limit:
-        n = stack.pop()
-        count += 1
-        if isinstance(n, dict):
-            stack.extend(n.values())
-        elif isinstance(n, list):
-            stack.extend(n)
-    return count
+    return sum(1 for _ in itertools.islice(_walk(node), limit + 1))
 
 
 def _path_value(value: Any, path: str, what: str = "a path") -> Optional[str]:
@@ -435,15 +434,12 @@ def _search(sec: Any, path: str, seed: int, ignored: list[str]) -> dict:
     if "objective_keys" in out:
         ok = out["objective_keys"]
         out["objective_keys"] = (ok,) if isinstance(ok, str) else (tuple(ok) if isinstance(ok, list) else ok)
-    for k, v in out.items():  # SearchSettings would float() them: name the key instead of an OverflowError
-        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2**63:
-            raise _err(f"{path}.{k}", f"{brief(v)} is too large")
     out["algorithm"] = kind
     out.setdefault("seed", seed)
     from .search import SearchSettings
     try:
         SearchSettings(**out)
-    except (TypeError, OverflowError) as exc:  # OverflowError: float() of a huge integer ratio
+    except TypeError as exc:
         raise _err(path, str(exc)) from None
     except ConfigError as exc:
         raise _err(path, str(exc)) from None
@@ -503,8 +499,7 @@ def load_config(source: "str | os.PathLike | dict", workdir: "str | os.PathLike 
             raise ConfigError(f"config file {name!r} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {name!r} must be a mapping at the top level")
-    _check_shape(raw, name)
-    raw = apply_overrides(raw, overrides)
+    raw = apply_overrides(raw, overrides)  # a deep copy: shared anchors stay shared, cycles are kept
     _check_shape(raw, name)
     general = _mapping(raw.get("general"), "general")
     base = _path_value(general.get("local_base_path", "runs/spnas"), "general.local_base_path")

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import random
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Mapping, Sequence
@@ -181,7 +182,8 @@ class SearchSettings:
             self.max_params = _as_int("max_params", self.max_params, 1)
         if self.max_gflops is not None:
             v = self.max_gflops
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            # compared, not float()ed: an int beyond the float range (10**400) is refused, not an OverflowError
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= sys.float_info.max:
                 raise _bad("max_gflops", v, "expected a positive number or None")
             self.max_gflops = float(v)
         self.flops_size = _as_int("flops_size", self.flops_size, 32)

@@ -396,7 +396,7 @@ def _set(*path: str, **values: Any) -> Callable[[dict], None]:
     (lambda r: r["fine_tune"]["model"]["model_desc"]["backbone"].update({1: 2}),
      "backbone: key 1 is not a string"),                                                              # TypeError (sorted)
     (_set("serial", "search_algorithm", objective_keys=5), "search setting objective_keys=5"),         # TypeError
-    (_set("serial", "search_algorithm", add_stage_ratio=10**400), "add_stage_ratio: 1000.* is too large"),  # OverflowError
+    (_set("serial", "search_algorithm", add_stage_ratio=10**400), "search_algorithm: search setting add_stage_ratio=1000.* is invalid"),  # OverflowError
     (_set("general", seed=2**64), "general.seed: must be below 2\\*\\*63, got 18446744073709551616"),         # loaded
     (_set("fine_tune", "trainer", "optimizer", "params", lr=4 * 10**400), "params.lr: must be a number, got 4000.*too large"),  # OverflowError
     (lambda r: r.update(pipeline=["../../evil"], **{"../../evil": r["fine_tune"]}),
@@ -599,3 +599,5 @@ def test_search_settings_refuse_huge_numbers_with_a_typed_error():
         SearchSettings("SpNasS", add_stage_ratio=10 ** 5000)
     with pytest.raises(ConfigError, match=r"search setting expand_ratio=10{199}\.\.\. \(401 characters\) is invalid"):
         SearchSettings("SpNasS", expand_ratio=10 ** 400)
+    with pytest.raises(ConfigError, match=r"search setting max_gflops=10{199}\.\.\. \(401 characters\) is invalid"):
+        SearchSettings("SpNasS", max_gflops=10 ** 400)
