@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test bench compile run schedule upload image push clean
+.PHONY: help install demo test test-fast lint bench compile run schedule upload image push clean
 IMAGE  ?= ghcr.io/spnas-kfp/spnas:0.1.0
 CONFIG ?= configs/demo.yml
 PARAMS ?=
@@ -38,8 +38,15 @@ demo: install ## the main job: all five SP-NAS phases on demo data read from and
 	       --publish minio://spnas/runs/demo; \
 	rc=$$?; $(BIN)/spnas objectstore stop --dir $(STORE_DIR); exit $$rc
 
-test: install ## run every test (CPU); fails when any test fails
+lint: install ## ruff and the import-layers contract (also part of `make test`)
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/lint-imports --no-cache
+
+test: lint ## lint, then every test (CPU); fails when any test fails
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## the inner loop: every test not marked slow (under 2 minutes)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install ## run the benchmarks in bench/ (ratios measured side by side)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

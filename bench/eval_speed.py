@@ -1,13 +1,14 @@
-"""COCO evaluation time of spnas.coco_eval.coco_metrics versus bare pycocotools.
+"""COCO evaluation time of spnas.training.evaluation.coco_metrics versus bare pycocotools.
 
 The goal: ``coco_metrics`` (the wrapper every evaluation in this project goes through) adds
 next to nothing on top of pycocotools -- median time ratio spnas / bare <= 1.1.
 
 Detections come from a freshly built, randomly initialised demo detector (seed 0,
-configs/demo-model.json with ``box_score_thresh=0.0``) run with ``spnas.engine.predict`` on the
-demo validation split, so there are many low-score boxes. If that yields fewer than
-``--min-per-image`` detections per image (or with ``--synthetic``), detections are synthesized
-instead: ground-truth boxes jittered with a seeded numpy RNG plus random false positives.
+configs/demo-model.json with ``box_score_thresh=0.0``) run with
+``spnas.training.evaluation.predict`` on the demo validation split, so there are many low-score
+boxes. If that yields fewer than ``--min-per-image`` detections per image (or with
+``--synthetic``), detections are synthesized instead: ground-truth boxes jittered with a seeded
+numpy RNG plus random false positives.
 
 The bare side is ``coco_gt.loadRes`` + ``COCOeval(coco_gt, dt, "bbox")`` evaluate / accumulate /
 summarize, with pycocotools' prints sent to a buffer exactly as ``coco_metrics`` does. Each call
@@ -26,17 +27,17 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from spnas import build_detector
-from spnas.coco_eval import coco_metrics
-from spnas.data import CocoDetection, load_split
-from spnas.demo_data import write_demo_dataset
-from spnas.engine import predict
+from spnas.data.coco import CocoDetection, load_split
+from spnas.data.demo import write_demo_dataset
+from spnas.models.detector import build_detector
+from spnas.training.evaluation import coco_metrics, predict
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """Weight inheritance (SPEC 3) versus training from scratch, on the same child architecture.
 
 The goal: a child network that starts from its parent's weights
-(``spnas.inherit.inherit_weights``) reaches after the search's short schedule at least twice
+(``spnas.models.inherit.inherit_weights``) reaches after the search's short schedule at least twice
 the mAP of the same child trained from a random initialisation -- ratio inherited / scratch
 mAP >= 2 on the demo data. That is what lets SP-NAS rank candidates after one epoch.
 
@@ -17,7 +17,10 @@ the demo config's ``serial`` trainer (1 epoch; same TrainConfig, same seed, same
 Repeats use training seeds 0, 1, 2, ... (data order, fresh tensors); medians are reported.
 Every training runs in its own folder (``train_architecture`` resumes from an existing one).
 
-    python bench/inheritance.py [--repeats 3] [--child 1-12-2-2] [--epochs 1] [--data DIR]
+    python bench/inheritance.py [--repeats 3] [--child 1-12-2-2] [--epochs 1] [--data DIR] [--quick]
+
+``--quick`` (a check that the script runs, not a measurement): 24 train + 8 val demo images, 1
+parent epoch, 1 child epoch, 1 repeat.
 """
 from __future__ import annotations
 
@@ -35,14 +38,16 @@ from typing import Any
 import torch
 
 from spnas.config import load_config
-from spnas.demo_data import write_demo_dataset
-from spnas.detector import normalize_desc
-from spnas.engine import TrainConfig
-from spnas.inherit import inherit_weights
-from spnas.io import load_checkpoint, read_json
-from spnas.phases import fine_tune
+from spnas.data.demo import write_demo_dataset
+from spnas.data.source import CocoSource
+from spnas.models.checkpoint import load_checkpoint
+from spnas.models.desc import normalize_desc
+from spnas.models.inherit import inherit_weights
+from spnas.orchestration.phases import fine_tune
 from spnas.search import expand, swap
-from spnas.trainer import train_architecture
+from spnas.training.architecture import train_architecture
+from spnas.training.schedule import TrainConfig
+from spnas.utils.fileio import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,11 +62,11 @@ def make_child(code: str, seed: int) -> tuple[str, list[str]]:
     return swapped, [f"expand -> {expanded}", f"swap -> {swapped}"]
 
 
-def train_child(data_root: Path, desc: dict[str, Any], out: Path, cfg: TrainConfig,
-                init: "dict[str, torch.Tensor] | None") -> dict[str, Any]:
+def train_child(data: CocoSource, desc: dict[str, Any], out: Path, cfg: TrainConfig,
+                init: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     """Train ``desc`` once in ``out`` (a fresh folder); returns the performance dict and wall time."""
     t = time.perf_counter()
-    perf = train_architecture(str(data_root), desc, out, cfg, arch_id=1, init=init, progress=False)
+    perf = train_architecture(desc, data, out, cfg, arch_id=1, init=init, progress=False)
     perf["wall"] = time.perf_counter() - t
     return perf
 
@@ -78,7 +83,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="child epochs (default: the serial trainer's)")
     ap.add_argument("--repeats", type=int, default=3, help="child trainings per side, seeds 0..repeats-1")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny demo set, 1 parent epoch, 1 child epoch, 1 repeat: checks that the script runs")
     args = ap.parse_args()
+    if args.quick:
+        args.parent_epochs, args.epochs, args.repeats = 1, 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -88,19 +97,24 @@ def main() -> None:
         data_root = args.data
         if data_root is None:
             t = time.perf_counter()
-            data_root = write_demo_dataset(tmp_dir / "data")
+            data_root = write_demo_dataset(tmp_dir / "data", **({"train": 24, "val": 8} if args.quick else {}))
             print(f"demo data written in {time.perf_counter() - t:.1f} s")
         config = load_config(args.config, workdir=tmp_dir / "run",
                              overrides=[f"fine_tune.dataset.common.data_root={data_root}"])
-        ft_cfg, child_cfg = config.step("fine_tune").trainer, config.step("serial").trainer
+        ft_step = config.step("fine_tune")
+        data = ft_step.dataset.source
+        ft_cfg, child_cfg = ft_step.trainer, config.step("serial").trainer
         if args.parent_epochs is not None:
             ft_cfg = dataclasses.replace(ft_cfg, epochs=args.parent_epochs, iters=None)
         if args.epochs is not None:
             child_cfg = dataclasses.replace(child_cfg, epochs=args.epochs, iters=None)
 
-        # Parent: the fine-tuned seed, exactly as the fine_tune phase makes it.
+        # Parent: the fine-tuned seed, exactly as the fine_tune phase makes it, from --desc (no search
+        # space code, no pretrained checkpoint) with the fine_tune trainer.
+        parent_step = dataclasses.replace(ft_step, model_desc=json.loads(args.desc.read_text()), trainer=ft_cfg,
+                                          codes=(), pretrained_model_file=None)
         t = time.perf_counter()
-        parent = fine_tune(str(data_root), tmp_dir / "parent", json.loads(args.desc.read_text()), ft_cfg)
+        parent = fine_tune(parent_step, data, tmp_dir / "parent")
         parent_desc = read_json(parent["desc"])
         parent_state = load_checkpoint(parent["model"])
         pm = parent["metrics"]
@@ -126,7 +140,7 @@ def main() -> None:
             if r % 2:
                 order.reverse()
             for name, init in order:
-                perf = train_child(Path(data_root), child_desc, tmp_dir / f"{name}_{r}", cfg, init)
+                perf = train_child(data, child_desc, tmp_dir / f"{name}_{r}", cfg, init)
                 runs[name].append(perf)
                 extra = f", {n_inh}/{n_inh + n_fresh} tensors inherited" if name == "inherited" else ""
                 print(f"repeat {r + 1} seed {cfg.seed} {name:9s} mAP {perf['mAP']:6.2f}  AP50 {perf['AP50']:6.2f}  "

@@ -5,14 +5,15 @@ inheritance, parameter/FLOP counting, data-set loading, search bookkeeping, file
 takes less than 10% of a run's wall time.
 
 The demo config (configs/demo.yml: fine_tune, serial, reignition, parallel, fully_train) runs
-in-process with ``spnas.run.run(load_config(...), workers=1, progress=False)`` on demo data in a
-temporary folder. Before that, the functions the callers use are wrapped (by their module
-attribute, where the caller looks them up) to accumulate wall time:
+in-process with ``spnas.orchestration.local.run(load_config(...), workers=1, progress=False)`` on
+demo data in a temporary folder. Before that, the functions the callers use are wrapped (by their
+module attribute, where the caller looks them up) to accumulate wall time:
 
-* work: ``spnas.trainer.train`` (every detector training; it evaluates after each epoch and
-  writes its own checkpoints), ``spnas.trainer.evaluate`` (evaluations outside ``train``: the
-  reignited detectors) and ``spnas.reignite.reignite`` (the backbone's classification training,
-  crops cut from the detection set included).
+* work: ``train`` as ``spnas.training.architecture`` calls it (every detector training; it
+  evaluates after each epoch and writes its own checkpoints), ``evaluate`` as it is called there
+  (evaluations outside ``train``: the reignited detectors) and ``reignite`` as
+  ``spnas.orchestration.phases`` calls it (the backbone's classification training, crops cut from
+  the detection set included).
 * overhead, by part: model building, weight loading, inheritance, params/FLOPs counting,
   data-set loading, search state (propose/update/init), file writes and reads, plots.
 
@@ -21,7 +22,10 @@ work (listed as "of which ..." under it, for information); inside an overhead ca
 taken off the outer call's time (exclusive times). What no wrapper sees is "other" (logging, JSON copies,
 Python glue). The share is (wall - work) / wall.
 
-    python bench/overhead.py [--config configs/demo.yml] [--set key=value ...] [--data DIR]
+    python bench/overhead.py [--config configs/demo.yml] [--set key=value ...] [--data DIR] [--quick]
+
+``--quick`` (a check that the script runs, not a measurement): 16 train + 6 val demo images of
+96 px and :data:`QUICK` (the demo config shrunk to a run of seconds, as the tests do it).
 """
 from __future__ import annotations
 
@@ -32,54 +36,69 @@ import logging
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from spnas.config import load_config
-from spnas.demo_data import write_demo_dataset
-from spnas.run import run
+from spnas.data.demo import write_demo_dataset
+from spnas.orchestration.local import run
 
 ROOT = Path(__file__).resolve().parent.parent
+ARCH, PHASES, ROUNDS = "spnas.training.architecture", "spnas.orchestration.phases", "spnas.orchestration.rounds"
 
 #: (module, attribute, part). Work parts are timed inclusively; overhead parts exclusively.
 WORK = [
-    ("spnas.trainer", "train", "training"),
-    ("spnas.trainer", "evaluate", "evaluation"),
-    ("spnas.reignite", "reignite", "reignition training"),
+    (ARCH, "train", "training"),
+    (ARCH, "evaluate", "evaluation"),
+    (PHASES, "reignite", "reignition training"),
 ]
 INSIDE_WORK = [  # only seen inside work calls: reported for information
-    ("spnas.engine", "evaluate", "evaluation in train()"),
-    ("spnas.engine", "atomic_torch_save", "checkpoint writes in train()"),
-    ("spnas.reignite", "crops_from_detection", "crop cutting in reignite()"),
+    ("spnas.training.engine", "evaluate", "evaluation in train()"),
+    ("spnas.training.engine", "save_checkpoint", "checkpoint writes in train()"),
+    ("spnas.training.reignite", "crops_from_detection", "crop cutting in reignite()"),
 ]
 OVERHEAD = [
-    ("spnas.trainer", "build_detector", "model building"),
-    ("spnas.inherit", "build_detector", "model building"),
-    ("spnas.trainer", "load_weights", "weight loading"),
-    ("spnas.phases", "inherit_weights", "inheritance"),
-    ("spnas.trainer", "model_cost", "params/FLOPs counting"),
-    ("spnas.search", "measure", "params/FLOPs counting"),
-    ("spnas.search", "stage_pass_gflops", "params/FLOPs counting"),
-    ("spnas.trainer", "load_split", "data-set loading"),
-    ("spnas.phases", "search_init", "search state"),
-    ("spnas.phases", "search_propose", "search state"),
-    ("spnas.phases", "search_update", "search state"),
-    ("spnas.trainer", "atomic_write_json", "file writes"),
-    ("spnas.phases", "atomic_write_json", "file writes"),
-    ("spnas.phases", "atomic_write_bytes", "file writes"),
-    ("spnas.run", "atomic_write_json", "file writes"),
-    ("spnas.io", "atomic_torch_save", "file writes"),       # imported at call time by train_architecture
-    ("spnas.phases", "write_output_csv", "file writes"),
-    ("spnas.phases", "_cleanup", "file writes"),
-    ("spnas.phases", "load_checkpoint", "file reads"),
-    ("spnas.trainer", "load_checkpoint", "file reads"),
-    ("spnas.phases", "read_json", "file reads"),
-    ("spnas.run", "read_json", "file reads"),
-    ("spnas.plot", "pareto_plot", "plots"),                 # imported at call time by search_report
+    (ARCH, "build_detector", "model building"),
+    ("spnas.models.inherit", "build_detector", "model building"),
+    (ARCH, "load_weights", "weight loading"),
+    (PHASES, "inherit_weights", "inheritance"),
+    (ARCH, "model_cost", "params/FLOPs counting"),
+    ("spnas.search.state", "measure", "params/FLOPs counting"),
+    ("spnas.models.cost", "stage_pass_gflops", "params/FLOPs counting"),  # imported at call time by the operators
+    ("spnas.data.coco", "load_split", "data-set loading"),  # imported at call time by CocoSource.load
+    (PHASES, "search_init", "search state"),
+    (ROUNDS, "search_propose", "search state"),
+    (ROUNDS, "search_update", "search state"),
+    (ARCH, "atomic_write_json", "file writes"),
+    (ARCH, "save_checkpoint", "file writes"),
+    (PHASES, "atomic_write_json", "file writes"),
+    (ROUNDS, "atomic_write_json", "file writes"),
+    ("spnas.orchestration.reports", "atomic_write_bytes", "file writes"),
+    ("spnas.orchestration.local", "atomic_write_json", "file writes"),
+    (PHASES, "write_output_csv", "file writes"),
+    (ROUNDS, "write_output_csv", "file writes"),
+    (PHASES, "_cleanup", "file writes"),
+    (PHASES, "load_checkpoint", "file reads"),
+    (ARCH, "load_checkpoint", "file reads"),
+    (PHASES, "read_json", "file reads"),
+    (ROUNDS, "read_json", "file reads"),
+    ("spnas.orchestration.local", "read_json", "file reads"),
+    (ROUNDS, "pareto_plot", "plots"),
 ]
+
+#: ``--quick``: configs/demo.yml shrunk to a run of seconds (the tests' tiny run).
+QUICK = ["fine_tune.model.model_desc.min_size=96", "fine_tune.model.model_desc.max_size=96",
+         "fine_tune.model.model_desc.backbone.base_channels=8", "fine_tune.trainer.epochs=1",
+         "fine_tune.trainer.lr_scheduler.params.warmup_iters=2",
+         "fine_tune.trainer.lr_scheduler.params.after_scheduler_config.params.milestones=[1]",
+         "serial.search_algorithm.max_sample=2", "serial.search_algorithm.flops_size=96",
+         "parallel.search_algorithm.max_sample=2", "parallel.search_algorithm.flops_size=96",
+         "reignition.top_k=1", "fully_train.trainer.epochs=1",
+         "fully_train.trainer.lr_scheduler.params.after_scheduler_config.params.milestones=[1]"]
 
 
 @dataclass
@@ -143,6 +162,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, as `spnas run --set` (repeatable)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="tiny demo set and config: checks that the script runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,10 +173,12 @@ def main() -> None:
         data_root = args.data
         if data_root is None:
             t = time.perf_counter()
-            data_root = write_demo_dataset(tmp_dir / "data")
+            sizes = {"train": 16, "val": 6, "size": 96} if args.quick else {}
+            data_root = write_demo_dataset(tmp_dir / "data", **sizes)
             print(f"demo data written in {time.perf_counter() - t:.1f} s")
+        quick = QUICK if args.quick else []
         config = load_config(args.config, workdir=tmp_dir / "run",
-                             overrides=[f"fine_tune.dataset.common.data_root={data_root}", *args.overrides])
+                             overrides=[f"fine_tune.dataset.common.data_root={data_root}", *quick, *args.overrides])
         clock = Clock()
         for table, work in ((WORK, True), (INSIDE_WORK, True), (OVERHEAD, False)):
             for module, attr, part in table:

@@ -2,13 +2,15 @@
 
 A child Python process (this script with ``--child``) writes the demo data set (unless
 ``--data DIR`` is given), then trains the demo model (configs/demo-model.json) with
-``spnas.trainer.train_architecture`` -- 2 epochs, batch size 4, 50 warm-up iterations, with
-evaluation after each epoch -- on the CPU, exactly as ``spnas train`` would. The parent waits
-for it and reads the child's peak resident set size from
+``spnas.training.architecture.train_architecture`` -- 2 epochs, batch size 4, 50 warm-up
+iterations, with evaluation after each epoch -- on the CPU, exactly as ``spnas train`` would.
+The parent waits for it and reads the child's peak resident set size from
 ``resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss`` (KiB on Linux). The parent imports
 neither torch nor spnas, so the number is that of the training process alone.
 
-    python bench/peak_memory.py [--epochs 2] [--data DIR]
+    python bench/peak_memory.py [--epochs 2] [--data DIR] [--quick]
+
+``--quick`` (a check that the script runs, not a measurement): 24 train + 8 val demo images, 1 epoch.
 """
 from __future__ import annotations
 
@@ -25,29 +27,31 @@ ROOT = Path(__file__).resolve().parent.parent
 GOAL_BYTES = 4 * 10**9  # 4 GB
 
 
-def child(data: Path | None, desc_path: Path, epochs: int, result_path: Path, work: Path) -> None:
-    """Write the demo data (unless given), train the demo model, write a JSON summary."""
+def child(data: Path | None, desc_path: Path, epochs: int, result_path: Path, work: Path, quick: bool = False) -> None:
+    """Write the demo data (unless given; a small set when ``quick``), train the demo model, write a
+    JSON summary."""
     sys.path.insert(0, str(ROOT))
-    from spnas.data import load_split
-    from spnas.demo_data import write_demo_dataset
-    from spnas.engine import TrainConfig
-    from spnas.trainer import train_architecture
+    from spnas.data.demo import write_demo_dataset
+    from spnas.data.source import CocoSource
+    from spnas.training.architecture import train_architecture
+    from spnas.training.schedule import TrainConfig
 
     t = time.perf_counter()
-    data_root = data if data is not None else write_demo_dataset(work / "data")
+    sizes = {"train": 24, "val": 8} if quick else {}
+    data_root = data if data is not None else write_demo_dataset(work / "data", **sizes)
     data_seconds = time.perf_counter() - t
     cfg = TrainConfig(epochs=epochs, batch_size=4, warmup_iters=50)
-    train_set = load_split(data_root, "train", train=True, seed=cfg.seed)
-    val_set = load_split(data_root, "val", train=False)
+    source = CocoSource(str(data_root))
+    # train_architecture loads the splits itself (and takes the class count from them); they
+    # are loaded here only to count the images, and dropped before the training.
+    n_train, n_val = len(source.load("train", train=True, seed=cfg.seed)), len(source.load("val", train=False))
     desc = json.loads(desc_path.read_text())
-    desc["num_classes"] = train_set.num_classes
     t = time.perf_counter()
-    perf = train_architecture(data_root, desc, work / "out", cfg, device="cpu", resume=False,
-                              train_set=train_set, val_set=val_set)
+    perf = train_architecture(desc, source, work / "out", cfg, device="cpu", resume=False)
     wall = time.perf_counter() - t
     summary = {"mAP": perf.get("mAP"), "AP50": perf.get("AP50"), "iters": perf["iters"],
                "train_seconds": perf["train_seconds"], "wall_seconds": wall, "data_seconds": data_seconds,
-               "train_images": len(train_set), "val_images": len(val_set),
+               "train_images": n_train, "val_images": n_val,
                "self_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     result_path.write_text(json.dumps(summary))
 
@@ -57,12 +61,15 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="COCO-layout data root (default: fresh demo data)")
     ap.add_argument("--desc", type=Path, default=ROOT / "configs" / "demo-model.json")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny demo set and 1 epoch: checks that the script runs")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # internal: result file
     ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)  # internal: scratch folder
     args = ap.parse_args()
+    if args.quick:
+        args.epochs = 1
 
     if args.child is not None:
-        child(args.data, args.desc, args.epochs, args.child, args.work)
+        child(args.data, args.desc, args.epochs, args.child, args.work, args.quick)
         return
 
     with tempfile.TemporaryDirectory(prefix="spnas-bench-") as tmp:
@@ -71,6 +78,8 @@ def main() -> None:
                "--desc", str(args.desc.resolve()), "--epochs", str(args.epochs)]
         if args.data is not None:
             cmd += ["--data", str(args.data.resolve())]
+        if args.quick:
+            cmd.append("--quick")
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         total = time.perf_counter() - t

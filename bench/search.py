@@ -8,10 +8,10 @@ Both searches start after the same fine-tuned seed (the demo config's ``fine_tun
 configs/demo-model.json, code 1-2-2-2) and train every candidate with the demo config's
 ``serial`` trainer (1 epoch, same TrainConfig and seed):
 
-* SP-NAS: ``spnas.phases.search_init`` / ``search_propose`` / ``train_candidate`` /
-  ``search_update`` with the demo config's SpNasS settings (``max_sample`` = ``--candidates``):
-  children of Pareto-front parents, each starting from its parent's weights (SPEC 3), exactly
-  as ``spnas run`` does with one worker.
+* SP-NAS: ``spnas.orchestration.phases.search_init`` / ``rounds.search_propose`` /
+  ``phases.train_candidate`` / ``rounds.search_update`` with the demo config's serial step and
+  SpNasS settings (``max_sample`` = ``--candidates``): children of Pareto-front parents, each
+  starting from its parent's weights (SPEC 3), exactly as ``spnas run`` does with one worker.
 * random: codes drawn uniformly at random from the same space -- a block count in
   [max(min_blocks, seed blocks), max_blocks]; the seed's blocks in order with the extra ``1``
   blocks inserted at random positions after the first block (every SpNasS child has this form:
@@ -25,7 +25,10 @@ Hypervolume: the area dominated by a set of (params, mAP) points up to the refer
 params divided by the reference and mAP by 100, so a value lies in [0, 1]. It is computed over
 each search's candidates (the shared seed left out) and, on a second line, with the seed added.
 
-    python bench/search.py [--candidates 6] [--seed 0] [--data DIR]
+    python bench/search.py [--candidates 6] [--seed 0] [--data DIR] [--quick]
+
+``--quick`` (a check that the script runs, not a measurement): 24 train + 8 val demo images, 1
+fine-tune epoch, 2 candidates per search.
 """
 from __future__ import annotations
 
@@ -36,21 +39,23 @@ import logging
 import random
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from spnas import phases
-from spnas.config import load_config
-from spnas.demo_data import write_demo_dataset
-from spnas.detector import normalize_desc
-from spnas.encoding import Bounds, check_bounds, parse_serial
-from spnas.engine import TrainConfig
-from spnas.errors import CodeError
-from spnas.io import read_json
+from spnas.config import StepConfig, load_config
+from spnas.data.demo import write_demo_dataset
+from spnas.data.source import CocoSource
+from spnas.models.desc import normalize_desc
+from spnas.models.encoding import Bounds, check_bounds, parse_serial
+from spnas.orchestration import phases, rounds
 from spnas.search import SearchSettings, measure, pareto_front, records
-from spnas.trainer import train_architecture
+from spnas.training.architecture import train_architecture
+from spnas.training.schedule import TrainConfig
+from spnas.utils.errors import CodeError
+from spnas.utils.fileio import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +69,7 @@ def sample_code(seed_code: str, rng: random.Random, bounds: Bounds) -> str:
         blocks.insert(rng.randint(1, len(blocks)), "1")
     stages = rng.randint(bounds.min_stages, min(bounds.max_stages, n))
     cuts = sorted(rng.sample(range(1, n), stages - 1))
-    return "-".join("".join(blocks[a:b]) for a, b in zip([0, *cuts], [*cuts, n]))
+    return "-".join("".join(blocks[a:b]) for a, b in zip([0, *cuts], [*cuts, n], strict=False))
 
 
 def child_desc(seed_desc: Mapping[str, Any], code: str) -> dict[str, Any]:
@@ -87,19 +92,17 @@ def hypervolume(points: Sequence[tuple[float, float]], ref_params: float) -> flo
     return area
 
 
-def run_spnas(seed: Mapping[str, Any], settings: dict[str, Any], cfg: TrainConfig, data_root: Path, out: Path,
-              freeze_swap_keys: bool) -> list[dict[str, Any]]:
-    """SpNasS rounds as ``spnas run`` does them with one worker; returns the candidate records."""
-    state_path = phases.search_init(out, settings, [{"desc": seed["desc"], "metrics": seed["metrics"],
-                                                     "weights": seed["weights"]}])
-    kwargs = {"data_root": str(data_root), "out_dir": str(out), "trainer": phases.trainer_dict(cfg),
-              "freeze_swap_keys": freeze_swap_keys}
+def run_spnas(seed: Mapping[str, Any], step: StepConfig, data: CocoSource, out: Path) -> list[dict[str, Any]]:
+    """SpNasS rounds of ``step`` (its search settings, trainer and ``freeze_swap_keys``) as ``spnas run``
+    does them with one worker; returns the candidate records."""
+    state_path = phases.search_init(step, [{"desc": seed["desc"], "metrics": seed["metrics"],
+                                            "weights": seed["weights"]}], out)
     while True:
-        candidates = phases.search_propose(state_path)
+        candidates = rounds.search_propose(state_path)
         if not candidates:
             break
-        results = [phases.train_candidate(c, **kwargs) for c in candidates]
-        for c, r in zip(candidates, results):
+        results = [phases.train_candidate(c, step, data, out) for c in candidates]
+        for c, r in zip(candidates, results, strict=False):
             if r["status"] == "ok":
                 m = r["metrics"]
                 print(f"SP-NAS  candidate {c['id']:2d} {c['desc']['backbone']['code']:<22s} mAP {m['mAP']:6.2f}  "
@@ -107,12 +110,12 @@ def run_spnas(seed: Mapping[str, Any], settings: dict[str, Any], cfg: TrainConfi
                       f"(from {c['parent']}, {'+'.join(c['ops'])}; {r['seconds']:.1f} s)")
             else:
                 print(f"SP-NAS  candidate {c['id']:2d} {c['desc']['backbone']['code']:<22s} FAILED: {r['error']}")
-        if phases.search_update(state_path, results)["done"]:
+        if rounds.search_update(state_path, step.name, results)["done"]:
             break
     return [r for r in records(read_json(state_path)) if r["round"] >= 0]
 
 
-def run_random(seed: Mapping[str, Any], settings: SearchSettings, count: int, cfg: TrainConfig, data_root: Path,
+def run_random(seed: Mapping[str, Any], settings: SearchSettings, count: int, cfg: TrainConfig, data: CocoSource,
                out: Path, rng: random.Random) -> list[dict[str, Any]]:
     """``count`` random codes of the same space, each trained from scratch; returns records."""
     seen = {seed["desc"]["backbone"]["code"]}
@@ -137,7 +140,7 @@ def run_random(seed: Mapping[str, Any], settings: SearchSettings, count: int, cf
             raise RuntimeError(f"random search: no new valid code after {settings.max_redraws} draws")
         seen.add(code)
         t = time.perf_counter()
-        perf = train_architecture(str(data_root), desc, out, cfg, arch_id=cid, init=None, progress=False)
+        perf = train_architecture(desc, data, out, cfg, arch_id=cid, init=None, progress=False)
         seconds = time.perf_counter() - t
         recs.append({"id": cid, "status": "ok", "desc": desc, "params": n_params, "gflops": n_gflops,
                      "metrics": {"mAP": perf["mAP"], "AP50": perf["AP50"]}})
@@ -177,7 +180,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=None, help="search seed of both sides (default: the config's)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per candidate (default: the serial trainer's)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny demo set, 1 fine-tune epoch, 2 candidates per search: checks that the script runs")
     args = ap.parse_args()
+    if args.quick:
+        args.candidates = 2
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -187,11 +194,14 @@ def main() -> None:
         data_root = args.data
         if data_root is None:
             t = time.perf_counter()
-            data_root = write_demo_dataset(tmp_dir / "data")
+            data_root = write_demo_dataset(tmp_dir / "data", **({"train": 24, "val": 8} if args.quick else {}))
             print(f"demo data written in {time.perf_counter() - t:.1f} s")
         config = load_config(args.config, workdir=tmp_dir / "run",
                              overrides=[f"fine_tune.dataset.common.data_root={data_root}"])
         ft_step, serial = config.step("fine_tune"), config.step("serial")
+        if args.quick:
+            ft_step = dataclasses.replace(ft_step, trainer=dataclasses.replace(ft_step.trainer, epochs=1, iters=None))
+        data = ft_step.dataset.source
         cfg = serial.trainer
         if args.epochs is not None:
             cfg = dataclasses.replace(cfg, epochs=args.epochs, iters=None)
@@ -199,21 +209,21 @@ def main() -> None:
         if args.seed is not None:
             settings_dict["seed"] = args.seed
         settings = SearchSettings(**settings_dict)
+        serial = dataclasses.replace(serial, trainer=cfg, search=settings_dict)
 
         # The shared seed: the fine_tune phase, as `spnas run` does it.
         t = time.perf_counter()
-        desc = dict(ft_step.model_desc)
-        ft = phases.fine_tune(str(data_root), tmp_dir / "fine_tune", desc, ft_step.trainer)
+        ft = phases.fine_tune(ft_step, data, tmp_dir / "fine_tune")
         seed = {**ft["record"], "params": measure(ft["record"]["desc"], settings.flops_size)[0]}
         print(f"seed    {seed['desc']['backbone']['code']:<22s} mAP {seed['metrics']['mAP']:6.2f}  "
               f"AP50 {seed['metrics']['AP50']:6.2f}  {seed['params']:>9,} params  "
               f"({ft_step.trainer.epochs} epochs fine-tuned; {time.perf_counter() - t:.1f} s)")
 
         t = time.perf_counter()
-        sp = run_spnas(seed, settings_dict, cfg, Path(data_root), tmp_dir / "serial", serial.freeze_swap_keys)
+        sp = run_spnas(seed, serial, data, tmp_dir / "serial")
         t_sp = time.perf_counter() - t
         t = time.perf_counter()
-        rnd = run_random(seed, settings, args.candidates, cfg, Path(data_root), tmp_dir / "random",
+        rnd = run_random(seed, settings, args.candidates, cfg, data, tmp_dir / "random",
                          random.Random(settings.seed))
         t_rnd = time.perf_counter() - t
 

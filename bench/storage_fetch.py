@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from spnas import objectstore, storage
-from spnas.demo_data import write_demo_dataset
+from spnas import storage
+from spnas.data.demo import write_demo_dataset
+from spnas.devtools import objectstore
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -1,4 +1,4 @@
-"""Training throughput of spnas.engine.train versus a plain torchvision-references loop.
+"""Training throughput of spnas.training.engine.train versus a plain torchvision-references loop.
 
 The goal: the project's training loop (seeded data order, LR schedule, non-finite loss check,
 checkpointing, tqdm hooks) costs no more than a bare loop written the way torchvision's
@@ -30,10 +30,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spnas import build_detector
-from spnas.data import CocoDetection, collate, load_split
-from spnas.demo_data import write_demo_dataset
-from spnas.engine import TrainConfig, train
+from spnas.data.coco import CocoDetection, collate, load_split
+from spnas.data.demo import write_demo_dataset
+from spnas.models.detector import build_detector
+from spnas.training.engine import train
+from spnas.training.schedule import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 LR, MOMENTUM, WEIGHT_DECAY, WARMUP_FACTOR, WARMUP_ITERS = 0.02, 0.9, 1e-4, 0.001, 100
@@ -46,7 +47,7 @@ def _sync(device: str) -> None:
 
 def run_spnas(model: nn.Module, train_set: CocoDetection, steps: int, batch_size: int, workers: int,
               ckpt_dir: Path, device: str) -> dict[str, float]:
-    """``steps`` iterations of ``spnas.engine.train``; wall time measured around the call."""
+    """``steps`` iterations of ``spnas.training.engine.train``; wall time measured around the call."""
     # AMP and channels_last only apply on CUDA; turned off so both sides do the same fp32 work.
     cfg = TrainConfig(iters=steps, batch_size=batch_size, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                       warmup_iters=WARMUP_ITERS, warmup_factor=WARMUP_FACTOR, workers=workers,
@@ -73,7 +74,7 @@ def run_reference(model: nn.Module, train_set: CocoDetection, steps: int, batch_
     model.train()
     step, images_seen, epoch = 0, 0, 0
     while step < steps:
-        train_set.set_epoch(epoch)  # same flips and order as spnas.data.make_loader(seed=0, epoch)
+        train_set.set_epoch(epoch)  # same flips and order as spnas.data.coco.make_loader(seed=0, epoch)
         loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
                             generator=torch.Generator().manual_seed(epoch), collate_fn=collate)
         for images, targets in loader:
@@ -162,7 +163,7 @@ def main() -> None:
           f"batch {args.batch_size}, {args.steps} timed steps x {args.rounds} alternating rounds "
           f"(after {args.warmup_steps} warm-up steps each)")
     print(f"reference loop (torchvision style)  median {m_ref:7.2f} images/s  (max {max(ips('reference')):.2f})")
-    print(f"spnas.engine.train                  median {m_ours:7.2f} images/s  (max {max(ips('spnas')):.2f}; "
+    print(f"spnas.training.engine.train         median {m_ours:7.2f} images/s  (max {max(ips('spnas')):.2f}; "
           f"{inner:.2f} by train()'s own clock)")
     print(f"ratio spnas / reference             {m_ours / m_ref:.3f}  (goal >= 0.97)")
 

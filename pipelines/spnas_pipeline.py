@@ -5,7 +5,9 @@
 fine_tune -> serial rounds -> reignition -> parallel rounds -> full train -> publish. Search
 rounds are unrolled here (KFP v2 has no while loop): rounds = ceil(max_sample /
 candidates_per_round), each a ``dsl.ParallelFor`` over the proposed candidates with
-``parallelism`` pods at once and ``dsl.Collected`` results into the update step. Wiring only.
+``parallelism`` pods at once and ``dsl.Collected`` results into the update step. Reignition and
+full train fan out over the ``top_k`` models their step takes from the front (the same choice
+``spnas run`` makes). Wiring only.
 """
 
 import argparse
@@ -13,7 +15,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -22,12 +23,14 @@ SECRET = "spnas-s3"   # keys: endpoint, accesskey, secretkey
 
 
 def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parallelism: int = 4,
-                   retries: int = 2, secret: Optional[str] = SECRET, caching: bool = False):
-    """Return the ``@dsl.pipeline`` function for ``config_path`` (read now, embedded as text)."""
-    os.environ["SPNAS_IMAGE"] = image
+                   retries: int = 2, secret: "str | None" = SECRET, caching: bool = False):
+    """Return the ``@dsl.pipeline`` function for ``config_path`` (read now, embedded as text),
+    every component running on ``image``."""
     from kfp import dsl, kubernetes
-    from components import spnas_components as c
+
+    from components.spnas_components import build_components
     from spnas.config import load_config
+    c = build_components(image)
 
     raw = yaml.safe_load(Path(config_path).read_text())
     cfg = load_config(raw, workdir="/tmp/spnas")
@@ -57,6 +60,23 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                 "endpoint": "SPNAS_S3_ENDPOINT", "accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"})
         return task
 
+    def resource_inputs(ctx):
+        """The resource parameters as inputs too: a task inside a ParallelFor resolves pipeline
+        parameters used in its resource requests only when it takes them as inputs (kfp.local)."""
+        return {"accelerator_type": ctx["res"]["accelerator"], "gpus_per_task": ctx["res"]["gpus"],
+                "cpu_per_task": ctx["res"]["cpu"], "memory_per_task": ctx["res"]["memory"]}
+
+    def fan_out(step, front, component, ctx, loop_name):
+        """The step's top-k models of ``front``, one ``component`` pod each (``parallelism`` at once)."""
+        chosen = light(c.choose(config=ctx["config"], step=step.name, front=front, run_uri=ctx["run_uri"],
+                                overrides=ctx["overrides"]))
+        chosen.set_display_name(f"{step.name}: choose models")
+        with dsl.ParallelFor(chosen.output, parallelism=parallelism, name=loop_name) as item:
+            task = heavy(component(config=ctx["config"], step=step.name, item=item, data_uri=ctx["data_uri"],
+                                   **resource_inputs(ctx)), **ctx["res"])
+            task.set_display_name(step.name)
+        return dsl.Collected(task.outputs["Output"])
+
     def search(step, seeds, ctx):
         init = light(c.search_init(config=ctx["config"], step=step.name, seeds=seeds, run_uri=ctx["run_uri"],
                                    overrides=ctx["overrides"]))
@@ -73,13 +93,9 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                 # inside the loop only pipeline parameters and the item: kfp.local resolves other
                 # tasks' outputs to the loop item there (run prefix and overrides ride on the item)
                 train = heavy(c.train_candidate(config=ctx["config"], step=step.name, candidate=cand,
-                                                data_uri=ctx["data_uri"],
-                                                # also inputs, so that the loop's pods receive them
-                                                accelerator_type=ctx["res"]["accelerator"],
-                                                gpus_per_task=ctx["res"]["gpus"], cpu_per_task=ctx["res"]["cpu"],
-                                                memory_per_task=ctx["res"]["memory"]), **ctx["res"])
+                                                data_uri=ctx["data_uri"], **resource_inputs(ctx)), **ctx["res"])
                 train.set_display_name(f"{step.name} round {r}: train candidate")
-            upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"])))
+            upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"]), step=step.name))
             upd.set_display_name(f"{step.name} round {r}: update")
             state = upd.output
         front = light(c.search_front(state=state, run_uri=ctx["run_uri"], step=step.name))
@@ -105,18 +121,19 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         ft.set_display_name("fine_tune")
         serial_front = search(roles["serial"], ft.outputs["Output"], ctx)
         seeds = serial_front.outputs["Output"]
-        if "reignition" in roles:
-            re_ = heavy(c.reignition(config=config, step=roles["reignition"].name, front=seeds, data_uri=data_uri,
-                                     run_uri=ctx["run_uri"], overrides=ctx["overrides"]), **ctx["res"])
-            re_.set_display_name("reignition")
-            seeds = re_.output
+        if "reignition" in roles and roles["reignition"].top_k != 0:
+            step = roles["reignition"]
+            done = light(c.collect(records=fan_out(step, seeds, c.reignite, ctx, "reignition"),
+                                   run_uri=ctx["run_uri"], step=step.name))
+            done.set_display_name(f"{step.name}: collect")
+            seeds = done.output
         parallel_front = search(roles["parallel"], seeds, ctx)
-        full = heavy(c.full_train(config=config, step=roles["full_train"].name,
-                                  front=parallel_front.outputs["Output"], data_uri=data_uri, run_uri=ctx["run_uri"],
-                                  overrides=ctx["overrides"]), **ctx["res"])
-        full.set_display_name("full train")
+        step = roles["full_train"]
+        best = light(c.finish(records=fan_out(step, parallel_front.outputs["Output"], c.full_train, ctx, "full-train"),
+                              run_uri=ctx["run_uri"], step=step.name))
+        best.set_display_name("full train: best model")
         pub = light(c.publish(serial_front=serial_front.outputs["Output"],
-                              parallel_front=parallel_front.outputs["Output"], best=full.outputs["Output"]))
+                              parallel_front=parallel_front.outputs["Output"], best=best.output))
         pub.set_display_name("publish report")
 
     return spnas_pipeline
@@ -134,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/demo.yml")
     ap.add_argument("--output", default="pipelines/spnas_pipeline.yaml")
-    ap.add_argument("--image", default=os.environ.get("IMAGE", DEFAULT_IMAGE))
+    ap.add_argument("--image", default=os.environ.get("IMAGE", DEFAULT_IMAGE), help="component image")
     ap.add_argument("--parallelism", type=int, default=4, help="candidate pods per round at once")
     args = ap.parse_args()
     print(compile_pipeline(args.config, args.output, args.image, args.parallelism))

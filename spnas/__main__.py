@@ -1,4 +1,4 @@
 """``python -m spnas`` is the ``spnas`` command."""
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

@@ -2,26 +2,39 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
-import torch
-from torch import nn
+from helpers import randomize_norms
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# no example database, and hypothesis' own caches in a temporary folder: tests write nothing
+# into the source tree (and CI is reproducible)
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="spnas-hypothesis-"))
+settings.register_profile("spnas", database=None)
+settings.load_profile("spnas")
 
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN random affine parameters and running statistics (in place), so that
-    checks run in eval mode are not trivially satisfied by identity-like BN layers."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d":
-                n = m.weight.shape[0]
-                if m.weight.abs().sum() > 0:  # keep zero-initialised BNs (identity blocks) at zero
-                    m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-    return model
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """16 train + 6 val demo scenes of 96 px: the data of every tiny run."""
+    from helpers import demo
+    return demo(tmp_path_factory.mktemp("tiny-data"), train=16, val=6, size=96)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """One ``spnas run`` of the shared tiny config on 2 workers, made once for the session: the
+    reference that the run, pipeline and resume tests compare against. Returns ``(workdir, reports)``."""
+    import json
+
+    from helpers import run_argv
+
+    from spnas.cli.main import main
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    assert main(run_argv(tiny_data, workdir, workers=2)) == 0
+    return workdir, json.loads((workdir / "output" / "reports.json").read_text())
 
 
 @pytest.fixture

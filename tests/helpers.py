@@ -1,11 +1,61 @@
-"""Helpers to write small COCO data sets for tests."""
+"""Helpers shared by the tests: small COCO data sets, the demo config shrunk to seconds, and
+models with randomised BatchNorm statistics."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
-from spnas.demo_data import write_demo_dataset
+import torch
+from torch import nn
+
+from spnas.data.demo import write_demo_dataset
+
+ROOT = Path(__file__).parent.parent
+DEMO = ROOT / "configs" / "demo.yml"
+
+
+def tiny_overrides(data_root) -> list[str]:
+    """``--set`` overrides that shrink configs/demo.yml to a run of seconds on ``data_root``."""
+    return [f"fine_tune.dataset.common.data_root={data_root}",
+            "fine_tune.model.model_desc.min_size=96", "fine_tune.model.model_desc.max_size=96",
+            "fine_tune.model.model_desc.backbone.base_channels=8", "fine_tune.trainer.epochs=1",
+            "fine_tune.trainer.lr_scheduler.params.warmup_iters=2",
+            "fine_tune.trainer.lr_scheduler.params.after_scheduler_config.params.milestones=[1]",
+            "serial.search_algorithm.max_sample=2", "serial.search_algorithm.flops_size=96",
+            "parallel.search_algorithm.max_sample=2", "parallel.search_algorithm.flops_size=96",
+            "reignition.top_k=1", "fully_train.trainer.epochs=1",
+            "fully_train.trainer.lr_scheduler.params.after_scheduler_config.params.milestones=[1]"]
+
+
+#: The shared tiny run's config on top of :func:`tiny_overrides`: fine_tune gets 2 epochs (4
+#: iterations each, so a checkpoint exists mid-training for the resume test) and the full train
+#: takes the top 2 of the front (so the pipeline fans out over more than one model).
+TINY_RUN = ["fine_tune.trainer.epochs=2", "fully_train.top_k=2"]
+
+
+def run_argv(data_root, workdir, workers: int = 1, extra=()) -> list[str]:
+    """``spnas run`` of the shared tiny config (``configs/demo.yml`` + tiny overrides + TINY_RUN)."""
+    argv = ["run", str(DEMO), "--workdir", str(workdir), "--workers", str(workers), "--quiet"]
+    for o in tiny_overrides(data_root) + TINY_RUN + list(extra):
+        argv += ["--set", o]
+    return argv
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN random affine parameters and running statistics (in place), so that
+    checks run in eval mode are not trivially satisfied by identity-like BN layers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d":
+                n = m.weight.shape[0]
+                if m.weight.abs().sum() > 0:  # keep zero-initialised BNs (identity blocks) at zero
+                    m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+    return model
 
 
 def demo(tmp: Path, train: int = 24, val: int = 8, classes: int = 3, seed: int = 0, size: int = 160) -> Path:
@@ -33,3 +83,13 @@ def remap_categories(src: Path, dst: Path, mapping: dict[int, int]) -> Path:
             a["category_id"] = mapping[a["category_id"]]
         save_ann(dst, d, split)
     return dst
+
+
+def make_step(role: str = "serial", desc: dict | None = None, data_root=None, name: str | None = None,
+              search: dict | None = None, **trainer):
+    """A :class:`~spnas.config.types.StepConfig` built directly (no YAML): ``trainer`` keywords
+    are :class:`~spnas.training.schedule.TrainConfig` fields."""
+    from spnas.config.types import DatasetConfig, StepConfig
+    from spnas.training.schedule import TrainConfig
+    return StepConfig(name=name or role, role=role, dataset=DatasetConfig(data_root=str(data_root) if data_root else None),
+                      trainer=TrainConfig(**trainer), model_desc=dict(desc or {}), search=search)

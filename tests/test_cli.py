@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from spnas.cli import main
+from spnas.cli.main import main
 
 
 def test_describe_json(capsys):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from spnas.config import load_config
-from spnas.errors import ConfigError
+from spnas.utils.errors import ConfigError
 
 REFERENCE = Path(__file__).parent / "data" / "reference.yml"
 DEMO = Path(__file__).parent.parent / "configs" / "demo.yml"

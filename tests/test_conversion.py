@@ -5,14 +5,17 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 from spnas import ConversionError, build_detector, convert_torchvision
 
+#: Both detectors resize their inputs to this (torchvision's default 800 px costs 6x the time, proves nothing more).
+SIZE = {"min_size": 320, "max_size": 320}
+
 
 @pytest.fixture(scope="module")
 def tv_checkpoint(tmp_path_factory):
     """A randomly initialised torchvision detector (BN statistics randomised too, class scores
     spread so that detections survive the score threshold), saved to disk as a user would."""
-    from conftest import randomize_norms
+    from helpers import randomize_norms
     torch.manual_seed(0)
-    tv = randomize_norms(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None), seed=1).eval()
+    tv = randomize_norms(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, **SIZE), seed=1).eval()
     with torch.no_grad():
         tv.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.5)
         tv.roi_heads.box_predictor.cls_score.bias.normal_(0, 1.0)
@@ -28,14 +31,14 @@ def tv_checkpoint(tmp_path_factory):
 def test_converted_checkpoint_gives_identical_detections(tv_checkpoint):
     tv, path = tv_checkpoint
     state = torch.load(path, map_location="cpu", weights_only=True)
-    ours = build_detector({})
+    ours = build_detector(SIZE)
     ours.load_state_dict(convert_torchvision(state), strict=True)
     ours.eval()
     g = torch.Generator().manual_seed(3)
     images = [torch.rand(3, 240, 320, generator=g), torch.rand(3, 300, 200, generator=g)]
     with torch.no_grad():
         ref, got = tv(images), ours(images)
-    for r, o in zip(ref, got):
+    for r, o in zip(ref, got, strict=False):
         assert r["boxes"].shape[0] > 10, "test is vacuous: too few detections"
         assert torch.equal(r["labels"], o["labels"])
         torch.testing.assert_close(o["boxes"], r["boxes"], atol=1e-4, rtol=0)

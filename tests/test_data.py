@@ -1,14 +1,14 @@
 """Demo data and the COCO loader: layout, determinism, label mapping and every bad input."""
 import hashlib
-import json
 import logging
 
 import pytest
 import torch
-
 from helpers import demo, load_ann, remap_categories, save_ann
-from spnas.data import CocoDetection, DataError, load_split, make_loader
-from spnas.demo_data import write_demo_dataset
+
+from spnas.data.coco import load_split, make_loader
+from spnas.data.demo import write_demo_dataset
+from spnas.utils.errors import DataError
 
 
 def _digest(root):
@@ -30,7 +30,7 @@ def test_demo_data_layout_and_content(tmp_path):
         per_image = {}
         for a in ann["annotations"]:
             x, y, w, h = a["bbox"]
-            assert 0 <= x and 0 <= y and x + w <= 160 and y + h <= 160 and w > 4 and h > 4
+            assert x >= 0 and y >= 0 and x + w <= 160 and y + h <= 160 and w > 4 and h > 4
             per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
         assert set(per_image) == {im["id"] for im in ann["images"]}  # every image has objects
         assert max(per_image.values()) <= 4
@@ -47,9 +47,9 @@ def test_demo_data_is_deterministic_and_prefix_stable(tmp_path):
 
 
 def test_demo_data_rejects_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="--classes must be at most 8, got 9"):
+    with pytest.raises(ValueError, match=r"--classes: must be an integer in \[1, 8\], got 9"):
         write_demo_dataset(tmp_path, classes=9)
-    with pytest.raises(ValueError, match="--size must be an integer >= 64, got 10"):
+    with pytest.raises(ValueError, match="--size: must be an integer >= 64, got 10"):
         write_demo_dataset(tmp_path, size=10)
 
 
@@ -61,7 +61,7 @@ def test_non_contiguous_category_ids_map_to_contiguous_labels(tmp_path):
     assert ds.label_to_cat == {1: 3, 2: 7, 3: 12}
     raw = load_ann(root)
     first = [a["category_id"] for a in raw["annotations"] if a["image_id"] == ds.records[0]["id"]]
-    assert [ds.label_to_cat[l] for l in ds.records[0]["labels"]] == first
+    assert [ds.label_to_cat[lab] for lab in ds.records[0]["labels"]] == first
 
 
 def test_training_drops_images_without_boxes_evaluation_keeps_them(tmp_path):
@@ -81,7 +81,7 @@ def test_samples_and_seeded_flips(tmp_path):
     for i in range(len(ds)):
         img, tgt = ds[i]
         ref_img, ref = plain[i]
-        assert img.dtype == torch.float32 and tuple(img.shape) == (3, 160, 160) and 0 <= img.min() and img.max() <= 1
+        assert img.dtype == torch.float32 and tuple(img.shape) == (3, 160, 160) and img.min() >= 0 and img.max() <= 1
         if torch.equal(img, ref_img):
             assert torch.equal(tgt["boxes"], ref["boxes"])
         else:

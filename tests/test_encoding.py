@@ -1,8 +1,9 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spnas import CodeError, format_arch, parse_arch, parse_parallel, parse_serial
-from spnas.encoding import Bounds, check_bounds, normalize_block
+from spnas.models.encoding import Bounds, check_bounds, normalize_block
 
 
 def test_resnet50_code_structure():

@@ -1,21 +1,20 @@
 """Training engine: schedule, resume, divergence, checkpoints; COCO evaluator against pycocotools."""
 import contextlib
 import io
-import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import demo
 from pycocotools.cocoeval import COCOeval
 
-from helpers import demo
 from spnas import build_detector
-from spnas.coco_eval import METRIC_NAMES, coco_metrics
-from spnas.data import CocoDetection, load_split
-from spnas.engine import NonFiniteLossError, TrainConfig, lr_factor, train
-from spnas.errors import ConfigError
-from spnas.io import CheckpointError, load_checkpoint
-from spnas.trainer import load_weights
+from spnas.data.coco import CocoDetection, load_split
+from spnas.models.checkpoint import load_checkpoint, load_weights
+from spnas.training.engine import train
+from spnas.training.evaluation import METRIC_NAMES, coco_metrics
+from spnas.training.schedule import TrainConfig, lr_factor
+from spnas.utils.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 TINY = {"backbone": {"code": "1-2-2-2", "block": "basic", "base_channels": 8}, "neck": {"out_channels": 32},
         "min_size": 96, "max_size": 96, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
@@ -44,11 +43,11 @@ def test_lr_schedule():
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"batch_size": 0}, "batch_size=0 is invalid"),
-    ({"lr": -1.0}, "lr=-1.0 is invalid"),
-    ({"schedule": "poly"}, "schedule='poly' is invalid"),
-    ({"epochs": -1}, "epochs=-1 is invalid"),
-    ({"steps": (0.5, 1.5)}, "steps=\\(0.5, 1.5\\) is invalid"),
+    ({"batch_size": 0}, "training setting batch_size: must be an integer >= 1, got 0"),
+    ({"lr": -1.0}, r"training setting lr: must be a number in \(0, inf\], got -1.0"),
+    ({"schedule": "poly"}, "training setting schedule: must be one of 'step', 'cosine', got 'poly'"),
+    ({"epochs": -1}, "training setting epochs: must be an integer >= 0, got -1"),
+    ({"steps": (0.5, 1.5)}, r"training setting steps: must be fractions in \(0, 1\], got \(0.5, 1.5\)"),
 ])
 def test_bad_training_settings(kw, message):
     with pytest.raises(ConfigError, match=message):

@@ -6,9 +6,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 import spnas
-from spnas import DescError, build_detector, convert_resnet, normalize_desc
-from spnas.backbone import SerialBackbone
-from spnas.detector import build_backbone, build_classifier
+from spnas import build_detector, convert_resnet, normalize_desc
+from spnas.models.backbone import SerialBackbone
+from spnas.models.detector import build_backbone, build_classifier
 
 R50 = "111-2111-211111-211"
 
@@ -39,7 +39,7 @@ def test_torchvision_classification_weights_load_strictly(builder, code, block, 
         ref, got = _torchvision_stages(tv, x), ours(x)
     assert [t.shape for t in got] == [t.shape for t in ref]
     assert [tuple(t.shape) for t in got][0] == (2, 256 if block != "basic" else 64, 24, 32)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     n_tv = sum(p.numel() for n, p in tv.named_parameters() if not n.startswith("fc."))
     assert sum(p.numel() for p in ours.parameters()) == n_tv
@@ -82,7 +82,7 @@ def test_stage_shapes_and_fpn_levels(code, block, parallel, stage_ch, strides):
     with torch.no_grad():
         feats = bb.stage_features(x)
         fpn = bb(x)
-    assert [tuple(f.shape) for f in feats.values()] == [(1, c, 256 // s, 256 // s) for c, s in zip(stage_ch, strides)]
+    assert [tuple(f.shape) for f in feats.values()] == [(1, c, 256 // s, 256 // s) for c, s in zip(stage_ch, strides, strict=False)]
     assert list(fpn) == [str(i) for i in range(len(stage_ch))] + ["pool"]
     assert all(f.shape[1] == 256 for f in fpn.values())
     assert [len(c) for c in bb.connections] == parallel
@@ -151,9 +151,9 @@ def test_normalize_desc_defaults_and_spellings():
     ({"backbone": {"depth": 50}}, "backbone has unknown key\\(s\\) \\['depth'\\]"),
     ({"neck": {"code": [0, 0, 0, 0], "levels": 5}}, "neck has unknown key\\(s\\) \\['levels'\\]"),
     ({"min_sise": 300}, "unknown key\\(s\\) \\['min_sise'\\]"),
-    ({"num_classes": 1}, "num_classes must be an integer >= 2, got 1"),
-    ({"backbone": {"base_channels": "64"}}, "backbone.base_channels must be an integer"),
-    ({"backbone": {"norm": "gn"}}, "backbone.norm 'gn'"),
+    ({"num_classes": 1}, "model desc num_classes: must be an integer >= 2, got 1"),
+    ({"backbone": {"base_channels": "64"}}, "model desc backbone.base_channels: must be an integer >= 1, got '64'"),
+    ({"backbone": {"norm": "gn"}}, "backbone.norm: must be one of bn, frozen_bn, got 'gn'"),
     ({"backbone": {"block": "resnext", "base_channels": 8}}, "multiple of 16 for resnext"),
     ({"rpn_head": None}, "'rpn_head' is derived from the architecture"),
     ({"backbone": {"code": "r_11-21_0-0", "block": "basic"}}, "contradicts the code"),
@@ -162,6 +162,19 @@ def test_normalize_desc_defaults_and_spellings():
 def test_bad_descriptions_name_the_key(desc, message):
     with pytest.raises(ValueError, match=message):
         build_detector(desc)
+
+
+def test_detector_keywords_are_torchvisions_own():
+    """The torch-free description module lists FasterRCNN's keyword arguments by hand; they must
+    stay exactly torchvision's (plus the transform's size_divisible/fixed_size)."""
+    import inspect
+
+    from torchvision.models.detection import FasterRCNN
+
+    from spnas.models.desc import DETECTOR_KWARGS
+    own = {p for p in inspect.signature(FasterRCNN.__init__).parameters if p not in {"self", "backbone", "num_classes",
+                                                                                     "kwargs"}}
+    assert own | {"size_divisible", "fixed_size"} == DETECTOR_KWARGS
 
 
 def test_frozen_bn_option():

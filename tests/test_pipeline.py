@@ -2,24 +2,34 @@
 kfp.local run of the compiled YAML, and component bodies with real artifact objects."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import DEMO, ROOT, TINY_RUN, tiny_overrides
 
-ROOT = Path(__file__).parent.parent
-DEMO = ROOT / "configs" / "demo.yml"
 COMPILED = ROOT / "pipelines" / "spnas_pipeline.yaml"
 IMAGE = "ghcr.io/spnas-kfp/spnas:0.1.0"
 
 
 def _compile(config, output, image=IMAGE, parallelism=4):
-    subprocess.run([sys.executable, "-m", "pipelines.spnas_pipeline", "--config", str(config), "--output", str(output),
-                    "--image", image, "--parallelism", str(parallelism)], cwd=ROOT, check=True, capture_output=True)
+    """Compile in this process (the image is an argument of the component factory, not an
+    environment variable read at import, so several compiles in one process each get theirs)."""
+    from pipelines.spnas_pipeline import compile_pipeline
+    compile_pipeline(config, output, image=image, parallelism=parallelism)
     return list(yaml.safe_load_all(Path(output).read_text()))
+
+
+def _golden(docs):
+    """A compiled pipeline as kfp's own read/write tests compare it: parsed, with ``sdkVersion``
+    and kfp version pins dropped (they change with the SDK, not with the pipeline)."""
+    docs = json.loads(json.dumps(docs))
+    docs[0].pop("sdkVersion", None)
+    text = json.dumps(docs)
+    assert "kfp==" not in text, "a component pins kfp (install_kfp_package must stay False)"
+    return docs
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +40,9 @@ def compiled(tmp_path_factory):
 
 
 def test_checked_in_pipeline_is_up_to_date(compiled):
-    out, _ = compiled
-    assert COMPILED.read_text() == out.read_text(), "pipelines/spnas_pipeline.yaml is stale: run `make compile`"
+    _, docs = compiled
+    checked_in = list(yaml.safe_load_all(COMPILED.read_text()))
+    assert _golden(checked_in) == _golden(docs), "pipelines/spnas_pipeline.yaml is stale: run `make compile`"
 
 
 def test_strict_protobuf_parse(compiled):
@@ -52,14 +63,16 @@ def test_dag_shape(compiled):
     cfg = yaml.safe_load(DEMO.read_text())
     rounds = {s: math.ceil(cfg[s]["search_algorithm"]["max_sample"] / cfg[s]["search_algorithm"]["candidates_per_round"])
               for s in ("serial", "parallel")}
-    loops = {name: t for name, t in tasks.items() if "iterator" in json.dumps(t.get("parameterIterator", {})) or
-             name.startswith("for-loop")}
-    assert len(loops) == sum(rounds.values()) == 4
-    for t in loops.values():
-        assert t["iteratorPolicy"]["parallelismLimit"] == 4
+    loops = {t["taskInfo"]["name"]: t for t in tasks.values() if "iteratorPolicy" in t}
+    round_loops = sorted(n for n in loops if "-round-" in n)
+    assert round_loops == [f"{s}-round-{r}" for s in ("parallel", "serial") for r in range(rounds[s])] and len(round_loops) == 4
+    # reignition and full train fan out over the top-k models their step chooses, as spnas run does
+    assert set(loops) == set(round_loops) | {"reignition", "full-train"}
+    assert all(t["iteratorPolicy"]["parallelismLimit"] == 4 for t in loops.values())
     names = {t["taskInfo"]["name"] for t in tasks.values()}
-    for needed in ("fine_tune", "serial round 0: propose", "serial: Pareto front", "reignition",
-                   "parallel round 1: update", "parallel: Pareto front", "full train", "publish report"):
+    for needed in ("fine_tune", "serial round 0: propose", "serial: Pareto front", "reignition: choose models",
+                   "reignition: collect", "parallel round 1: update", "parallel: Pareto front",
+                   "fully_train: choose models", "full train: best model", "publish report"):
         assert needed in names, needed
 
     def upstream(name):
@@ -67,48 +80,76 @@ def test_dag_shape(compiled):
     by_display = {t["taskInfo"]["name"]: k for k, t in tasks.items()}
     # phases in order: each consumes the previous one's output
     assert by_display["fine_tune"] in upstream(by_display["serial: start"])
-    assert by_display["serial: Pareto front"] in upstream(by_display["reignition"])
-    assert by_display["reignition"] in upstream(by_display["parallel: start"])
-    assert by_display["parallel: Pareto front"] in upstream(by_display["full train"])
+    assert by_display["serial: Pareto front"] in upstream(by_display["reignition: choose models"])
+    assert by_display["reignition"] in upstream(by_display["reignition: collect"])
+    assert by_display["reignition: collect"] in upstream(by_display["parallel: start"])
+    assert by_display["parallel: Pareto front"] in upstream(by_display["fully_train: choose models"])
+    assert by_display["full-train"] in upstream(by_display["full train: best model"])
+    assert by_display["full train: best model"] in upstream(by_display["publish report"])
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {IMAGE}
     for e in spec["deploymentSpec"]["executors"].values():
         assert "pip install" not in json.dumps(e["container"]["command"])  # install_kfp_package=False
     k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    train = [v for k, v in k8s.items() if "train-candidate" in k]
-    assert train and all(v["secretAsEnv"][0]["secretName"] == "spnas-s3" for v in train)
-    assert all(v["emptyDirMounts"][0]["mountPath"] == "/dev/shm" for v in train)
+    heavy = [v for k, v in k8s.items() if any(n in k for n in ("train-candidate", "full-train", "reignite", "fine-tune"))]
+    assert len(heavy) == 4 + 1 + 1 + 1  # one executor per round's candidates, plus reignite, full train, fine_tune
+    assert all(v["secretAsEnv"][0]["secretName"] == "spnas-s3" for v in heavy)
+    assert all(v["emptyDirMounts"][0]["mountPath"] == "/dev/shm" for v in heavy)
 
 
-def test_image_override(tmp_path):
-    docs = _compile(DEMO, tmp_path / "p.yaml", image="registry.example.com/spnas:dev", parallelism=2)
-    images = {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()}
-    assert images == {"registry.example.com/spnas:dev"}
+def test_image_is_an_argument_not_an_environment_variable(tmp_path):
+    """Two compiles with different images in one process each get their own image."""
+    a = _compile(DEMO, tmp_path / "a.yaml", image="registry.example.com/spnas:dev", parallelism=2)
+    b = _compile(DEMO, tmp_path / "b.yaml", image="registry.example.com/spnas:rc", parallelism=3)
+    for docs, image, par in ((a, "registry.example.com/spnas:dev", 2), (b, "registry.example.com/spnas:rc", 3)):
+        assert {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()} == {image}
+        assert {t["iteratorPolicy"]["parallelismLimit"] for t in docs[0]["root"]["dag"]["tasks"].values()
+                if "iteratorPolicy" in t} == {par}
+
+
+def test_light_components_import_no_torch():
+    """``import spnas`` and the components module load without torch; so do the light pod
+    functions a light task runs (a new process, as a KFP task is)."""
+    code = ("import sys, spnas, components.spnas_components as c\n"
+            "from spnas.orchestration import pods\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+            "c.build_components('x')\n"
+            "assert 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 # ----------------------------------------------------------------------------- kfp.local
 
-def _tiny_config(tmp_path, data_root):
-    from test_run import tiny_overrides
+def _tiny_config(tmp_path, data_root, extra=()):
     from spnas.config import apply_overrides
-    raw = apply_overrides(yaml.safe_load(DEMO.read_text()), tiny_overrides(data_root))
+    raw = apply_overrides(yaml.safe_load(DEMO.read_text()), tiny_overrides(data_root) + list(extra))
     path = tmp_path / "tiny.yml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from helpers import demo
-    return demo(tmp_path_factory.mktemp("data"), train=16, val=6, size=96)
+def _summary(recs):
+    """What must agree between two runs of one config: ids, parents, codes, status, metrics."""
+    return [(r["id"], r.get("parent"), r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], r.get("status"),
+             (r.get("metrics") or {}).get("mAP"), (r.get("metrics") or {}).get("AP50")) for r in recs]
+
+
+def _csv_records(path):
+    import csv
+    return [{"id": int(row["worker_id"]), "metrics": json.loads(row["performance"]), "desc": json.loads(row["desc"])}
+            for row in csv.DictReader(path.open())]
 
 
 @pytest.mark.slow
-def test_compiled_yaml_runs_under_kfp_local(tiny_data, tmp_path):
+def test_compiled_yaml_runs_under_kfp_local_and_agrees_with_spnas_run(tiny_data, tiny_run, tmp_path):
+    """The compiled YAML of the shared tiny config runs end to end under kfp.local (top-2 full
+    train fanned out), and its records are exactly those of ``spnas run`` of the same config
+    (the session's tiny run): one step-to-phase mapping."""
     import kfp.local
     from kfp.components import load_component_from_file
+    config = _tiny_config(tmp_path, tiny_data, TINY_RUN)
     package = tmp_path / "tiny_pipeline.yaml"
-    _compile(_tiny_config(tmp_path, tiny_data), package, parallelism=2)
+    _compile(config, package, parallelism=2)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipeline = load_component_from_file(str(package))
     results = tmp_path / "results"
@@ -132,12 +173,26 @@ def test_compiled_yaml_runs_under_kfp_local(tiny_data, tmp_path):
         assert r["weights"] == str(run / "serial" / f"model_{r['id']}.pth") and Path(r["weights"]).is_file()
     parallel = json.loads((run / "parallel" / "state.json").read_text())
     assert sum(r["parent"] is not None for r in parallel["records"]) == 2
-    assert len(list((run / "fully_train").glob("model_*.pth"))) == 1
+    from spnas.search import front
+    full = _csv_records(run / "fully_train" / "output.csv")
+    assert len(list((run / "fully_train").glob("model_*.pth"))) == len(full) == min(2, len(front(parallel)))
+
+    # the same config through spnas run: the same records, phase by phase
+    local = tiny_run[1]
+    assert _summary(local["phases"]["serial"]["records"]) == _summary(serial["records"])
+    assert _summary(local["phases"]["parallel"]["records"]) == _summary(parallel["records"])
+    for step, recs in (("reignition", _csv_records(run / "reignition" / "output.csv")), ("fully_train", full)):
+        got = [(r["id"], r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], r["metrics"]["mAP"]) for r in recs]
+        want = [(r["id"], r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], r["metrics"]["mAP"])
+                for r in local["phases"][step]["records"]]
+        assert got == want, step
 
 
 def test_component_bodies_with_real_artifacts(tiny_data, tmp_path):
     from kfp.dsl import Markdown, Metrics, Model
-    from components import spnas_components as c
+
+    from components.spnas_components import build_components
+    c = build_components()
     config = json.dumps(yaml.safe_load(_tiny_config(tmp_path, tiny_data).read_text()))
     overrides = json.loads(c.prepare.python_func(config=config, seed=3, candidate_epochs=1, full_epochs=2))
     run_uri = c.run_prefix.python_func(results_uri=str(tmp_path / "res") + "/", job_id="job-1")

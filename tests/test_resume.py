@@ -6,20 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import DEMO, ROOT, make_step, run_argv, tiny_overrides
 
-from helpers import demo
-from spnas.cli import main
 from spnas.config import load_config
-from spnas.errors import ConfigError, SpnasError
-from spnas.faults import ENV
-from test_run import DEMO, tiny_overrides
-
-ROOT = Path(__file__).resolve().parent.parent
-# fine_tune gets 2 epochs (4 iterations each) so that a checkpoint exists mid-training
-OVERRIDES = ["fine_tune.trainer.epochs=2"]
+from spnas.utils.errors import ConfigError, SpnasError
+from spnas.utils.faults import ENV
 
 # (fail point, what the killed process must have done, what the resumed one must say)
 KILLS = [
@@ -30,16 +23,8 @@ KILLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return demo(tmp_path_factory.mktemp("data"), train=16, val=6, size=96)
-
-
 def _argv(data, workdir):
-    argv = ["run", str(DEMO), "--workdir", str(workdir), "--workers", "1", "--quiet"]
-    for o in tiny_overrides(data) + OVERRIDES:
-        argv += ["--set", o]
-    return argv
+    return run_argv(data, workdir, workers=1)
 
 
 def _spnas(argv, failpoint=None):
@@ -61,10 +46,10 @@ def _records(reports):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_with_nothing_lost(data, tmp_path):
-    ref_dir, dir_ = tmp_path / "reference", tmp_path / "killed"
-    assert main(_argv(data, ref_dir)) == 0
-    reference = json.loads((ref_dir / "output" / "reports.json").read_text())
+def test_killed_run_resumes_with_nothing_lost(tiny_data, tiny_run, tmp_path):
+    """The shared tiny run is the uninterrupted reference (2 workers; the killed one runs on 1)."""
+    data, reference = tiny_data, tiny_run[1]
+    dir_ = tmp_path / "killed"
     out = dir_ / "output"
 
     logs = []
@@ -112,9 +97,9 @@ def test_killed_run_resumes_with_nothing_lost(data, tmp_path):
     assert not list(out.rglob("train_*"))
 
 
-def test_workdir_with_a_run_needs_resume_and_the_same_config(data, tmp_path, monkeypatch):
-    from spnas import run as run_mod
-    cfg = load_config(DEMO, workdir=tmp_path, overrides=tiny_overrides(data))
+def test_workdir_with_a_run_needs_resume_and_the_same_config(tiny_data, tmp_path, monkeypatch):
+    from spnas.orchestration import local as run_mod
+    cfg = load_config(DEMO, workdir=tmp_path, overrides=tiny_overrides(tiny_data))
     calls = []
     monkeypatch.setattr(run_mod.Runner, "run", lambda self: calls.append(self.resume) or {})
     run_mod.run(cfg)  # claims the workdir
@@ -122,11 +107,11 @@ def test_workdir_with_a_run_needs_resume_and_the_same_config(data, tmp_path, mon
         run_mod.run(cfg)
     run_mod.run(cfg, resume=True)
     assert json.loads((tmp_path / "output" / "run.json").read_text())["resumes"] == 1
-    other = load_config(DEMO, workdir=tmp_path, overrides=tiny_overrides(data) + ["serial.search_algorithm.max_sample=3"])
+    other = load_config(DEMO, workdir=tmp_path, overrides=tiny_overrides(tiny_data) + ["serial.search_algorithm.max_sample=3"])
     with pytest.raises(ConfigError, match=r"differs from the interrupted run's at steps\[1\]\.search\.max_sample: 2 then, 3 now"):
         run_mod.run(other, resume=True)
     # nothing to resume is not an error
-    run_mod.run(load_config(DEMO, workdir=tmp_path / "new", overrides=tiny_overrides(data)), resume=True)
+    run_mod.run(load_config(DEMO, workdir=tmp_path / "new", overrides=tiny_overrides(tiny_data)), resume=True)
     assert calls == [False, True, True]
 
 
@@ -137,11 +122,12 @@ TINY = {"num_classes": 4, "backbone": {"code": "1-2-2-2", "block": "basic", "bas
 
 
 @pytest.fixture(scope="module")
-def parent(data, tmp_path_factory):
+def parent(tiny_data, tmp_path_factory):
     """A trained-for-0-iterations parent (converted and evaluated only): desc and weights."""
-    from spnas import phases
+    from spnas.data.source import CocoSource
+    from spnas.orchestration import phases
     out = tmp_path_factory.mktemp("parent")
-    res = phases.fine_tune(str(data), out, TINY, {"epochs": 0})
+    res = phases.fine_tune(make_step("fine_tune", TINY, epochs=0), CocoSource(str(tiny_data)), out)
     return {"desc": res["record"]["desc"], "weights": res["model"]}
 
 
@@ -157,12 +143,13 @@ def _candidate(parent, cid=1):
     ("raise", "ValueError: something else broke"),
     ("bad parent", "CheckpointError: weights file '.*nowhere.pth' does not exist"),
 ])
-def test_a_failing_candidate_is_data_not_an_exception(parent, data, tmp_path, monkeypatch, fault, error):
+def test_a_failing_candidate_is_data_not_an_exception(parent, tiny_data, tmp_path, monkeypatch, fault, error):
     import re
 
     import torch
 
-    from spnas import phases
+    from spnas.data.source import CocoSource
+    from spnas.orchestration import phases
     trainer = {"epochs": 1, "batch_size": 4}
     cand = _candidate(parent)
     if fault == "diverge":
@@ -177,7 +164,8 @@ def test_a_failing_candidate_is_data_not_an_exception(parent, data, tmp_path, mo
         monkeypatch.setattr(phases, "train_architecture", broken)
     else:
         cand["parent_weights"] = str(tmp_path / "nowhere.pth")
-    r = phases.train_candidate(cand, str(data), tmp_path, trainer)
+    step, source = make_step("serial", **trainer), CocoSource(str(tiny_data))
+    r = phases.train_candidate(cand, step, source, tmp_path)
     assert r["status"] == "failed" and r["weights"] is None and r["metrics"] is None
     assert re.match(error, r["error"]), r["error"]
     assert "Traceback" in r["traceback"]
@@ -185,4 +173,4 @@ def test_a_failing_candidate_is_data_not_an_exception(parent, data, tmp_path, mo
     assert saved["status"] == "failed" and saved["error"] == r["error"]
     # resuming reuses the recorded failure: the same record, nothing trained again
     monkeypatch.setattr(phases, "train_architecture", lambda *a, **k: pytest.fail("trained again"))
-    assert phases.train_candidate(cand, str(data), tmp_path, trainer, resume=True) == saved
+    assert phases.train_candidate(cand, step, source, tmp_path, resume=True) == saved

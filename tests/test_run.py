@@ -5,44 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEMO, run_argv, tiny_overrides
 
-from helpers import demo
-from spnas.cli import main
+from spnas.cli.main import main
 from spnas.config import load_config
-from spnas.errors import SpnasError
-
-DEMO = Path(__file__).parent.parent / "configs" / "demo.yml"
-
-
-def tiny_overrides(data_root):
-    return [f"fine_tune.dataset.common.data_root={data_root}",
-            "fine_tune.model.model_desc.min_size=96", "fine_tune.model.model_desc.max_size=96",
-            "fine_tune.model.model_desc.backbone.base_channels=8", "fine_tune.trainer.epochs=1",
-            "fine_tune.trainer.lr_scheduler.params.warmup_iters=2",
-            "fine_tune.trainer.lr_scheduler.params.after_scheduler_config.params.milestones=[1]",
-            "serial.search_algorithm.max_sample=2", "serial.search_algorithm.flops_size=96",
-            "parallel.search_algorithm.max_sample=2", "parallel.search_algorithm.flops_size=96",
-            "reignition.top_k=1", "fully_train.trainer.epochs=1",
-            "fully_train.trainer.lr_scheduler.params.after_scheduler_config.params.milestones=[1]"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return demo(tmp_path_factory.mktemp("data"), train=16, val=6, size=96)
-
-
-def _run(data, workdir, workers):
-    argv = ["run", str(DEMO), "--workdir", str(workdir), "--workers", str(workers), "--quiet"]
-    for o in tiny_overrides(data):
-        argv += ["--set", o]
-    assert main(argv) == 0
-    return json.loads((workdir / "output" / "reports.json").read_text())
+from spnas.utils.errors import SpnasError
 
 
 @pytest.mark.slow
-def test_run_all_phases_files_and_reproducibility(tiny_data, tmp_path):
-    a = _run(tiny_data, tmp_path / "a", workers=2)
-    out = tmp_path / "a" / "output"
+def test_run_all_phases_files_and_reproducibility(tiny_run, tiny_data, tmp_path):
+    workdir, a = tiny_run
+    out = workdir / "output"
     assert list(a["phases"]) == ["fine_tune", "serial", "reignition", "parallel", "fully_train"]
     # fine_tune: candidate 0
     for f in ("desc_0.json", "performance_0.json", "model_0.pth", "output.csv"):
@@ -54,7 +27,8 @@ def test_run_all_phases_files_and_reproducibility(tiny_data, tmp_path):
         assert len(recs) == n_seeds + 2 and len(cands) == 2
         for r in cands:
             assert r["status"] == "ok" and r["parent"] in {x["id"] for x in recs}
-            assert r["inherited"] > 0 and r["fresh"] >= 0
+            n_tensors = len(torch.load(out / phase / f"model_{r['id']}.pth", weights_only=True))
+            assert r["inherited"] > 0 and r["inherited"] + r["fresh"] == n_tensors
             for f in (f"desc_{r['id']}.json", f"performance_{r['id']}.json", f"model_{r['id']}.pth",
                       f"inherit_{r['id']}.json"):
                 assert (out / phase / f).is_file(), f
@@ -76,11 +50,15 @@ def test_run_all_phases_files_and_reproducibility(tiny_data, tmp_path):
     assert len(re_) == 1 and (out / "reignition" / f"model_{re_[0]['id']}.pth").is_file()
     assert a["phases"]["parallel"]["seeds"] == [{"seed": 0, "from": f"reignition/{re_[0]['id']}"}]
     full = a["phases"]["fully_train"]["records"]
-    assert len(full) == 1 and full[0]["id"] in a["phases"]["parallel"]["front"]
-    assert a["best"]["id"] == full[0]["id"] and (out / "fully_train" / f"model_{full[0]['id']}.pth").is_file()
+    front = a["phases"]["parallel"]["front"]
+    assert len(full) == min(2, len(front)) and {r["id"] for r in full} <= set(front)  # top_k 2 of the front
+    best = max(full, key=lambda r: r["metrics"]["mAP"])
+    assert a["best"]["id"] == best["id"] and all((out / "fully_train" / f"model_{r['id']}.pth").is_file() for r in full)
     assert not list(out.rglob("train_*"))  # training state removed once a candidate is done
 
-    b = _run(tiny_data, tmp_path / "b", workers=2)
+    # the same config again, on one worker instead of two: the same records
+    assert main(run_argv(tiny_data, tmp_path / "b", workers=1)) == 0
+    b = json.loads((tmp_path / "b" / "output" / "reports.json").read_text())
     for phase in ("serial", "parallel"):
         ca = [(r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], (r["metrics"] or {}).get("mAP"))
               for r in a["phases"][phase]["records"]]
@@ -90,17 +68,17 @@ def test_run_all_phases_files_and_reproducibility(tiny_data, tmp_path):
 
 
 def test_failed_candidate_is_recorded_and_all_failed_stops(tiny_data, tmp_path, monkeypatch):
-    import spnas.run as run_mod
-    from spnas import phases
+    import spnas.orchestration.local as run_mod
+    from spnas.orchestration import phases
     real = phases.train_candidate
     calls = []
 
-    def flaky(candidate, **kw):
+    def flaky(candidate, *args, **kw):
         calls.append(candidate["id"])
         if candidate["id"] == 1:
             return {"id": 1, "status": "failed", "metrics": None, "error": "RuntimeError: out of memory",
                     "weights": None, "inherited": None, "fresh": None}
-        return real(candidate, **kw)
+        return real(candidate, *args, **kw)
 
     monkeypatch.setattr(run_mod.phases, "train_candidate", flaky)
     cfg = load_config(DEMO, workdir=tmp_path / "w", overrides=tiny_overrides(tiny_data) + [
@@ -112,7 +90,7 @@ def test_failed_candidate_is_recorded_and_all_failed_stops(tiny_data, tmp_path, 
     assert 1 not in reports["phases"]["serial"]["front"] and len(recs) == 3
     assert all(r["metrics"]["latency"] > 0 for r in recs if r["status"] == "ok")  # the measured objective
 
-    monkeypatch.setattr(run_mod.phases, "train_candidate", lambda c, **kw: {
+    monkeypatch.setattr(run_mod.phases, "train_candidate", lambda c, *args, **kw: {
         "id": c["id"], "status": "failed", "metrics": None, "error": f"ValueError: bad {c['id']}",
         "weights": None, "inherited": None, "fresh": None})
     with pytest.raises(SpnasError, match="serial round 0: every candidate failed: candidate 1: ValueError: bad 1; candidate 2: ValueError: bad 2"):
@@ -127,8 +105,11 @@ def test_run_reports_config_errors_with_key(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reference_page_config_runs(tiny_data, tmp_path):
-    """The config assembled from the reference page's snippets runs as written; only the
-    dataset paths are filled in and the schedule is shrunk with --set for CPU CI."""
+    """The config assembled from the reference page's snippets runs as written (only the dataset
+    paths filled in, the schedule shrunk with --set for CPU CI) through what only it proves: a
+    torchvision ResNet-50 Faster R-CNN checkpoint loaded and converted, and a serial round of
+    ResNet-50 children with ``freeze_swap_keys``. Loading its other steps is test_config's job;
+    running every phase is the demo config's (test_run_all_phases_files_and_reproducibility)."""
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
     torch.manual_seed(0)
     ckpt = tmp_path / "fasterrcnn_resnet50_fpn_coco.pth"
@@ -137,9 +118,7 @@ def test_reference_page_config_runs(tiny_data, tmp_path):
     cfg_path = tmp_path / "spnas.yml"
     cfg_path.write_text(ref.replace("{data_root}", str(tiny_data)).replace("{pretrained}", str(ckpt)))
     shrink = ["fine_tune.model.model_desc.min_size=96", "fine_tune.model.model_desc.max_size=96",
-              "fine_tune.trainer.epochs=1", "serial.search_algorithm.max_sample=1",
-              "parallel.search_algorithm.max_sample=1", "reignition.trainer.epochs=1",
-              "fully_train.trainer.epochs=1"]
+              "fine_tune.trainer.epochs=1", "serial.search_algorithm.max_sample=1", "pipeline=[fine_tune, serial]"]
     argv = ["run", str(cfg_path), "--workdir", str(tmp_path / "run"), "--quiet"]
     for o in shrink:
         argv += ["--set", o]
@@ -149,7 +128,7 @@ def test_reference_page_config_runs(tiny_data, tmp_path):
     assert ft["desc"]["backbone"]["code"] == "111-2111-211111-211" and ft["desc"]["num_classes"] == 4
     assert ft["fresh"] == 4  # the 91-class box predictor was replaced, everything else converted
     serial = reports["phases"]["serial"]["records"]
-    assert len(serial) == 2 and serial[1]["status"] == "ok"
-    par = reports["phases"]["parallel"]["records"]
-    assert par[0]["desc"]["neck"]["code"] == [0, 1, 2, 3]  # the search space's neck code is the start
-    assert reports["best"]["id"] in reports["phases"]["parallel"]["front"]
+    assert list(reports["phases"]) == ["fine_tune", "serial"]
+    assert len(serial) == 2 and serial[1]["status"] == "ok" and serial[1]["parent"] == 0
+    assert serial[1]["desc"]["backbone"]["code"] != "111-2111-211111-211" and serial[1]["inherited"] > 0
+    assert reports["best"]["id"] in reports["phases"]["serial"]["front"]

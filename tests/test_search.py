@@ -1,4 +1,4 @@
-"""SpNasS / SpNasP search: operators, sampling, Pareto front, state, determinism (SPEC 2.2, 2.4)."""
+"""SpNasS / SpNasP search: operators, sampling, Pareto front, state, determinism ."""
 from __future__ import annotations
 
 import copy
@@ -9,13 +9,31 @@ from collections import Counter
 
 import pytest
 
-from spnas import measure as spm
-from spnas.encoding import Bounds, check_bounds, parse_serial
-from spnas.errors import ConfigError
-from spnas.inherit import align_blocks
-from spnas.search import (SearchError, SearchSettings, _Rejected, add_stage, choose_serial_op, expand, front, is_done,
-                          mutate_parallel, mutate_serial, new_state, pareto_front, propose, records,
-                          stage_pass_gflops, stage_sampling_probabilities, swap, swap_moves, update)
+from spnas.models import cost as spm
+from spnas.models.cost import stage_pass_gflops
+from spnas.models.encoding import Bounds, check_bounds, parse_serial
+from spnas.models.inherit import align_blocks
+from spnas.search import (
+    Rejected,
+    SearchError,
+    SearchSettings,
+    add_stage,
+    choose_serial_op,
+    expand,
+    front,
+    is_done,
+    mutate_parallel,
+    mutate_serial,
+    new_state,
+    pareto_front,
+    propose,
+    records,
+    stage_sampling_probabilities,
+    swap,
+    swap_moves,
+    update,
+)
+from spnas.utils.errors import ConfigError
 
 SIZE = 128          # flops_size for every test: small and fast
 
@@ -119,7 +137,7 @@ def test_swap_keeps_blocks_and_stage_count_and_moves_one_boundary():
         c = parse_serial(child)
         assert c.blocks == p.blocks and c.num_stages == p.num_stages
         assert all(c.stages)
-        diffs = [len(cs) - len(ps) for ps, cs in zip(p.stages, c.stages)]
+        diffs = [len(cs) - len(ps) for ps, cs in zip(p.stages, c.stages, strict=False)]
         moved = [i for i, d in enumerate(diffs) if d]
         assert len(moved) == 2 and moved[1] == moved[0] + 1 and sorted(diffs[i] for i in moved) == [-1, 1]
         align_blocks(parent, child)
@@ -141,7 +159,7 @@ def test_mutate_serial_respects_max_stages_and_derivability():
         parent = random_code(rng, rng.randint(4, 5))
         try:
             child, ops = mutate_serial(parent, rng, s)
-        except _Rejected as rej:  # the only rejection here: a swap drawn where no boundary can move
+        except Rejected as rej:  # the only rejection here: a swap drawn where no boundary can move
             assert rej.reason == "no possible swap"
             continue
         op_counts.update(ops)
@@ -195,7 +213,7 @@ def test_flops_inverse_sampling_frequencies():
     s = parallel_settings(num_mutate=1, max_per_stage=3)
     costs = stage_pass_gflops(desc, SIZE)
     probs = stage_sampling_probabilities(desc, s)
-    inv = [0.0 if k >= 3 else 1 / c for c, k in zip(costs, [0, 3, 0, 1])]
+    inv = [0.0 if k >= 3 else 1 / c for c, k in zip(costs, [0, 3, 0, 1], strict=False)]
     expected = [w / sum(inv) for w in inv]
     assert probs == pytest.approx(expected, rel=1e-12)
     assert probs[1] == 0.0 and math.isclose(sum(probs), 1.0)
@@ -261,7 +279,7 @@ def test_parallel_search_sanity():
         parent = by_id[r["parent"]]
         k, pk = r["desc"]["neck"]["code"], parent["desc"]["neck"]["code"]
         assert r["desc"]["backbone"] == parent["desc"]["backbone"]          # serial code kept
-        assert all(a >= b for a, b in zip(k, pk)) and 1 <= sum(k) - sum(pk) <= 3 == s.num_mutate
+        assert all(a >= b for a, b in zip(k, pk, strict=False)) and 1 <= sum(k) - sum(pk) <= 3 == s.num_mutate
         assert sum(k) - sum(pk) == len(r["ops"]) and max(k) <= 3
         assert math.isclose(r["gflops"], spm.gflops(r["desc"], SIZE))
     top = front(state)
@@ -440,14 +458,14 @@ def test_latency_objective_comes_from_measured_metrics():
 def test_kfp_update_stops_when_every_candidate_of_a_round_failed():
     """The Kubeflow update step applies the same rule as ``spnas run``: one success is enough to
     go on; a round with no success stops with every failure listed."""
-    from spnas import remote
-    from spnas.phases import PhaseError
+    from spnas.orchestration import pods as remote
+    from spnas.utils.errors import PhaseError
     proposal = remote.propose(new_state(serial_settings(candidates_per_round=2), [seed_of()]))
     ids = [c["id"] for c in json.loads(proposal)["candidates"]]
     failed = [{"id": i, "status": "failed", "error": f"NonFiniteLossError: loss nan at step {i}"} for i in ids]
-    with pytest.raises(PhaseError, match="SpNasS round 0: every candidate failed: candidate 1: NonFiniteLossError: "
+    with pytest.raises(PhaseError, match="serial round 0: every candidate failed: candidate 1: NonFiniteLossError: "
                                          "loss nan at step 1; candidate 2: NonFiniteLossError: loss nan at step 2"):
-        remote.update(proposal, failed)
+        remote.update(proposal, failed, "serial")
     ok = [{**failed[0], "status": "ok", "error": None, "metrics": {"mAP": 36.0}, "weights": "w1"}, failed[1]]
-    state = json.loads(remote.update(proposal, ok))
+    state = json.loads(remote.update(proposal, ok, "serial"))
     assert [r["status"] for r in state["records"]] == ["ok", "ok", "failed"]

@@ -20,14 +20,16 @@ import tempfile
 import traceback
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
-from spnas import objectstore, storage
-from spnas.storage import Store, StorageError
+from spnas import storage
+from spnas.devtools import objectstore
+from spnas.storage import StorageError, Store
 
 ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "configs" / "demo.yml"
@@ -47,13 +49,13 @@ SCANNED: dict[str, dict[str, int]] = {}
 # scanning
 
 
-def _found(data: "str | bytes") -> list[str]:
+def _found(data: str | bytes) -> list[str]:
     """The needles present in ``data``."""
     blob = data.encode("utf-8", "replace") if isinstance(data, str) else data
     return [n for n in NEEDLES if n.encode() in blob]
 
 
-def _assert_clean(data: "str | bytes", where: str) -> None:
+def _assert_clean(data: str | bytes, where: str) -> None:
     hits = _found(data)
     assert not hits, f"credential material {hits} in {where}"
 
@@ -211,6 +213,7 @@ def dataset_uri(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 
 def _tiny_raw(data_root: str) -> dict[str, Any]:
     from test_run import tiny_overrides
+
     from spnas.config import apply_overrides
     return apply_overrides(yaml.safe_load(DEMO.read_text()), tiny_overrides(data_root))
 
@@ -243,7 +246,6 @@ def test_compiled_pipeline_names_the_secret_never_its_values(s3env: dict[str, st
     """Compiled with the credentials in the environment (what ``make compile`` runs), the YAML
     holds no key, only references to the secret; so does the checked-in file."""
     monkeypatch.syspath_prepend(str(ROOT))
-    monkeypatch.setenv("SPNAS_IMAGE", os.environ.get("SPNAS_IMAGE", "ghcr.io/spnas-kfp/spnas:0.1.0"))
     from pipelines.spnas_pipeline import compile_pipeline
     assert os.environ[storage.ENV_SECRET_KEY] == SECRET
     with _debug_logging(caplog) as handler:
@@ -264,7 +266,7 @@ def test_compiled_pipeline_names_the_secret_never_its_values(s3env: dict[str, st
 
 def _run_argv(data_root: str, workdir: Path, *extra: str) -> list[str]:
     """``spnas -v run`` of the demo config shrunk to the tiny test size, on one worker."""
-    from test_run import tiny_overrides
+    from helpers import tiny_overrides
     argv = ["-v", "run", str(DEMO), "--workdir", str(workdir), "--workers", "1", *extra]
     for o in tiny_overrides(data_root):
         argv += ["--set", o]
@@ -278,7 +280,7 @@ def test_local_run_and_publish_leak_nothing(s3env: dict[str, str], dataset_uri: 
     """``spnas -v run --publish`` (:func:`spnas.run.run`) with a ``minio://`` data root: every log
     record at DEBUG, stdout and stderr (progress and summary), every file of the workdir, cache
     and temporary folder, and every object in the bucket (data set and published run)."""
-    from spnas.cli import main
+    from spnas.cli.main import main
     publish = f"minio://{BUCKET}/runs/local-1"
     with _debug_logging(caplog) as handler:
         assert main(_run_argv(dataset_uri, tmp_path / "work", "--publish", publish)) == 0
@@ -310,7 +312,9 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
     artifact metadata and files, the published objects and all output are clean."""
     monkeypatch.syspath_prepend(str(ROOT))
     from kfp.dsl import HTML, Markdown, Metrics, Model
-    from components import spnas_components as c
+
+    from components.spnas_components import build_components
+    c = build_components()
     art = tmp_path / "artifacts"
     art.mkdir()
     artifacts: list[Any] = []
@@ -339,15 +343,20 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
                                                  metrics=make(Metrics, f"cand-{i}-metrics"))
                    for i, item in enumerate(items)]
         assert results and all(r["status"] == "ok" for r in results), results
-        state = c.update.python_func(proposal=proposal, results=results)
+        state = c.update.python_func(proposal=proposal, results=results, step="serial")
         front = c.search_front.python_func(state=state, run_uri=run_uri, step="serial",
                                            plot=make(HTML, "serial-plot"))
-        best = c.full_train.python_func(config=config, step="fully_train", front=front, data_uri=dataset_uri,
-                                        run_uri=run_uri, overrides=overrides, model=make(Model, "full-model"),
-                                        metrics=make(Metrics, "full-metrics"))
+        chosen = c.choose.python_func(config=config, step="fully_train", front=front, run_uri=run_uri,
+                                      overrides=overrides)
+        trained = [c.full_train.python_func(config=config, step="fully_train", item=item, data_uri=dataset_uri,
+                                            accelerator_type="nvidia.com/gpu", gpus_per_task=0, cpu_per_task="1",
+                                            memory_per_task="2G", model=make(Model, f"full-model-{i}"),
+                                            metrics=make(Metrics, f"full-metrics-{i}"))
+                   for i, item in enumerate(chosen)]
+        best = c.finish.python_func(records=trained, run_uri=run_uri, step="fully_train")
         weights = c.publish.python_func(serial_front=front, parallel_front=front, best=best,
                                         report=make(Markdown, "report"))
-        returned += [overrides, run_uri, seeds, state, proposal, items, results, front, best, weights]
+        returned += [overrides, run_uri, seeds, state, proposal, items, results, front, chosen, trained, best, weights]
     assert weights.startswith(f"{run_uri}/fully_train/model_")
     assert all(r["weights"].startswith(run_uri) for r in results)
     for i, value in enumerate(returned):
@@ -377,10 +386,11 @@ def test_failures_never_show_credentials(s3env: dict[str, str], server: dict[str
     wrong and shows no key, neither in its message and traceback nor in a failed candidate."""
     monkeypatch.syspath_prepend(str(ROOT))
     from kfp.dsl import Metrics, Model
-    from components import spnas_components as c
-    from spnas.cli import main
+
+    from components.spnas_components import build_components
+    from spnas.cli.main import main
     from spnas.config import load_config
-    from spnas.run import run
+    from spnas.orchestration.local import run
     wrong = f"SPNAS{MARKER}WRONG" + secrets.token_hex(8)
     errors: list[str] = []
 
@@ -389,6 +399,7 @@ def test_failures_never_show_credentials(s3env: dict[str, str], server: dict[str
             fn()
         errors.append(_error_text(err.value))
 
+    c = build_components()
     config = json.dumps(_tiny_raw(dataset_uri))
     candidate = {"id": 9, "desc": {"backbone": {"code": "1-2-2-2"}}, "parent_desc": {}, "parent": 0,
                  "parent_weights": f"minio://{BUCKET}/datasets/tiny/annotations/instances_val2017.json",
@@ -445,7 +456,7 @@ def test_failures_never_show_credentials(s3env: dict[str, str], server: dict[str
 # the embedded object store
 
 
-def _anonymous(method: str, url: str, data: "bytes | None" = None) -> int:
+def _anonymous(method: str, url: str, data: bytes | None = None) -> int:
     """The HTTP status of an unsigned request."""
     req = urllib.request.Request(url, data=data, method=method)
     try:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from spnas import objectstore, storage
-from spnas.errors import SpnasError
-from spnas.storage import FetchStats, Store, StorageError
-from spnas.storage_cli import register
+from spnas import storage
+from spnas.cli.storage import register
+from spnas.devtools import objectstore
+from spnas.storage import FetchStats, StorageError, Store
+from spnas.utils.errors import SpnasError
 
 BUCKET = "spnas-test"
 
@@ -258,7 +259,7 @@ def _fetch_in_child(uri: str, cache: str, expected: dict, q) -> None:
 
 
 def test_concurrent_fetches_never_see_partial_files(s3env, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "_CHUNK", 4096)  # many small writes: a non-atomic download would show
+    monkeypatch.setattr(storage.client, "_CHUNK", 4096)  # many small writes: a non-atomic download would show
     rng = random.Random(7)
     src = tmp_path / "ds"
     expected = {f"img/{i:03d}.bin": rng.randbytes(1_000_000 + i) for i in range(12)}
@@ -324,10 +325,7 @@ def _listening_addresses(pid: int) -> list[str]:
             if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
                 continue
             addr_hex, port_hex = cols[1].split(":")
-            if width == 8:
-                addr = ".".join(str(int(addr_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
-            else:
-                addr = "v6:" + addr_hex
+            addr = ".".join(str(int(addr_hex[i:i + 2], 16)) for i in (6, 4, 2, 0)) if width == 8 else "v6:" + addr_hex
             out.append(f"{addr}:{int(port_hex, 16)}")
     return out
 
@@ -362,7 +360,7 @@ def test_credentials_never_leak(s3env, server, tmp_path, caplog, monkeypatch):
         storage.fetch(f"s3://{BUCKET}/leak/ds", cache)
     assert secret not in str(err.value) and access not in str(err.value)
     assert secret not in caplog.text and access not in caplog.text
-    assert "Store('http://127.0.0.1:1')" == repr(Store.from_env())
+    assert repr(Store.from_env()) == "Store('http://127.0.0.1:1')"
     # files written by the storage layer (cache) and by the object store (state, pid, log)
     d = server["dir"]
     private = {d / objectstore.CREDENTIALS_FILE, d / objectstore.IDENTITIES_FILE}
@@ -429,15 +427,15 @@ def test_server_goes_away_then_restarts(s3env, server, tmp_path, capsys, caplog,
         assert "stopped" in capsys.readouterr().out
         assert _cli("objectstore", "status", "--dir", str(d)) == 0
         assert "object store stopped" in capsys.readouterr().out
-        t0 = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="spnas.storage"):
-            with pytest.raises(StorageError) as err:
-                storage.fetch("s3://runs/r1/w2.pth", tmp_path / "c")
-        elapsed = time.monotonic() - t0
+        waits: list[float] = []
+        with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="spnas.storage"), \
+                pytest.raises(StorageError) as err:
+            m.setattr(storage.client.time, "sleep", waits.append)  # the backoff, recorded rather than slept
+            storage.fetch("s3://runs/r1/w2.pth", tmp_path / "c")
         msg = str(err.value)
         assert f"http://127.0.0.1:{port}" in msg and "s3://runs/r1/w2.pth" in msg and "4 attempt" in msg
         assert sum("retrying in" in r.getMessage() for r in caplog.records) == 3
-        assert elapsed < 5, elapsed
+        assert waits == [0.01, 0.02, 0.04]  # SPNAS_S3_RETRY_DELAY=0.01, doubled after each failed attempt
 
         with pytest.raises(StorageError, match=f"uses port {port}"):
             objectstore.start(d, port=port + 20)

@@ -1,0 +1,1 @@
+"""The ``spnas`` command line (:func:`spnas.cli.main.main`)."""

@@ -1,0 +1,258 @@
+"""The ``spnas`` command line. Library errors become one-line messages and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..utils.errors import SpnasError
+
+log = logging.getLogger("spnas")
+
+
+def _desc_from_args(args: argparse.Namespace) -> dict:
+    desc: dict = {"backbone": {"code": args.code}, "neck": {}}
+    if args.block is not None:
+        desc["backbone"]["block"] = args.block
+    if args.base_channels is not None:
+        desc["backbone"]["base_channels"] = args.base_channels
+    if args.parallel is not None:
+        desc["neck"]["code"] = args.parallel
+    if args.num_classes is not None:
+        desc["num_classes"] = args.num_classes
+    return desc
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from ..models.cost import describe
+    info = describe(_desc_from_args(args), size=args.size)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    d, p = info["desc"], info["params"]
+    bb = d["backbone"]
+    print(f"architecture  {info['arch']}")
+    print(f"block         {bb['block']}   base channels {bb['base_channels']}   "
+          f"classes {d['num_classes']}")
+    print(f"serial code   {bb['code']}   ({sum(r['blocks'] for r in info['stages'])} blocks, "
+          f"{len(info['stages'])} stages)")
+    print(f"parallel code {d['neck']['code']}")
+    print()
+    print(f"{'stage':>5} {'code':<14} {'blocks':>6} {'in ch':>6} {'out ch':>6} {'stride':>6} {'parallel':>8}")
+    for r in info["stages"]:
+        print(f"{r['stage']:>5} {r['code']:<14} {r['blocks']:>6} {r['in_channels']:>6} "
+              f"{r['out_channels']:>6} {r['stride']:>6} {r['parallel']:>8}")
+    print()
+    print(f"params        {p['total']:,} total: backbone {p['backbone']:,}, parallel {p['parallel']:,}, "
+          f"FPN {p['neck']:,}, heads {p['heads']:,}")
+    print(f"GFLOPs        {info['gflops']:.2f} (backbone + parallel + FPN at {info['size']}x{info['size']})")
+    return 0
+
+
+def _load_desc(args: argparse.Namespace) -> dict:
+    """``--desc FILE`` or ``--code/--block/--base-channels``."""
+    from ..utils.fileio import read_json
+    if getattr(args, "desc", None):
+        desc = read_json(args.desc, "model description")
+        if not isinstance(desc, dict):
+            raise SpnasError(f"model description {args.desc!r} must be a JSON object")
+        return desc
+    desc: dict = {"backbone": {"code": args.code}}
+    if args.block is not None:
+        desc["backbone"]["block"] = args.block
+    if args.base_channels is not None:
+        desc["backbone"]["base_channels"] = args.base_channels
+    return desc
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from ..data.demo import write_demo_dataset
+    out = write_demo_dataset(args.out_dir, train=args.train, val=args.val, size=args.size, classes=args.classes,
+                             seed=args.seed, progress=True)
+    print(f"demo data (COCO layout) written to {out}")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from ..training.schedule import TrainConfig
+    kw = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
+              schedule=args.schedule, warmup_iters=args.warmup_iters, clip_grad_norm=args.clip_grad_norm)
+    if args.iters is not None:
+        kw["iters"] = args.iters
+    else:
+        kw["epochs"] = args.epochs
+    return TrainConfig(**kw)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..data.source import CocoSource
+    from ..training.architecture import train_architecture
+    perf = train_architecture(_load_desc(args), CocoSource(args.data), args.out, _train_config(args), arch_id=args.id,
+                              init=args.init, device=args.device, resume=not args.no_resume, progress=True,
+                              min_size=args.min_size, max_size=args.max_size)
+    print(f"{args.out}: mAP {perf.get('mAP') or 0:.2f}  AP50 {perf.get('AP50') or 0:.2f}  "
+          f"params {perf['params']:,}  GFLOPs {perf['gflops']:.2f}  ({perf['train_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..data.source import CocoSource
+    from ..training.architecture import evaluate_architecture
+    from ..utils.fileio import atomic_write_json
+    metrics = evaluate_architecture(_load_desc(args), args.weights, CocoSource(args.data), split=args.split,
+                                    device=args.device, batch_size=args.batch_size, progress=True)
+    if args.out:
+        atomic_write_json(args.out, metrics)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_reignite(args: argparse.Namespace) -> int:
+    from ..data.source import CocoSource
+    from ..training.reignite import reignite
+    from ..training.schedule import ReignitionSettings
+    settings = ReignitionSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                  image_size=args.image_size, seed=args.seed)
+    perf = reignite(_load_desc(args), args.weights, args.out, settings, folder=args.data,
+                    detection=CocoSource(args.from_detection) if args.from_detection else None,
+                    arch_id=args.id, device=args.device, progress=True)
+    print(f"{args.out}: reignited backbone, top-1 {perf['top1_train']:.1f}% (train) on {perf['source']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..orchestration.local import run
+    config = load_config(args.config, workdir=args.workdir, overrides=args.set or ())
+    reports = run(config, workers=args.workers, progress=not args.quiet, publish=args.publish,
+                  resume=args.resume)
+    best = reports.get("best")
+    out = f"{config.workdir}/output"
+    print(f"\nSP-NAS finished in {reports['seconds']:.0f} s. Results: {out}")
+    for name, ph in reports["phases"].items():
+        extra = f", plot {ph['plot']}" if ph.get("plot") else ""
+        print(f"  {name:<12} {len(ph['records'])} record(s), {ph.get('seconds', 0):.0f} s{extra}")
+    if reports.get("published"):
+        print(f"  published to {reports['published']['uri']} ({reports['published']['objects']} files)")
+    if best:
+        m = best["metrics"]
+        print(f"best model: {best['desc']['backbone']['code']} neck {best['desc']['neck']['code']}  "
+              f"mAP {m['mAP']:.2f}  AP50 {m['AP50']:.2f}  params {best['params']:,}  GFLOPs {best['gflops']:.2f}")
+        print(f"  weights {best['weights']}")
+    return 0
+
+
+def _arch_args(p: argparse.ArgumentParser, desc: bool = True) -> None:
+    if desc:
+        p.add_argument("--desc", default=None, help="model description JSON (desc_<id>.json)")
+    p.add_argument("--code", default="111-2111-211111-211",
+                   help="serial code, or Vega's one-string form r_111-2111-211111-211_0-0-0-0")
+    p.add_argument("--block", default=None, help="basic | bottleneck | resnext (default bottleneck)")
+    p.add_argument("--base-channels", type=int, default=None, help="stem width (default 64)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spnas", description="SP-NAS detection backbone search")
+    parser.add_argument("--version", action="version", version=f"spnas {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("describe", help="print blocks, stages, channels, strides, params and GFLOPs")
+    _arch_args(p, desc=False)
+    p.add_argument("--parallel", default=None, help="parallel code, e.g. 0,1,0,0 (default all zeros)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default 91)")
+    p.add_argument("--size", type=int, default=800, help="square input size for GFLOPs (default 800)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("demo-data", help="write the generated demo detection set in COCO layout")
+    p.add_argument("out_dir")
+    p.add_argument("--train", type=int, default=240, help="training images (default 240)")
+    p.add_argument("--val", type=int, default=60, help="validation images (default 60)")
+    p.add_argument("--size", type=int, default=160, help="image side in pixels (default 160)")
+    p.add_argument("--classes", type=int, default=3, help="object classes, at most 8 (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("train", help="train and evaluate one architecture on a COCO-layout data set")
+    p.add_argument("--data", required=True, help="data root with annotations/instances_{train,val}2017.json")
+    _arch_args(p)
+    sched = p.add_mutually_exclusive_group()
+    sched.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
+    sched.add_argument("--iters", type=int, default=None, help="iterations instead of epochs")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--schedule", choices=["step", "cosine"], default="step")
+    p.add_argument("--warmup-iters", type=int, default=100)
+    p.add_argument("--clip-grad-norm", type=float, default=None)
+    p.add_argument("--min-size", type=int, default=None, help="detector resize: shorter side")
+    p.add_argument("--max-size", type=int, default=None, help="detector resize: longer side cap")
+    p.add_argument("--init", default=None, help="weights to start from (.pth: spnas, torchvision detector or resnet)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--id", default="0", help="candidate id used in the output file names (default 0)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="COCO box AP of saved weights")
+    p.add_argument("--data", required=True)
+    _arch_args(p)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reignite", help="re-train a detector's backbone as a classifier (backbone + pool + linear "
+                                        "head), then put it back into the detector")
+    _arch_args(p)
+    p.add_argument("--weights", required=True, help="detector weights (model_<id>.pth)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", default=None, help="folder-per-class classification set")
+    src.add_argument("--from-detection", default=None, help="detection data root to cut object crops from")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--id", default="0")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_reignite)
+
+    p = sub.add_parser("run", help="run every SP-NAS phase of a Vega-style config on this machine")
+    p.add_argument("config", help="YAML config (see configs/demo.yml)")
+    p.add_argument("--workdir", default=None, help="working directory = {local_base_path} (default runs/spnas)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set serial.search_algorithm.max_sample=8")
+    p.add_argument("--workers", type=int, default=None, help="candidates trained at once (default: config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--publish", default=None, metavar="URI",
+                   help="upload the output folder to an s3:// or minio:// prefix at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --workdir: finished phases and candidates are kept, "
+                        "an interrupted training continues from its last checkpoint")
+    p.set_defaults(func=cmd_run)
+
+    from .storage import register
+    register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SpnasError as exc:
+        print(f"spnas {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,2 @@
+"""The data layer: COCO detection sets, classification sets for reignition, and the generated
+demo scenes."""

@@ -1,0 +1,283 @@
+"""COCO-format detection data, read with pycocotools.
+
+Standard layout (Vega's ``CocoDataset``)::
+
+    data_root/annotations/{ann_prefix}_{split}{img_prefix}.json   e.g. instances_train2017.json
+    data_root/{split}{img_prefix}/                                 e.g. train2017/
+
+Category ids are mapped to contiguous labels ``1..K`` (0 is background) and back for
+evaluation. Training drops images without usable boxes; evaluation keeps every image.
+Malformed input is rejected with a :class:`DataError` naming the file and the entry, or, for
+individual bad boxes, skipped and counted in one warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..utils.errors import DataError, brief
+
+log = logging.getLogger(__name__)
+
+#: Largest image side accepted (pixels). float32 counts whole pixels exactly up to 2**24, and
+#: boxes of images without a width/height are clipped to it, so no inf reaches the model.
+MAX_SIDE = 1 << 24
+
+
+@dataclass(frozen=True)
+class CocoSplit:
+    """Where one split lives: the annotation file and the image folder."""
+
+    ann_file: Path
+    img_dir: Path
+
+
+def resolve_split(data_root: str | os.PathLike, split: str, img_prefix: str = "2017",
+                  ann_prefix: str = "instances") -> CocoSplit:
+    """The standard COCO layout under ``data_root`` for ``split`` (``train``/``val``)."""
+    from ..storage import is_uri, local_path
+    if is_uri(str(data_root)):  # s3:// or minio://: fetched once into the ETag-keyed cache
+        data_root = local_path(str(data_root))
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {str(root)!r} does not exist")
+    return CocoSplit(root / "annotations" / f"{ann_prefix}_{split}{img_prefix}.json", root / f"{split}{img_prefix}")
+
+
+def _load_coco(ann_file: Path):
+    import json
+
+    from pycocotools.coco import COCO
+    if not ann_file.is_file():
+        raise DataError(f"annotation file {str(ann_file)!r} does not exist")
+    try:
+        with open(ann_file, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"annotation file {str(ann_file)!r} cannot be read: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int of over 4300 digits, deep nesting
+        raise DataError(f"annotation file {str(ann_file)!r} is not valid JSON: {exc}") from None
+    _validate_coco(raw, ann_file)
+    coco = COCO()
+    coco.dataset = raw
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+def _finite_number(value: Any) -> bool:
+    """True for an int or float (not bool) that is finite as a float (huge ints are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def _validate_coco(raw: Any, ann_file: Path) -> None:
+    where = f"annotation file {str(ann_file)!r}"
+    if not isinstance(raw, dict):
+        raise DataError(f"{where} is not COCO: the top level is a {type(raw).__name__}, not an object")
+    for key in ("images", "annotations", "categories"):
+        if key not in raw:
+            raise DataError(f"{where} is not COCO: it has no {key!r} list")
+        if not isinstance(raw[key], list):
+            raise DataError(f"{where} is not COCO: {key!r} is a {type(raw[key]).__name__}, not a list")
+    if not raw["categories"]:
+        raise DataError(f"{where} has no categories")
+    seen: dict[str, set] = {"images": set(), "categories": set(), "annotations": set()}
+    for kind, required in (("categories", ("id", "name")), ("images", ("id", "file_name")),
+                           ("annotations", ("id", "image_id", "category_id", "bbox"))):
+        for n, entry in enumerate(raw[kind]):
+            if not isinstance(entry, dict):
+                raise DataError(f"{where}: {kind}[{n}] is not an object")
+            for key in required:
+                if key not in entry:
+                    raise DataError(f"{where}: {kind}[{n}] has no {key!r}")
+            if isinstance(entry["id"], bool) or not isinstance(entry["id"], int):
+                raise DataError(f"{where}: {kind}[{n}] id {brief(entry['id'])} is not an integer")
+            if entry["id"] in seen[kind]:
+                raise DataError(f"{where}: {kind}[{n}] repeats id {entry['id']}")
+            seen[kind].add(entry["id"])
+    for n, cat in enumerate(raw["categories"]):
+        if not isinstance(cat["name"], str):
+            raise DataError(f"{where}: categories[{n}] name {brief(cat['name'])} is not a string")
+    for n, img in enumerate(raw["images"]):
+        name = img["file_name"]
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise DataError(f"{where}: images[{n}] file_name {brief(name)} is not a file name")
+        parts = Path(name).parts
+        if os.path.isabs(name) or ".." in parts or name.startswith(("/", "\\")):
+            raise DataError(f"{where}: images[{n}] file_name {brief(name)} points outside the image folder")
+        for key in ("width", "height"):
+            if key in img and not (_finite_number(img[key]) and 0 < img[key] <= MAX_SIDE):
+                raise DataError(f"{where}: images[{n}] {key} {brief(img[key])} is not a positive number "
+                                f"up to {MAX_SIDE}")
+    for n, ann in enumerate(raw["annotations"]):
+        for key, kind in (("image_id", "images"), ("category_id", "categories")):
+            ref = ann[key]
+            if isinstance(ref, bool) or not isinstance(ref, int):
+                raise DataError(f"{where}: annotations[{n}] {key} {brief(ref)} is not an integer")
+            if ref not in seen[kind]:
+                raise DataError(f"{where}: annotations[{n}] refers to unknown {key} {brief(ref)}")
+        b = ann["bbox"]
+        if not (isinstance(b, list) and len(b) == 4 and all(_finite_number(v) for v in b)):
+            raise DataError(f"{where}: annotations[{n}] bbox {brief(b)} is not [x, y, width, height] "
+                            "of finite numbers")
+
+
+def _hflip_flag(seed: int, epoch: int, index: int) -> bool:
+    return random.Random((seed * 1_000_003 + epoch) * 1_000_033 + index).random() < 0.5
+
+
+class CocoDetection(Dataset):
+    """A COCO split as torchvision detection samples.
+
+    ``dataset[i] -> (image, target)``: image ``float32 [3, H, W]`` in ``[0, 1]``; target
+    ``{"boxes": float32 [N, 4] (x0, y0, x1, y1), "labels": int64 [N] in 1..K, "image_id": int}``.
+    ``train=True`` drops images without usable boxes and flips horizontally with probability
+    0.5, decided by ``(seed, epoch, index)`` (call :meth:`set_epoch`), so any worker count and
+    any resume point give the same samples.
+    """
+
+    def __init__(self, ann_file: str | os.PathLike, img_dir: str | os.PathLike, train: bool = False,
+                 seed: int = 0, bad_boxes: str = "skip", hflip: bool = True) -> None:
+        if bad_boxes not in ("skip", "error"):
+            raise ValueError(f"bad_boxes must be 'skip' or 'error', got {bad_boxes!r}")
+        self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
+        self.train, self.seed, self.hflip, self.epoch = train, seed, hflip and train, 0
+        if not self.img_dir.is_dir():
+            raise DataError(f"image folder {str(self.img_dir)!r} does not exist")
+        self.coco = _load_coco(self.ann_file)
+        self.cat_ids: list[int] = sorted(self.coco.getCatIds())
+        self.cat_names: list[str] = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
+
+        missing = [img["file_name"] for img in self.coco.dataset["images"] if not self._is_file(img["file_name"])]
+        if missing:
+            raise DataError(f"{len(missing)} image(s) listed in {str(self.ann_file)!r} are missing from "
+                            f"{str(self.img_dir)!r}, e.g. {missing[:3]}")
+
+        self.skipped: dict[str, int] = {"outside": 0, "non_positive": 0, "crowd": 0}
+        self.records: list[dict[str, Any]] = []
+        for img in sorted(self.coco.dataset["images"], key=lambda r: r["id"]):
+            boxes, labels = self._boxes_for(img, bad_boxes)
+            if train and not boxes:
+                continue
+            self.records.append({"id": img["id"], "file_name": img["file_name"], "boxes": boxes, "labels": labels})
+        if any(self.skipped.values()):
+            log.warning("%s: skipped %d box(es) outside the image, %d with non-positive size, %d crowd",
+                        self.ann_file, self.skipped["outside"], self.skipped["non_positive"], self.skipped["crowd"])
+        if not self.records:
+            raise DataError(f"{str(self.ann_file)!r} gives an empty {'training' if train else 'evaluation'} set"
+                            + (" (no image has a usable box)" if train else ""))
+
+    def _is_file(self, name: str) -> bool:
+        """``img_dir/name`` is a file; a name the OS refuses (too long, ...) is a DataError."""
+        try:
+            return (self.img_dir / name).is_file()
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{str(self.ann_file)!r}: image file_name {brief(name)} cannot be checked "
+                            f"in {str(self.img_dir)!r}: {exc}") from None
+
+    def _boxes_for(self, img: dict, bad_boxes: str) -> tuple[list[list[float]], list[int]]:
+        """Boxes ``[x0, y0, x1, y1]`` clipped to the image, with positive size after clipping.
+
+        Without a width (height) in the file, only boxes reaching past :data:`MAX_SIDE` count
+        as outside and the clip is at ``MAX_SIDE``."""
+        w, h = img.get("width"), img.get("height")
+        wmax = float(w) if w is not None else float(MAX_SIDE)
+        hmax = float(h) if h is not None else float(MAX_SIDE)
+        boxes, labels = [], []
+        for ann in self.coco.imgToAnns.get(img["id"], []):
+            if ann.get("iscrowd", 0):
+                self.skipped["crowd"] += 1
+                continue
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            problem = None
+            if bw <= 0 or bh <= 0:
+                problem = "non_positive"
+            elif (w is not None and x < -1) or (h is not None and y < -1) or x + bw > wmax + 1 or y + bh > hmax + 1:
+                problem = "outside"
+            else:  # clipped to the image (all in [0, MAX_SIDE + 1]) and rounded as the model sees it, in float32
+                x0, y0, x1, y1 = (float(np.float32(v)) for v in (
+                    max(0.0, x), max(0.0, y), min(wmax, max(0.0, x + bw)), min(hmax, max(0.0, y + bh))))
+                if x1 <= x0 or y1 <= y0:  # nothing left inside ([-1, -1, 0.5, 0.5]) or thinner than float32 resolves
+                    problem = "outside" if x + bw <= 0 or y + bh <= 0 or x >= wmax or y >= hmax else "non_positive"
+            if problem:
+                if bad_boxes == "error":
+                    raise DataError(f"{str(self.ann_file)!r}: annotation {ann['id']} bbox {ann['bbox']} "
+                                    f"{'lies outside' if problem == 'outside' else 'has non-positive size in'} "
+                                    f"image {img['id']} ({w}x{h})")
+                self.skipped[problem] += 1
+                continue
+            boxes.append([x0, y0, x1, y1])
+            labels.append(self.cat_to_label[ann["category_id"]])
+        return boxes, labels
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object classes + 1 (background), as torchvision's FasterRCNN counts."""
+        return len(self.cat_ids) + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def read_image(self, index: int) -> torch.Tensor:
+        """The image as ``uint8 [3, H, W]`` RGB (decoded by Pillow)."""
+        from PIL import Image, UnidentifiedImageError
+        from torchvision.transforms.functional import pil_to_tensor
+        path = self.img_dir / self.records[index]["file_name"]
+        try:
+            with Image.open(path) as im:
+                return pil_to_tensor(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"image {str(path)!r} cannot be decoded: {exc}") from None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        rec = self.records[index]
+        image = self.read_image(index).float().div_(255)
+        boxes = torch.tensor(rec["boxes"], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor(rec["labels"], dtype=torch.int64)
+        if self.hflip and _hflip_flag(self.seed, self.epoch, index):
+            image = image.flip(-1)
+            width = image.shape[-1]
+            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+        return image, {"boxes": boxes, "labels": labels, "image_id": rec["id"]}
+
+
+def collate(batch: Sequence) -> tuple:
+    return tuple(zip(*batch, strict=False))
+
+
+def load_split(data_root: str | os.PathLike, split: str, train: bool, seed: int = 0,
+               img_prefix: str = "2017", ann_prefix: str = "instances", bad_boxes: str = "skip") -> CocoDetection:
+    """One split of the standard COCO layout under ``data_root`` (see :func:`resolve_split`)."""
+    s = resolve_split(data_root, split, img_prefix, ann_prefix)
+    return CocoDetection(s.ann_file, s.img_dir, train=train, seed=seed, bad_boxes=bad_boxes)
+
+
+def make_loader(dataset: CocoDetection, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
+                workers: int = 0) -> DataLoader:
+    """A loader whose order depends only on ``(seed, epoch)``."""
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    dataset.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None,
+                      num_workers=workers, collate_fn=collate, persistent_workers=False)

@@ -1,0 +1,174 @@
+"""Deterministic generated detection scenes in the standard COCO layout (demo and tests).
+
+``write_demo_dataset(out, train=240, val=60, size=160, classes=3, seed=0)`` writes::
+
+    out/annotations/instances_train2017.json   out/train2017/000000000001.jpg ...
+    out/annotations/instances_val2017.json     out/val2017/...
+
+Each class is a shape with its own colour family and size range (circle, square, triangle,
+cross, diamond, ring, hexagon, bar) drawn 1-4 times per image on a textured background.
+Image ``i`` of a split depends only on ``(seed, split, i)``, so a larger set starts with the
+images of a smaller one.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from ..utils import checks
+from ..utils.fileio import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    name: str
+    rgb: tuple[int, int, int]
+    size: tuple[float, float]  # min/max object size as a fraction of the image side
+
+
+SHAPES = (
+    ShapeClass("circle", (220, 50, 40), (0.16, 0.32)),
+    ShapeClass("square", (40, 80, 220), (0.20, 0.40)),
+    ShapeClass("triangle", (40, 190, 60), (0.24, 0.44)),
+    ShapeClass("cross", (230, 200, 30), (0.18, 0.34)),
+    ShapeClass("diamond", (200, 40, 200), (0.18, 0.36)),
+    ShapeClass("ring", (30, 200, 210), (0.20, 0.38)),
+    ShapeClass("hexagon", (240, 130, 20), (0.18, 0.34)),
+    ShapeClass("bar", (120, 70, 30), (0.24, 0.44)),
+)
+SPLIT_IDS = {"train": 1, "val": 2}
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    base = rng.uniform(60, 190, size=3)
+    grid = rng.normal(0, 28, size=(5, 5, 3))
+    low = np.asarray(Image.fromarray(np.clip(grid + 128, 0, 255).astype(np.uint8)).resize(
+        (size, size), Image.BILINEAR), dtype=np.float32) - 128
+    yy, xx = np.mgrid[0:size, 0:size]
+    angle, freq = rng.uniform(0, math.pi), rng.uniform(0.05, 0.25)
+    stripes = 10 * np.sin(freq * (xx * math.cos(angle) + yy * math.sin(angle)))[..., None]
+    noise = rng.normal(0, 7, size=(size, size, 3))
+    img = np.clip(base + low + stripes + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(img)
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    def ring(n: int, radius: float, offset: float = 0.0) -> list[tuple[float, float]]:
+        return [(cx + radius * math.cos(rot + offset + 2 * math.pi * k / n),
+                 cy + radius * math.sin(rot + offset + 2 * math.pi * k / n)) for k in range(n)]
+    if kind == "triangle":
+        return ring(3, r, -math.pi / 2)
+    if kind == "diamond":
+        return [(cx, cy - r), (cx + 0.65 * r, cy), (cx, cy + r), (cx - 0.65 * r, cy)]
+    if kind == "hexagon":
+        return ring(6, r)
+    raise ValueError(kind)
+
+
+def _draw(draw: ImageDraw.ImageDraw, cls: ShapeClass, cx: float, cy: float, r: float,
+          colour: tuple[int, ...], rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """Draw one object and return its tight box (x0, y0, x1, y1)."""
+    k = cls.name
+    if k == "circle":
+        box = (cx - r, cy - r, cx + r, cy + r)
+        draw.ellipse(box, fill=colour)
+        return box
+    if k == "ring":
+        box = (cx - r, cy - r, cx + r, cy + r)
+        draw.ellipse(box, outline=colour, width=max(2, int(r * 0.35)))
+        return box
+    if k == "square":
+        box = (cx - r, cy - r, cx + r, cy + r)
+        draw.rectangle(box, fill=colour)
+        return box
+    if k == "bar":
+        box = (cx - r, cy - 0.35 * r, cx + r, cy + 0.35 * r)
+        draw.rectangle(box, fill=colour)
+        return box
+    if k == "cross":
+        t = 0.3 * r
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=colour)
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=colour)
+        return (cx - r, cy - r, cx + r, cy + r)
+    pts = _polygon(k, cx, cy, r, float(rng.uniform(-0.3, 0.3)) if k != "diamond" else 0.0)
+    draw.polygon(pts, fill=colour)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def render_scene(seed: int, split: str, index: int, size: int, classes: int, max_objects: int = 4
+                 ) -> tuple[Image.Image, list[tuple[int, list[float]]]]:
+    """One scene: the image and its objects as ``(class_index, [x, y, w, h])``."""
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+    img = _background(rng, size)
+    draw = ImageDraw.Draw(img)
+    n = int(rng.integers(1, max_objects + 1))
+    placed: list[tuple[float, float, float, float]] = []
+    objects: list[tuple[int, list[float]]] = []
+    for _ in range(n):
+        c = int(rng.integers(0, classes))
+        cls = SHAPES[c]
+        for _attempt in range(20):  # bounded placement retries
+            r = rng.uniform(*cls.size) * size / 2
+            cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+            probe = (cx - r, cy - r, cx + r, cy + r)
+            if all(_iou(probe, p) < 0.15 for p in placed):
+                break
+        else:
+            continue
+        colour = tuple(int(np.clip(v + rng.normal(0, 18), 0, 255)) for v in cls.rgb)
+        x0, y0, x1, y1 = _draw(draw, cls, cx, cy, r, colour, rng)
+        x0, y0 = max(0.0, x0), max(0.0, y0)
+        x1, y1 = min(float(size), x1), min(float(size), y1)
+        placed.append(probe)
+        objects.append((c, [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]))
+    img = img.filter(ImageFilter.GaussianBlur(radius=0.6))
+    return img, objects
+
+
+def write_demo_dataset(out: str | Path, train: int = 240, val: int = 60, size: int = 160,
+                       classes: int = 3, seed: int = 0, progress: bool = False) -> Path:
+    """Write the demo set in COCO layout under ``out`` and return ``out``. Category ids are
+    ``1..classes``; image and annotation ids start at 1."""
+    for name, v, lo in (("train", train, 1), ("val", val, 1), ("size", size, 64)):
+        checks.integer(v, f"demo-data --{name}", lo)
+    checks.integer(classes, "demo-data --classes", 1, len(SHAPES))
+    out = Path(out)
+    categories = [{"id": i + 1, "name": SHAPES[i].name, "supercategory": "shape"} for i in range(classes)]
+    for split, count in (("train", train), ("val", val)):
+        images, annotations = [], []
+        it = range(count)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc=f"demo {split}", unit="img")
+        for i in it:
+            img, objects = render_scene(seed, split, i, size, classes)
+            file_name = f"{i + 1:012d}.jpg"
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=92)
+            atomic_write_bytes(out / f"{split}2017" / file_name, buf.getvalue())
+            images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
+            for c, (x, y, w, h) in objects:
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": c + 1,
+                                    "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0})
+        atomic_write_json(out / "annotations" / f"instances_{split}2017.json",
+                          {"info": {"description": f"spnas demo scenes (seed {seed})"},
+                           "images": images, "annotations": annotations, "categories": categories})
+        log.info("wrote %d %s images with %d objects to %s", count, split, len(annotations), out)
+    return out

@@ -1,0 +1,64 @@
+"""Faster R-CNN assembly on the described backbone (torchvision ``FasterRCNN``).
+
+:func:`build_detector` builds torchvision's ``FasterRCNN`` with anchors and RoI pooling sized to
+the number of feature levels (for 4 stages exactly ``fasterrcnn_resnet50_fpn``'s). Builders take
+a description (normalised here when it is not yet).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from ..utils.errors import DescError
+from .backbone import SerialBackbone, SerialClassifier
+from .desc import DETECTOR_KWARGS, normalize_desc
+from .neck import ParallelFPN
+
+
+def build_serial_backbone(desc: Mapping[str, Any] | None = None) -> SerialBackbone:
+    """The description's backbone alone (for reignition and conversion checks)."""
+    bb = normalize_desc(desc)["backbone"]
+    return SerialBackbone(bb["code"], bb["block"], bb["base_channels"], bb["norm"])
+
+
+def build_backbone(desc: Mapping[str, Any] | None = None) -> ParallelFPN:
+    """The description's backbone + parallel sub-networks + FPN (the detector's ``backbone``)."""
+    d = normalize_desc(desc)
+    return ParallelFPN(build_serial_backbone(d), d["neck"]["code"], d["neck"]["out_channels"])
+
+
+def build_classifier(desc: Mapping[str, Any] | None, num_classes: int) -> SerialClassifier:
+    """Backbone of ``desc`` + global pool + linear head with ``num_classes`` outputs."""
+    return SerialClassifier(build_serial_backbone(desc), num_classes)
+
+
+def anchor_generator(num_levels: int) -> AnchorGenerator:
+    """One anchor size per FPN level (32 * 2**i) and ratios (0.5, 1, 2): torchvision's
+    defaults for 4 stages + the extra pooled level."""
+    sizes = tuple((32 * 2 ** i,) for i in range(num_levels))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * num_levels)
+
+
+def build_detector(desc: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build torchvision's ``FasterRCNN`` on the described backbone.
+
+    Missing keys take the defaults of :data:`DEFAULT_DESC`; other ``FasterRCNN`` keyword
+    arguments (``min_size``, ``max_size``, ``box_score_thresh``...) pass through.
+    """
+    d = normalize_desc(desc)
+    backbone = build_backbone(d)
+    kwargs = {k: v for k, v in d.items() if k in DETECTOR_KWARGS}
+    n_levels = len(d["neck"]["code"])
+    try:
+        return FasterRCNN(
+            backbone, num_classes=d["num_classes"],
+            rpn_anchor_generator=anchor_generator(n_levels + 1),
+            box_roi_pool=MultiScaleRoIAlign(backbone.featmap_names, output_size=7, sampling_ratio=2),
+            **kwargs)
+    except (TypeError, ValueError) as exc:  # a bad pass-through keyword argument
+        raise DescError(f"model desc keyword arguments {sorted(kwargs)} rejected by FasterRCNN: {exc}") from exc

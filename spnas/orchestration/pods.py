@@ -1,0 +1,366 @@
+"""Phase functions for Kubeflow pods (the components call these; no kfp here).
+
+Each function parses the run config (embedded in the pipeline as text), finds its step, reads its
+inputs from URIs or paths (``s3://``/``minio://`` through :mod:`spnas.storage`, or plain paths,
+which is what kfp.local uses), works in a private temporary folder, publishes what it writes
+under the run's prefix ``run_uri/<step>/`` and returns plain JSON-friendly values. What a step
+hands to its phase comes from :mod:`.steps`, the mapping ``spnas run`` uses too. The search state
+travels as JSON text; candidates reference their parent's weights by URI, because a parent is
+only chosen at run time.
+
+Light functions (prepare, propose's bookkeeping, candidates, update, search_front, choose,
+collect, report) import no torch: the heavy ones import the phase functions when called.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import load_config
+from ..config.types import RunConfig, StepConfig
+from ..search import front
+from ..search import propose as _propose
+from ..search import update as _update
+from ..search.records import result_of
+from ..storage import is_uri, upload
+from ..utils.errors import ConfigError
+from ..utils.fileio import atomic_write_json
+from . import steps
+from .reports import report_markdown, write_output_csv
+from .rounds import STATE_FILE
+
+log = logging.getLogger(__name__)
+
+#: Keys a fan-out item carries besides its record, so a loop body needs no other task's output.
+_ITEM_KEYS = ("run_uri", "overrides")
+
+
+def plain(value: Any) -> Any:
+    """Integral floats back to ints, recursively (protobuf Structs turn every int into a float)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def struct(value: Any) -> Any:
+    """``value`` without ``None`` entries (recursively): KFP struct outputs cannot hold nulls."""
+    if isinstance(value, dict):
+        return {k: struct(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [struct(v) for v in value if v is not None]
+    return value
+
+
+def _state(state: str | Mapping[str, Any]) -> dict:
+    """Search state from its JSON text (how it travels between pods) or a dict."""
+    return plain(json.loads(state) if isinstance(state, str) else dict(state))
+
+
+def _item(item: Mapping[str, Any]) -> tuple[dict[str, Any], str, str]:
+    """A fan-out item -> (its record, the run prefix, the overrides JSON)."""
+    rec = plain({k: v for k, v in dict(item).items() if k not in _ITEM_KEYS})
+    return rec, str(item.get("run_uri", "")), str(item.get("overrides", "[]"))
+
+
+def _with_item_keys(recs: Sequence[Mapping[str, Any]], run_uri: str, overrides: str | Sequence[str]) -> list[dict]:
+    ov = overrides if isinstance(overrides, str) else json.dumps(list(overrides))
+    return [{**r, "run_uri": run_uri, "overrides": ov} for r in recs]
+
+
+def load_step(config_text: str, step_name: str, overrides: Sequence[str] | str = ()) -> tuple[RunConfig, StepConfig]:
+    """Parse the run config (YAML text, embedded in the pipeline at compile time) and return the
+    named step. ``overrides`` is a list of ``key=value`` or its JSON text."""
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides) if overrides.strip() else []
+    try:
+        raw = yaml.safe_load(config_text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"pipeline config is not valid YAML: {exc}") from None
+    cfg = load_config(raw, workdir=tempfile.gettempdir(), overrides=overrides)
+    for s in cfg.steps:
+        if s.name == step_name:
+            return cfg, s
+    raise ConfigError(f"config has no step {step_name!r}; steps: {[s.name for s in cfg.steps]}")
+
+
+def publish(local_file: str | Path, run_uri: str, step_name: str) -> str:
+    """Copy or upload ``local_file`` to ``run_uri/<step>/<name>``; return its URI or path."""
+    target = f"{run_uri.rstrip('/')}/{step_name}/{Path(local_file).name}"
+    if is_uri(run_uri):
+        upload(local_file, target)
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        if Path(local_file).resolve() != Path(target).resolve():
+            shutil.copyfile(local_file, target)
+    return target
+
+
+def _publish_model(out: Path, arch_id: Any, run_uri: str, step: str, model_path: str | None = None) -> str:
+    """Publish a model's files (desc, performance, inherit report, weights); copy the weights to
+    the component's Model artifact path too. Returns the weights' URI (or "" without weights)."""
+    weights = ""
+    for name in (f"desc_{arch_id}.json", f"performance_{arch_id}.json", f"inherit_{arch_id}.json",
+                 f"model_{arch_id}.pth"):
+        if (out / name).is_file():
+            uri = publish(out / name, run_uri, step)
+            if name.startswith("model_"):
+                weights = uri
+                if model_path:
+                    Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(out / name, model_path)
+    return weights
+
+
+# ----------------------------------------------------------------------------- light tasks
+
+def prepare(config_text: str, seed: int, candidate_epochs: int, full_epochs: int) -> list[str]:
+    """Turn the run's pipeline parameters into config overrides (``-1`` keeps the config's
+    value), validated here, once, before any pod trains anything."""
+    raw = yaml.safe_load(config_text)
+    cfg = load_config(raw, workdir=tempfile.gettempdir())
+    overrides = [f"general.seed={int(seed)}"] if int(seed) >= 0 else []
+    for s in cfg.steps:
+        if s.role in ("serial", "parallel") and int(candidate_epochs) >= 0:
+            overrides.append(f"{s.name}.trainer.epochs={int(candidate_epochs)}")
+        if s.role == "full_train" and int(full_epochs) >= 0:
+            overrides.append(f"{s.name}.trainer.epochs={int(full_epochs)}")
+    load_config(raw, workdir=tempfile.gettempdir(), overrides=overrides)
+    return overrides
+
+
+def run_prefix(results_uri: str, job_id: str) -> str:
+    """Where this run publishes: ``results_uri/<job id>``."""
+    return f"{results_uri.rstrip('/')}/{job_id}" if job_id else results_uri
+
+
+def propose(state: str | Mapping[str, Any], k: int | None = None) -> str:
+    """One round: JSON text ``{"state": new state, "candidates": [at most k candidates]}``."""
+    new_state, cands = _propose(_state(state), k)
+    return json.dumps({"state": new_state, "candidates": struct(cands)})
+
+
+def candidates(proposal: str, run_uri: str = "", overrides: str | Sequence[str] = "[]") -> list[dict]:
+    """The candidates of a proposal (the items a ParallelFor fans out over), each with the run's
+    prefix and overrides attached."""
+    return _with_item_keys(json.loads(proposal)["candidates"], run_uri, overrides)
+
+
+def update(proposal: str, results: Sequence[Mapping[str, Any]], step_name: str) -> str:
+    """Record a round's results in the proposal's state (a round in which every candidate failed
+    stops the search, as in ``spnas run``); returns the new state (JSON text)."""
+    prop = json.loads(proposal)
+    results = [plain(result_of(r)) for r in results]
+    rounds_ = {c.get("round") for c in prop["candidates"]}
+    steps.check_round(step_name, min(rounds_, default=0), results)
+    return json.dumps(_update(_state(prop["state"]), results))
+
+
+def search_front(state: str | Mapping[str, Any], run_uri: str, step_name: str, html_path: str = "") -> list[dict]:
+    """Publish the phase's ``state.json``, ``output.csv`` and ``pareto.png`` (and write the plot
+    as an HTML page at ``html_path`` for the KFP UI); return the front."""
+    from .rounds import search_report
+    st = _state(state)
+    with tempfile.TemporaryDirectory(prefix="spnas-front-") as tmp:
+        atomic_write_json(Path(tmp) / STATE_FILE, st)
+        paths = search_report(Path(tmp) / STATE_FILE, tmp, step_name)
+        for p in (Path(tmp) / STATE_FILE, paths["output_csv"], paths["plot"]):
+            publish(p, run_uri, step_name)
+        fr = front(st)
+        if html_path:
+            data = base64.b64encode(Path(paths["plot"]).read_bytes()).decode()
+            Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(html_path).write_text(f"<html><body><h2>{step_name}: Pareto front {[r['id'] for r in fr]}</h2>"
+                                       f"<img src='data:image/png;base64,{data}'/></body></html>")
+    return struct([{**r, "phase": step_name} for r in fr])
+
+
+def choose(config_text: str, step_name: str, front_: Sequence[Mapping[str, Any]], run_uri: str,
+           overrides: str = "[]") -> list[dict]:
+    """The models the step (reignition or full train) takes from the front, as fan-out items:
+    :func:`steps.reignition_choice` / :func:`steps.full_train_choice`, as ``spnas run`` chooses."""
+    _, step = load_step(config_text, step_name, overrides)
+    recs = [plain(dict(r)) for r in front_]
+    chosen = steps.reignition_choice(step, recs) if step.role == "reignition" else steps.full_train_choice(step, recs)
+    return struct(_with_item_keys(chosen if chosen is not None else [], run_uri, overrides))
+
+
+def collect(recs: Sequence[Mapping[str, Any]], run_uri: str, step_name: str) -> list[dict]:
+    """The records of a fanned-out phase (reignition, full train), in the order chosen: their
+    ``output.csv`` is published under the phase's prefix."""
+    recs = [plain(dict(r)) for r in recs]
+    with tempfile.TemporaryDirectory(prefix="spnas-collect-") as tmp:
+        publish(write_output_csv(tmp, recs), run_uri, step_name)
+    return struct(recs)
+
+
+def best(recs: Sequence[Mapping[str, Any]]) -> dict:
+    """The run's result: the ok record with the highest mAP (:func:`steps.best_of`)."""
+    found = steps.best_of([plain(dict(r)) for r in recs])
+    if found is None:
+        raise ConfigError("no model finished its full train")
+    return struct(found)
+
+
+def report(serial_front: Sequence[Mapping[str, Any]], parallel_front: Sequence[Mapping[str, Any]],
+           best_: Mapping[str, Any], path: str) -> str:
+    """Write the Markdown report of the run to ``path``; return the final weights' URI."""
+    text = report_markdown({"serial front": serial_front, "parallel front": parallel_front}, best_)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    return str(best_.get("weights", ""))
+
+
+# ----------------------------------------------------------------------------- heavy tasks
+
+def fine_tune(config_text: str, step_name: str, data_uri: str, run_uri: str, model_path: str,
+              overrides: Sequence[str] | str = ()) -> dict[str, Any]:
+    """fine_tune on one pod: returns the seed record (weights = its URI under ``run_uri``)."""
+    from . import phases
+    cfg, step = load_step(config_text, step_name, overrides)
+    with tempfile.TemporaryDirectory(prefix="spnas-ft-") as tmp:
+        res = phases.fine_tune(step, steps.data_source(step, data_uri), tmp, device=cfg.device)
+        weights = _publish_model(Path(tmp), 0, run_uri, step_name, model_path)
+        publish(Path(tmp) / "output.csv", run_uri, step_name)
+    return struct({**res["record"], "weights": weights, "phase": step_name})
+
+
+def search_init(config_text: str, step_name: str, seeds: Sequence[Mapping[str, Any]], run_uri: str,
+                overrides: Sequence[str] | str = ()) -> str:
+    """The search state of ``step_name`` started from ``seeds`` (records with weight URIs);
+    seeds re-made for the search space's neck codes are published."""
+    from . import phases
+    _, step = load_step(config_text, step_name, overrides)
+    seeds = steps.search_seeds([plain(dict(s)) for s in seeds])
+    with tempfile.TemporaryDirectory(prefix="spnas-init-") as tmp:
+        path = phases.search_init(step, seeds, tmp)
+        state = json.loads(Path(path).read_text())
+        for rec in state["records"]:
+            w = rec.get("weights")
+            if w and Path(w).parent == Path(tmp):
+                rec["weights"] = publish(w, run_uri, step_name)
+    return json.dumps(state)
+
+
+def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
+                    model_path: str) -> dict[str, Any]:
+    """Train one candidate (a fan-out item) on one pod. Never raises for a bad candidate:
+    failures are data."""
+    candidate, run_uri, overrides = _item(item)
+    try:
+        from . import phases
+        cfg, step = load_step(config_text, step_name, overrides)
+        data = steps.data_source(step, data_uri)
+    except Exception as exc:  # a bad input must not fail the ParallelFor
+        return struct({"id": candidate.get("id"), "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+    with tempfile.TemporaryDirectory(prefix="spnas-cand-") as tmp:
+        result = dict(phases.train_candidate(candidate, step, data, tmp, device=cfg.device))
+        result.pop("traceback", None)
+        if result["status"] == "ok":
+            result["weights"] = _publish_model(Path(tmp), candidate["id"], run_uri, step_name, model_path)
+    return struct(result)
+
+
+def reignite_one(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
+                 model_path: str) -> dict[str, Any]:
+    """Reignite one chosen model (a fan-out item of :func:`choose`); returns its new record."""
+    from . import phases
+    model, run_uri, overrides = _item(item)
+    cfg, step = load_step(config_text, step_name, overrides)
+    with tempfile.TemporaryDirectory(prefix="spnas-re-") as tmp:
+        rec = phases.reignition([model], step, tmp, detection=steps.detection_source(cfg, step, data_uri),
+                                seed=cfg.seed, device=cfg.device)[0]
+        rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path)
+    return struct({**rec, "phase": step_name})
+
+
+def full_train_one(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
+                   model_path: str) -> dict[str, Any]:
+    """Full-train one chosen model (a fan-out item of :func:`choose`); returns its record."""
+    from . import phases
+    model, run_uri, overrides = _item(item)
+    cfg, step = load_step(config_text, step_name, overrides)
+    with tempfile.TemporaryDirectory(prefix="spnas-full-") as tmp:
+        rec = phases.full_train([model], step, steps.data_source(step, data_uri), tmp, device=cfg.device)[0]
+        rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path)
+    return struct({**rec, "phase": step_name})
+
+
+
+
+
+def fill_artifacts(record: Mapping[str, Any], model: Any = None, metrics: Any = None, **metadata: Any) -> None:
+    """Describe a record on a component's KFP artifacts (duck-typed: no kfp here): the Model's
+    metadata gets id, status, weights URI, description, error and ``metadata``; every numeric
+    metric is logged on the Metrics artifact. A failed candidate has no weights: its Model file
+    says so (the launcher uploads every declared output)."""
+    if model is not None:
+        model.metadata.update({"id": record.get("id"), "status": record.get("status", "ok"),
+                               "uri": record.get("weights") or "", "desc": record.get("desc", {}),
+                               "error": record.get("error") or "", **metadata})
+        if record.get("status", "ok") != "ok":
+            Path(model.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(model.path).write_text(f"candidate failed: {record.get('error')}\n")
+    if metrics is not None:
+        for key, value in (record.get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics.log_metric(key, value)
+
+
+def finish(recs: Sequence[Mapping[str, Any]], run_uri: str, step_name: str) -> dict:
+    """A fanned-out full train's end: :func:`collect` (publishes ``output.csv``), then
+    :func:`best`."""
+    return best(collect(recs, run_uri, step_name))
+
+
+
+# ----------------------------------------------------------------------------- component bodies
+
+def fine_tune_task(config_text: str, step_name: str, data_uri: str, run_uri: str, overrides: str,
+                   model: Any, metrics: Any) -> list[dict]:
+    """The fine_tune component: :func:`fine_tune`, its artifacts described; returns ``[seed]``."""
+    rec = fine_tune(config_text, step_name, data_uri, run_uri, model.path, overrides)
+    fill_artifacts(rec, model, metrics)
+    return [rec]
+
+
+def train_candidate_task(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str, model: Any,
+                         metrics: Any, resources: Mapping[str, Any]) -> dict:
+    """The train-candidate component: :func:`train_candidate`, its artifacts described (the pod's
+    resources recorded with the model)."""
+    result = train_candidate(config_text, step_name, item, data_uri, model.path)
+    fill_artifacts({**result, "desc": dict(item).get("desc", {})}, model, metrics, resources=dict(resources))
+    return result
+
+
+def reignite_task(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str, model: Any,
+                  resources: Mapping[str, Any]) -> dict:
+    """The reignite component: :func:`reignite_one`, its Model described."""
+    rec = reignite_one(config_text, step_name, item, data_uri, model.path)
+    fill_artifacts(rec, model, resources=dict(resources))
+    return rec
+
+
+def full_train_task(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str, model: Any,
+                    metrics: Any, resources: Mapping[str, Any]) -> dict:
+    """The full-train component: :func:`full_train_one`, its artifacts described."""
+    rec = full_train_one(config_text, step_name, item, data_uri, model.path)
+    fill_artifacts(rec, model, metrics, resources=dict(resources))
+    return rec
+
+
+__all__ = ["plain", "struct", "load_step", "publish", "prepare", "run_prefix", "propose", "candidates", "update",
+           "search_front", "choose", "collect", "best", "report", "fine_tune", "search_init", "train_candidate",
+           "reignite_one", "full_train_one", "fill_artifacts", "finish", "fine_tune_task",
+           "train_candidate_task", "reignite_task", "full_train_task"]

@@ -1,0 +1,139 @@
+"""Settings of one search phase (SpNasS or SpNasP) and the objectives. No torch."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..models.encoding import MAX_BLOCKS, MAX_PARALLEL_PER_STAGE, MAX_STAGES, Bounds
+from ..utils import checks
+from ..utils.errors import ConfigError
+
+ALGORITHMS = ("SpNasS", "SpNasP")
+OBJECTIVE_KEYS = ("mAP", "params", "gflops", "latency")
+OBJECTIVE_ALIASES = {"flops": "gflops", "map": "mAP", "latency_ms": "latency"}
+MAXIMISED = frozenset({"mAP"})
+#: Objectives measured by the search itself (on the meta device); the others come from metrics.
+MEASURED = frozenset({"params", "gflops"})
+
+
+def canonical_objective(key: str) -> str:
+    """``"flops"`` -> ``"gflops"``, ``"map"`` -> ``"mAP"``; other keys unchanged."""
+    return OBJECTIVE_ALIASES.get(key, OBJECTIVE_ALIASES.get(key.lower(), key)) if isinstance(key, str) else key
+
+
+def _where(name: str) -> str:
+    return f"search setting {name}"
+
+
+def _bad(name: str, value: Any, expected: str) -> Exception:
+    return checks.fail(_where(name), expected, value)
+
+
+def _as_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    return checks.integer(value, _where(name), minimum, maximum)
+
+
+def _as_ratio(name: str, value: Any) -> float:
+    return checks.ratio(value, _where(name))
+
+
+@dataclass
+class SearchSettings:
+    """Settings of one search phase. Validated (and integral floats cast to int) on creation;
+    an impossible value raises :class:`~spnas.errors.ConfigError` naming the field.
+
+    ``objective_keys`` are stored canonically (``flops`` -> ``gflops``)."""
+
+    algorithm: str                                   # "SpNasS" | "SpNasP"
+    max_sample: int = 20                             # candidates proposed in total (seeds not counted)
+    candidates_per_round: int = 4
+    objective_keys: tuple[str, ...] = ("mAP", "params")
+    num_mutate: int = 3                              # a child is made by 1..num_mutate operations
+    add_stage_ratio: float = 0.05                    # SpNasS: P(add-stage) per operation
+    expand_ratio: float = 0.3                        # SpNasS: else P(expand); else swap
+    min_blocks: int = 8
+    max_blocks: int = 60
+    min_stages: int = 4
+    max_stages: int = 6
+    max_per_stage: int = 3                           # SpNasP: max extra passes per stage
+    max_params: int | None = None                    # budget on total detector parameters
+    max_gflops: float | None = None                  # budget on GFLOPs at flops_size
+    flops_size: int = 800
+    max_redraws: int = 200                           # draws per child before SearchError
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        alg = self.algorithm
+        match = [a for a in ALGORITHMS if isinstance(alg, str) and a.lower() == alg.strip().lower()]
+        if not match:
+            raise _bad("algorithm", alg, f"one of {', '.join(ALGORITHMS)}")
+        self.algorithm = match[0]
+        self.max_sample = _as_int("max_sample", self.max_sample, 1)
+        self.candidates_per_round = _as_int("candidates_per_round", self.candidates_per_round, 1)
+        keys = self.objective_keys
+        if isinstance(keys, str):
+            keys = (keys,)
+        if not isinstance(keys, (list, tuple)) or not keys:
+            raise _bad("objective_keys", self.objective_keys, f"a non-empty list of {OBJECTIVE_KEYS}")
+        canon = []
+        for k in keys:
+            c = canonical_objective(k)
+            if c not in OBJECTIVE_KEYS:
+                raise _bad("objective_keys", self.objective_keys,
+                           f"a list of mAP (maximised), params, gflops (alias flops), latency; {k!r} is unknown")
+            if c in canon:
+                raise _bad("objective_keys", self.objective_keys, f"a list without repeats; {c!r} is listed twice")
+            canon.append(c)
+        self.objective_keys = tuple(canon)
+        self.num_mutate = _as_int("num_mutate", self.num_mutate, 1)
+        self.add_stage_ratio = _as_ratio("add_stage_ratio", self.add_stage_ratio)
+        self.expand_ratio = _as_ratio("expand_ratio", self.expand_ratio)
+        self.min_blocks = _as_int("min_blocks", self.min_blocks, 1, MAX_BLOCKS)
+        self.max_blocks = _as_int("max_blocks", self.max_blocks, 1, MAX_BLOCKS)
+        if self.min_blocks > self.max_blocks:
+            raise _bad("min_blocks", self.min_blocks, f"at most max_blocks={self.max_blocks}")
+        self.min_stages = _as_int("min_stages", self.min_stages, 1, MAX_STAGES)
+        self.max_stages = _as_int("max_stages", self.max_stages, 1, MAX_STAGES)
+        if self.min_stages > self.max_stages:
+            raise _bad("min_stages", self.min_stages, f"at most max_stages={self.max_stages}")
+        if self.max_stages > self.max_blocks:
+            raise _bad("max_stages", self.max_stages, f"at most max_blocks={self.max_blocks}")
+        self.max_per_stage = _as_int("max_per_stage", self.max_per_stage, 0, MAX_PARALLEL_PER_STAGE)
+        if self.algorithm == "SpNasP" and self.max_per_stage < 1:
+            raise _bad("max_per_stage", self.max_per_stage, "at least 1 for SpNasP (extra passes per stage)")
+        if self.max_params is not None:
+            self.max_params = _as_int("max_params", self.max_params, 1)
+        if self.max_gflops is not None:
+            v = self.max_gflops
+            # compared, not float()ed: an int beyond the float range (10**400) is refused, not an OverflowError
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= sys.float_info.max:
+                raise _bad("max_gflops", v, "a positive number or None")
+            self.max_gflops = float(v)
+        self.flops_size = _as_int("flops_size", self.flops_size, 32)
+        self.max_redraws = _as_int("max_redraws", self.max_redraws, 1)
+        self.seed = _as_int("seed", self.seed)
+
+    @property
+    def bounds(self) -> Bounds:
+        """Bounds a child must satisfy. SpNasP keeps its parent's serial code, so only its
+        per-stage maximum applies there: the block/stage bounds belong to the serial phase
+        (a small serial network from it must not make every parallel child invalid)."""
+        if self.algorithm == "SpNasP":
+            return Bounds(1, MAX_BLOCKS, 1, MAX_STAGES, self.max_per_stage)
+        return Bounds(self.min_blocks, self.max_blocks, self.min_stages, self.max_stages, self.max_per_stage)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (``objective_keys`` as a list); ``SearchSettings(**d)`` restores it."""
+        d = asdict(self)
+        d["objective_keys"] = list(self.objective_keys)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SearchSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"search settings have unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))

@@ -1,0 +1,114 @@
+"""Train and evaluate one architecture end to end (``spnas train``/``evaluate`` and every
+training of the search phases).
+
+Writes a candidate's files into ``out_dir``: ``desc_<id>.json`` (the model description),
+``performance_<id>.json`` (metrics, params, GFLOPs, timing) and ``model_<id>.pth`` (the weights
+with the best validation mAP), all atomically. Training state lives in ``out_dir/train_<id>/``
+so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.coco import CocoDetection
+from ..data.source import CocoSource
+from ..models.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ..models.cost import count_params, forward_cost
+from ..models.desc import normalize_desc
+from ..models.detector import build_detector
+from ..utils.errors import SpnasError
+from ..utils.fileio import atomic_write_json
+from .device import device_of
+from .engine import train
+from .evaluation import evaluate
+from .schedule import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def dataset_desc(desc: Mapping[str, Any] | None, train_set: CocoDetection, **overrides: Any) -> dict[str, Any]:
+    """``desc`` with the class count of the data set and any non-None ``overrides``."""
+    d = normalize_desc(desc)
+    if d["num_classes"] != train_set.num_classes and (desc or {}).get("num_classes") is not None:
+        log.info("num_classes %d in the description replaced by the data set's %d (%d categories + background)",
+                 d["num_classes"], train_set.num_classes, train_set.num_classes - 1)
+    d["num_classes"] = train_set.num_classes
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return normalize_desc(d)
+
+
+def model_cost(model: nn.Module, desc: Mapping[str, Any], device: str | None = None) -> dict[str, Any]:
+    """Cost of a built detector: ``params`` (total count), ``params_k`` (thousands, as Vega
+    reports), ``gflops`` and ``latency`` (ms, backbone + FPN, measured on ``device``) at the
+    description's ``max_size`` (default 800)."""
+    n = count_params(model)["total"]
+    flops, latency = forward_cost(model.backbone, int(desc.get("max_size", 800)), device_of(device))
+    return {"params": n, "params_k": round(n / 1e3, 1), "gflops": round(flops, 3), "latency": latency}
+
+
+def train_architecture(desc: Mapping[str, Any] | None, data: CocoSource, out_dir: str | os.PathLike,
+                       cfg: TrainConfig, *, arch_id: int | str = 0, init: str | os.PathLike | Mapping | None = None,
+                       trainable: Callable[[str], bool] | None = None, device: str | None = None,
+                       resume: bool = True, progress: bool = False, **desc_overrides: Any) -> dict[str, Any]:
+    """Train one architecture and write its files; returns the performance dict.
+
+    Args:
+        desc: the model description (its class count is replaced by the data set's).
+        data: the detection data set (``train`` and ``val`` splits).
+        out_dir: receives ``desc_<id>.json``, ``performance_<id>.json`` (metrics, cost, timing,
+            history) and ``model_<id>.pth`` (the weights with the best validation mAP), all
+            written atomically; training state lives in ``train_<id>/`` so an interrupted run resumes.
+        cfg: the schedule.
+        arch_id: the id in the file names.
+        init: weights to start from: a file or a state dict (see ``load_weights``).
+        trainable: ``trainable(name)`` limits training to some parameters (``freeze_swap_keys``).
+        device, resume, progress: see :func:`~spnas.training.engine.train`.
+        desc_overrides: description keys to set (``min_size=...``); None values are ignored.
+    """
+    out = Path(out_dir)
+    train_set = data.load("train", train=True, seed=cfg.seed)
+    val_set = data.load("val", train=False)
+    d = dataset_desc(desc, train_set, **desc_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_detector(d)
+    loaded = load_weights(model, d, init) if init is not None else {"loaded": 0, "fresh": len(model.state_dict())}
+    atomic_write_json(out / f"desc_{arch_id}.json", d)
+    result = train(model, train_set, val_set, cfg, out / f"train_{arch_id}", device=device, resume=resume,
+                   progress=progress, trainable=trainable)
+    best_path = out / f"train_{arch_id}" / "best.pth"
+    final = result["history"][-1] if result["history"] else None
+    if result["best"]["metrics"] is not None and best_path.is_file():
+        state, metrics = load_checkpoint(best_path), dict(result["best"]["metrics"])
+    else:
+        state, metrics = model.state_dict(), dict(final or {})
+    metrics.pop("iteration", None)
+    save_checkpoint(out / f"model_{arch_id}.pth", {k: v.detach().cpu() for k, v in state.items()})
+    perf = {**metrics, **model_cost(model, d, device), "best_iteration": result["best"]["iteration"], "iters": result["iters"],
+            "train_seconds": round(result["seconds"], 2),
+            "images_per_second": round(result["images"] / result["seconds"], 2) if result["seconds"] > 0 else None,
+            "init": loaded, "history": result["history"]}
+    atomic_write_json(out / f"performance_{arch_id}.json", perf)
+    log.info("architecture %s: mAP %.2f AP50 %.2f -> %s", arch_id, perf.get("mAP") or 0, perf.get("AP50") or 0, out)
+    return perf
+
+
+def evaluate_architecture(desc: Mapping[str, Any], weights: str | os.PathLike, data: CocoSource,
+                          split: str = "val", device: str | None = None, batch_size: int = 4,
+                          progress: bool = False) -> dict[str, Any]:
+    """COCO metrics of saved weights on a split of ``data`` (plus params, GFLOPs and latency)."""
+    ds = data.load(split, train=False)
+    d = normalize_desc(desc)
+    if d["num_classes"] != ds.num_classes:
+        raise SpnasError(f"the description has num_classes {d['num_classes']} but {str(ds.ann_file)!r} has "
+                         f"{ds.num_classes - 1} categories (+ background = {ds.num_classes})")
+    model = build_detector(d)
+    load_weights(model, d, weights)
+    return {**evaluate(model, ds, device, batch_size, progress), **model_cost(model, d, device)}

@@ -1,0 +1,213 @@
+"""The training loop for detectors, torchvision ``references/detection`` style.
+
+:func:`train` is four steps, each a function of its own: :func:`restore` (from ``last.pth``),
+:func:`train_one_epoch`, :func:`evaluate_and_keep_best` (writes ``best.pth``) and :func:`save`
+(``last.pth``: weights, optimizer, scheduler, scaler, RNG, progress). SGD with momentum and
+weight decay, linear warm-up, step or cosine decay per iteration, optional gradient clipping,
+mixed precision and ``channels_last`` on CUDA, a data order fixed by ``(seed, epoch)``. Resuming
+gives the same final weights as an uninterrupted run on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.coco import CocoDetection, make_loader
+from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..utils.errors import CheckpointError, NonFiniteLossError, SpnasError
+from ..utils.faults import failpoint
+from .device import device_of
+from .evaluation import evaluate
+from .schedule import TrainConfig, lr_factor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingState:
+    """Everything one training carries from step to step (and ``last.pth`` holds)."""
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    total: int
+    per_epoch: int
+    iteration: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"mAP": -1.0, "iteration": None, "metrics": None})
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def setup(model: nn.Module, train_set: CocoDetection, cfg: TrainConfig, dev: torch.device,
+          trainable: Callable[[str], bool] | None = None) -> TrainingState:
+    """Model on ``dev``, SGD over the trainable parameters, the per-iteration schedule and the
+    grad scaler (fp16 only). ``trainable(name)`` limits training to some parameters."""
+    model.to(dev)
+    if dev.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and (trainable is None or trainable(n))]
+    if not params:
+        raise SpnasError("no trainable parameters: check freeze_swap_keys / the model description")
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total = cfg.iters if cfg.iters is not None else cfg.epochs * per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, cfg))
+    fp16 = dev.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    return TrainingState(model, params, optimizer, scheduler, scaler, total, per_epoch)
+
+
+def restore(path: Path, st: TrainingState) -> bool:
+    """Continue ``st`` from the checkpoint at ``path`` when it exists (weights, optimizer,
+    scheduler, scaler, progress and RNG); a checkpoint of another model or schedule raises
+    :class:`CheckpointError`. Returns whether it resumed."""
+    if not path.is_file():
+        return False
+    ck = load_checkpoint(path)
+    try:
+        st.model.load_state_dict(ck["model"], strict=True)
+        st.optimizer.load_state_dict(ck["optimizer"])
+        st.scheduler.load_state_dict(ck["scheduler"])
+        st.scaler.load_state_dict(ck["scaler"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot resume this training: {exc}") from None
+    if ck.get("total") != st.total:
+        raise CheckpointError(f"checkpoint {str(path)!r} was made for {ck.get('total')} iterations, "
+                              f"this training has {st.total}: use a fresh output folder")
+    st.iteration, st.history, st.best = ck["iteration"], ck["history"], ck["best"]
+    _set_rng_state(ck["rng"])
+    log.info("resumed from %s at iteration %d/%d", path, st.iteration, st.total)
+    return True
+
+
+def save(path: Path, st: TrainingState, cfg: TrainConfig) -> None:
+    """Write ``last.pth``: everything :func:`restore` needs."""
+    save_checkpoint(path, {"model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(),
+                           "scheduler": st.scheduler.state_dict(), "scaler": st.scaler.state_dict(),
+                           "iteration": st.iteration, "total": st.total, "history": st.history, "best": st.best,
+                           "rng": _rng_state(), "config": cfg.to_dict()})
+
+
+def evaluate_and_keep_best(st: TrainingState, val_set: CocoDetection | None, ckpt_dir: Path,
+                           dev: torch.device, batch_size: int) -> None:
+    """Evaluate on ``val_set`` (when given), append to the history and write ``best.pth`` when
+    the mAP improved."""
+    if val_set is None:
+        return
+    metrics = evaluate(st.model, val_set, dev, batch_size)
+    st.history.append({"iteration": st.iteration, **metrics})
+    log.info("iteration %d: mAP %.2f AP50 %.2f", st.iteration, metrics["mAP"], metrics["AP50"])
+    if metrics["mAP"] > st.best["mAP"]:
+        st.best = {"mAP": metrics["mAP"], "iteration": st.iteration, "metrics": metrics}
+        save_checkpoint(ckpt_dir / "best.pth", st.model.state_dict())
+
+
+def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfig, dev: torch.device,
+                    on_step: Callable[[float, bool], None]) -> int:
+    """Train from ``st.iteration`` to the end of its epoch (or of the schedule). After every
+    step ``on_step(loss, end_of_epoch)`` runs (evaluation, checkpoints, progress); a non-finite
+    loss raises :class:`NonFiniteLossError` naming the step and the loss terms. Returns the
+    number of images seen."""
+    epoch, skip = divmod(st.iteration, st.per_epoch)
+    amp = dev.type == "cuda" and cfg.amp
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    st.model.train()
+    loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, workers=cfg.workers)
+    seen = 0
+    for b, (images, targets) in enumerate(loader):
+        if b < skip:  # resuming mid-epoch: the same order, the done batches skipped
+            continue
+        images = [im.to(dev, non_blocking=True) for im in images]
+        targets = [{"boxes": t["boxes"].to(dev), "labels": t["labels"].to(dev)} for t in targets]
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+            losses = st.model(images, targets)
+        loss = sum(losses.values())
+        if not math.isfinite(loss.item()):
+            terms = {k: round(float(v.detach()), 6) for k, v in losses.items()}
+            raise NonFiniteLossError(f"non-finite loss at step {st.iteration}: {terms}")
+        st.optimizer.zero_grad(set_to_none=True)
+        st.scaler.scale(loss).backward()
+        if cfg.clip_grad_norm:
+            st.scaler.unscale_(st.optimizer)
+            nn.utils.clip_grad_norm_(st.params, cfg.clip_grad_norm)
+        st.scaler.step(st.optimizer)
+        st.scaler.update()
+        st.scheduler.step()
+        st.iteration += 1
+        failpoint("train_iter", f"(iteration {st.iteration}/{st.total})")
+        seen += len(images)
+        end_of_epoch = st.iteration % st.per_epoch == 0 or st.iteration == st.total
+        on_step(loss.item(), end_of_epoch)
+        if end_of_epoch:
+            break
+    return seen
+
+
+def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | None, cfg: TrainConfig,
+          ckpt_dir: str | Path, device: str | torch.device | None = None, resume: bool = True,
+          progress: bool = False, trainable: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place and return ``{"history", "best", "iters", "images", "seconds"}``.
+
+    Args:
+        model: a detector (``build_detector``), trained in place.
+        train_set, val_set: COCO splits; ``val_set`` None skips evaluation.
+        cfg: the schedule.
+        ckpt_dir: where ``last.pth`` and ``best.pth`` go.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or None (CUDA when available).
+        resume: continue from ``ckpt_dir/last.pth`` when it exists.
+        progress: show a tqdm bar.
+        trainable: ``trainable(name)`` limits training to some parameters.
+    """
+    from tqdm import tqdm
+    dev = device_of(device)
+    ckpt_dir = Path(ckpt_dir)
+    last = ckpt_dir / "last.pth"
+    torch.manual_seed(cfg.seed)
+    st = setup(model, train_set, cfg, dev, trainable)
+    if resume:
+        restore(last, st)
+
+    bar = tqdm(total=st.total, initial=st.iteration, desc="train", unit="it", disable=not progress,
+               dynamic_ncols=True)
+
+    def on_step(loss: float, end_of_epoch: bool) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{st.optimizer.param_groups[0]['lr']:.4g}")
+        it = st.iteration
+        if end_of_epoch and cfg.eval_every and (it // st.per_epoch) % cfg.eval_every == 0 and it != st.total:
+            evaluate_and_keep_best(st, val_set, ckpt_dir, dev, cfg.batch_size)
+        if it < st.total and (end_of_epoch or (cfg.checkpoint_every and it % cfg.checkpoint_every == 0)):
+            save(last, st, cfg)  # the final checkpoint is written once, after the last evaluation
+
+    t0, images_seen = time.perf_counter(), 0
+    while st.iteration < st.total:
+        images_seen += train_one_epoch(st, train_set, cfg, dev, on_step)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if st.total == 0 or not st.history or st.history[-1]["iteration"] != st.iteration:
+        evaluate_and_keep_best(st, val_set, ckpt_dir, dev, cfg.batch_size)
+    save(last, st, cfg)
+    return {"history": st.history, "best": st.best, "iters": st.iteration, "images": images_seen,
+            "seconds": seconds}

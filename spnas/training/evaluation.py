@@ -1,0 +1,70 @@
+"""Evaluation: predictions of a detector on a COCO split, and COCO box AP through pycocotools'
+COCOeval (its prints kept out of our output).
+
+``coco_metrics(coco_gt, results)`` returns ``mAP`` (AP@[.5:.95] x 100), ``AP50``, ``AP75``,
+``AP_small``, ``AP_medium``, ``AP_large`` (all x 100; ``None`` where COCO leaves a metric
+undefined because the ground truth has no object of that size).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.coco import CocoDetection, make_loader
+from .device import device_of
+
+METRIC_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+
+
+def coco_metrics(coco_gt: Any, results: Sequence[dict]) -> dict[str, float | None]:
+    """Evaluate detections ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``."""
+    from pycocotools.cocoeval import COCOeval
+    if not results:  # pycocotools cannot load an empty result list; nothing detected is AP 0
+        return {name: 0.0 for name in METRIC_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys: keep the caller's dicts intact
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: (float(ev.stats[i]) * 100 if ev.stats[i] >= 0 else None)
+            for i, name in enumerate(METRIC_NAMES)}
+
+
+def to_coco_results(image_id: int, boxes, scores, labels, label_to_cat: dict[int, int]) -> list[dict]:
+    """torchvision predictions of one image (``boxes`` [N, 4] x0y0x1y1, ``scores`` [N],
+    ``labels`` [N] contiguous) -> COCO result dicts with the dataset's category ids."""
+    out = []
+    b = boxes.tolist()
+    for (x0, y0, x1, y1), s, lab in zip(b, scores.tolist(), labels.tolist(), strict=False):
+        out.append({"image_id": int(image_id), "category_id": int(label_to_cat[int(lab)]),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
+    return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: CocoDetection, device: str | torch.device | None = None,
+            batch_size: int = 4, progress: bool = False) -> list[dict]:
+    """COCO-format detections of ``model`` on every image of ``dataset``."""
+    from tqdm import tqdm
+    dev = device_of(device)
+    model.eval().to(dev)
+    loader = make_loader(dataset, batch_size, shuffle=False)
+    results: list[dict] = []
+    for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        outs = model([im.to(dev, non_blocking=True) for im in images])
+        for out, tgt in zip(outs, targets, strict=False):
+            results.extend(to_coco_results(tgt["image_id"], out["boxes"].cpu(), out["scores"].cpu(),
+                                           out["labels"].cpu(), dataset.label_to_cat))
+    return results
+
+
+def evaluate(model: nn.Module, dataset: CocoDetection, device: str | torch.device | None = None,
+             batch_size: int = 4, progress: bool = False) -> dict[str, float | None]:
+    """COCO box metrics of ``model`` on ``dataset`` (see :func:`coco_metrics`)."""
+    return coco_metrics(dataset.coco, predict(model, dataset, device, batch_size, progress))

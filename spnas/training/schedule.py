@@ -1,0 +1,100 @@
+"""Training settings and the learning-rate schedule. No torch: config parsing and the Kubeflow
+components validate settings without importing the model stack."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..utils import checks
+
+
+@dataclass
+class TrainConfig:
+    """A training schedule, validated on creation (an impossible value raises
+    :class:`~spnas.utils.errors.ConfigError` naming the setting).
+
+    ``iters`` (when set) overrides ``epochs``; ``steps`` are fractions of the total iterations
+    where the learning rate is multiplied by ``gamma`` (step schedule); ``warmup_iters`` of linear
+    warm-up from ``warmup_factor`` x lr. ``amp``/``channels_last`` apply on CUDA only."""
+
+    epochs: int = 3
+    iters: int | None = None
+    batch_size: int = 4
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    schedule: str = "step"
+    steps: tuple[float, ...] = (0.667, 0.889)
+    gamma: float = 0.1
+    clip_grad_norm: float | None = None
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    workers: int = 0
+    eval_every: int = 1
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        def where(key: str) -> str:
+            return f"training setting {key}"
+        if self.iters is None:
+            self.epochs = checks.integer(self.epochs, where("epochs"), 0)
+        else:
+            self.iters = checks.integer(self.iters, where("iters"), 0)
+        self.batch_size = checks.integer(self.batch_size, where("batch_size"), 1)
+        self.lr = checks.number(self.lr, where("lr"), 0, open_lo=True)
+        self.schedule = checks.one_of(self.schedule, where("schedule"), ("step", "cosine"))
+        steps = tuple(self.steps)
+        if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1 for s in steps):
+            raise checks.fail(where("steps"), "fractions in (0, 1]", steps)
+        self.steps = steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (``steps`` as a list); ``TrainConfig.from_dict(d)`` restores it."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: TrainConfig | dict[str, Any]) -> TrainConfig:
+        """A config from :meth:`to_dict`'s form (or the config itself)."""
+        if isinstance(d, TrainConfig):
+            return d
+        d = dict(d)
+        if "steps" in d:
+            d["steps"] = tuple(d["steps"])
+        return cls(**d)
+
+
+def lr_factor(it: int, total: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at iteration ``it`` of ``total``."""
+    warm = min(cfg.warmup_iters, max(total - 1, 0))
+    f = 1.0
+    if it < warm:
+        a = it / warm
+        f = cfg.warmup_factor * (1 - a) + a
+    if cfg.schedule == "cosine":
+        f *= 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))
+    else:
+        f *= cfg.gamma ** sum(it >= int(s * total) for s in cfg.steps)
+    return f
+
+
+@dataclass(frozen=True)
+class ReignitionSettings:
+    """How a backbone is re-trained as a classifier: ``epochs`` (0 = put the backbone back
+    unchanged), ``batch_size``, SGD ``lr`` (cosine decay), square crop ``image_size`` and
+    ``seed`` (split, order and flips)."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.05
+    image_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks.integer(self.epochs, "reignition epochs", 0)
+        checks.integer(self.batch_size, "reignition batch_size", 1)
+        checks.number(self.lr, "reignition lr", 0, open_lo=True)
+        checks.integer(self.image_size, "reignition image_size", 16)

@@ -1,0 +1,1 @@
+"""Lowest layer: typed errors, value checks, atomic file writes and fail points. No torch."""
