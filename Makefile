@@ -42,11 +42,13 @@ lint: install ## ruff and the import-layers contract (also part of `make test`)
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/lint-imports --no-cache
 
-test: lint ## lint, then every test (CPU); fails when any test fails
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+PYTEST_WORKERS ?= 2
+
+test: lint ## lint, then every test (CPU, $(PYTEST_WORKERS) pytest workers); fails when any test fails
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist load $(PYTEST_ARGS)
 
 test-fast: install ## the inner loop: every test not marked slow (under 2 minutes)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist load -m "not slow" $(PYTEST_ARGS)
 
 bench: install ## run the benchmarks in bench/ (ratios measured side by side)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

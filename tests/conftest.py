@@ -9,6 +9,14 @@ from helpers import randomize_norms
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on the two cores: one torch thread each, not two, in
+    # the workers and in every process they start (kfp.local tasks, killed and resumed runs), so
+    # that runs compared with each other reduce their sums in the same order
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
+
 # no example database, and hypothesis' own caches in a temporary folder: tests write nothing
 # into the source tree (and CI is reproducible)
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="spnas-hypothesis-"))
@@ -25,15 +33,24 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory):
-    """One ``spnas run`` of the shared tiny config on 2 workers, made once for the session: the
-    reference that the run, pipeline and resume tests compare against. Returns ``(workdir, reports)``."""
+    """One ``spnas run`` of the shared tiny config on 2 workers, made once for the whole test run
+    (under pytest-xdist the first worker makes it in the folder the workers share, the others
+    wait for it): the reference that the run, pipeline and resume tests compare against.
+    Returns ``(workdir, reports)``."""
     import json
 
+    from filelock import FileLock
     from helpers import run_argv
 
     from spnas.cli.main import main
-    workdir = tmp_path_factory.mktemp("tiny-run")
-    assert main(run_argv(tiny_data, workdir, workers=2)) == 0
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else \
+        tmp_path_factory.getbasetemp()
+    workdir, data = shared / "tiny-run", shared / "tiny-run-data"
+    with FileLock(str(shared / "tiny-run.lock")):
+        if not (workdir / "output" / "reports.json").is_file():
+            from helpers import demo
+            demo(data, train=16, val=6, size=96)  # the run's own copy: same scenes as tiny_data
+            assert main(run_argv(data, workdir, workers=2)) == 0
     return workdir, json.loads((workdir / "output" / "reports.json").read_text())
 
 

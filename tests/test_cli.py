@@ -46,3 +46,20 @@ def test_describe_errors_are_one_line_and_exit_2(argv, message, capsys):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "spnas", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith("spnas ")
+
+
+def test_installed_console_script():
+    """The ``spnas`` command pyproject.toml installs (``make install``) points at the CLI's main."""
+    from pathlib import Path
+
+    import tomllib
+
+    from spnas.cli.main import main as cli_main
+    root = Path(__file__).parent.parent
+    target = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["spnas"]
+    module, _, func = target.partition(":")
+    import importlib
+    assert getattr(importlib.import_module(module), func) is cli_main
+    script = Path(sys.executable).parent / "spnas"
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith("spnas ")

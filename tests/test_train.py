@@ -10,7 +10,7 @@ from spnas.cli.main import main
 from spnas.models.checkpoint import load_checkpoint
 
 DEMO_MODEL = "configs/demo-model.json"
-AP50_THRESHOLD = 50.0  # the demo schedule (2 epochs) reaches 90+ on this machine; chance is ~0
+AP50_THRESHOLD = 50.0  # one demo epoch reaches 60.5 on this machine (2 epochs: 90+); chance is ~0
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +26,17 @@ def _perf(out, arch_id="0"):
 
 @pytest.mark.slow
 def test_demo_schedule_learns_and_is_reproducible(demo_root, tmp_path):
-    """The demo schedule learns; the same short training twice gives identical weights and metrics."""
+    """One epoch of the demo schedule learns (AP50 60.5 measured; chance is about 0); the same
+    short training twice gives identical weights and metrics."""
     def train(name, *schedule):
         out = tmp_path / name
         assert main(["train", "--data", str(demo_root), "--desc", DEMO_MODEL, *schedule, "--warmup-iters", "50",
                      "--out", str(out)]) == 0
         return out
-    runs = [train("a", "--epochs", "2")]
+    runs = [train("a", "--epochs", "1")]
     a = _perf(runs[0])
     assert a["AP50"] >= AP50_THRESHOLD, a
-    assert a["params"] == 4_793_075 and a["iters"] == 120
+    assert a["params"] == 4_793_075 and a["iters"] == 60
     desc = json.loads((runs[0] / "desc_0.json").read_text())
     assert desc["num_classes"] == 4 and desc["backbone"]["code"] == "1-2-2-2"
     # reproducible: two runs of the same (short) schedule, bit for bit
