@@ -217,22 +217,95 @@ def finish(records: list[dict], run_uri: str, step: str) -> dict:
     return pods.finish(records, run_uri, step)
 
 
-def publish(serial_front: list[dict], parallel_front: list[dict], best: dict, report: Output[Markdown]) -> str:
-    """A Markdown report of the run: the best model and the fronts of both searches.
+def reignite_if_plateau(config: str, step: str, state: str, data_uri: str, run_uri: str, overrides: str,
+                        accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str) -> str:
+    """After a serial round: reignite the front when its best mAP stopped improving
+    (``reignition_patience`` rounds, at most ``max_reignitions`` times); else pass the state on.
 
     Args:
-        serial_front: the serial search's front.
-        parallel_front: the parallel search's front.
-        best: the final model's record.
-
-    Returns the final weights' URI.
+        config: the run config text.
+        step: the serial step's name.
+        state: the search state after the round's update.
+        data_uri: the detection data set.
+        run_uri: this run's prefix.
+        overrides: JSON list of config overrides.
+        accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests.
     """
     from spnas.orchestration import pods
-    return pods.report(serial_front, parallel_front, best, report.path)
+    return pods.reignite_if_plateau(config, step, state, data_uri, run_uri, overrides)
+
+
+def phase_control(config: str, step: str, state: str, data_uri: str, run_uri: str, overrides: str,
+                  accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
+                  model: Output[Model], metrics: Output[Metrics]) -> dict:
+    """A search phase's equal-budget control: the phase's starting model trained as many times
+    with the step's schedule as the phase's best candidate was along its lineage.
+
+    Args:
+        config: the run config text.
+        step: the search step's name.
+        state: the search's final state.
+        data_uri: the detection data set.
+        run_uri: this run's prefix.
+        overrides: JSON list of config overrides.
+        accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests.
+    """
+    from spnas.orchestration import pods
+    return pods.phase_control_task(config, step, state, data_uri, run_uri, overrides, model, metrics,
+                                   {"accelerator": accelerator_type, "gpus": gpus_per_task,
+                                    "cpu": cpu_per_task, "memory": memory_per_task})
+
+
+def final_control(config: str, step: str, fine_tuned: list[dict], best: dict, data_uri: str, run_uri: str,
+                  overrides: str, accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
+                  model: Output[Model], metrics: Output[Metrics]) -> dict:
+    """The run's equal-budget control: the fine-tuned seed trained from the same weights as long as
+    the searched model's lineage (the full train's schedule stretched); both measured for latency
+    and memory.
+
+    Args:
+        config: the run config text.
+        step: the full train step's name.
+        fine_tuned: fine_tune's output (the seed record).
+        best: the best fully trained model.
+        data_uri: the detection data set.
+        run_uri: this run's prefix.
+        overrides: JSON list of config overrides.
+        accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests.
+
+    Returns ``{"searched": ..., "control": ...}``.
+    """
+    from spnas.orchestration import pods
+    return pods.final_control_task(config, step, fine_tuned, best, data_uri, run_uri, overrides, model, metrics,
+                                   {"accelerator": accelerator_type, "gpus": gpus_per_task,
+                                    "cpu": cpu_per_task, "memory": memory_per_task})
+
+
+def publish(config: str, serial_front: list[dict], parallel_front: list[dict], best: dict, controls: dict,
+            serial_control: dict, parallel_control: dict, run_uri: str, overrides: str, report: Output[Markdown]) -> str:
+    """The run's Markdown report and control.json: the result, the searched model beside its
+    equal-budget control, and the fronts of both searches.
+
+    Args:
+        config: the run config text.
+        serial_front: the serial search's front.
+        parallel_front: the parallel search's front.
+        best: the best fully trained model.
+        controls: final_control's output ({} when controls are off).
+        serial_control, parallel_control: the search phases' controls ({} when off).
+        run_uri: this run's prefix.
+        overrides: JSON list of config overrides.
+
+    Returns the weights URI of the run's result (the searched model, or its control when that wins).
+    """
+    from spnas.orchestration import pods
+    return pods.report(config, serial_front, parallel_front, best, controls or None,
+                       {"serial": serial_control, "parallel": parallel_control}, run_uri, report.path, overrides)
 
 
 _FUNCTIONS = (prepare, run_prefix, fine_tune, search_init, propose, candidates, train_candidate, update,
-              search_front, choose, reignite, collect, full_train, finish, publish)
+              search_front, choose, reignite, collect, full_train, finish, reignite_if_plateau, phase_control, final_control,
+              publish)
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:

@@ -2,7 +2,8 @@
 
     python -m pipelines.spnas_pipeline --config configs/demo.yml --output pipelines/spnas_pipeline.yaml
 
-fine_tune -> serial rounds -> reignition -> parallel rounds -> full train -> publish. Search
+fine_tune -> serial rounds -> reignition -> parallel rounds -> full train -> publish, with an
+equal-budget control after each search and after the full train (``general.control``). Search
 rounds are unrolled here (KFP v2 has no while loop): rounds = ceil(max_sample /
 candidates_per_round), each a ``dsl.ParallelFor`` over the proposed candidates with
 ``parallelism`` pods at once and ``dsl.Collected`` results into the update step. Reignition and
@@ -98,9 +99,21 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
             upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"]), step=step.name))
             upd.set_display_name(f"{step.name} round {r}: update")
             state = upd.output
+            if step.role == "serial" and step.search.get("reignition_patience") and r + 1 < math.ceil(n / k):
+                re_ = heavy(c.reignite_if_plateau(config=ctx["config"], step=step.name, state=state,
+                                                  data_uri=ctx["data_uri"], run_uri=ctx["run_uri"],
+                                                  overrides=ctx["overrides"], **resource_inputs(ctx)), **ctx["res"])
+                re_.set_display_name(f"{step.name} round {r}: reignite if the front stopped improving")
+                state = re_.output
         front = light(c.search_front(state=state, run_uri=ctx["run_uri"], step=step.name))
         front.set_display_name(f"{step.name}: Pareto front")
-        return front
+        if not cfg.control:
+            return front, {}
+        ctrl = heavy(c.phase_control(config=ctx["config"], step=step.name, state=state, data_uri=ctx["data_uri"],
+                                     run_uri=ctx["run_uri"], overrides=ctx["overrides"], **resource_inputs(ctx)),
+                     **ctx["res"])
+        ctrl.set_display_name(f"{step.name}: equal-budget control")
+        return front, ctrl.outputs["Output"]
 
     @dsl.pipeline(name="spnas", description="SP-NAS: serial-to-parallel detection backbone search "
                   f"(config {Path(config_path).name})")
@@ -119,7 +132,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         ft = heavy(c.fine_tune(config=config, step=roles["fine_tune"].name, data_uri=data_uri,
                                run_uri=ctx["run_uri"], overrides=ctx["overrides"]), **ctx["res"])
         ft.set_display_name("fine_tune")
-        serial_front = search(roles["serial"], ft.outputs["Output"], ctx)
+        serial_front, serial_control = search(roles["serial"], ft.outputs["Output"], ctx)
         seeds = serial_front.outputs["Output"]
         if "reignition" in roles and roles["reignition"].top_k != 0:
             step = roles["reignition"]
@@ -127,13 +140,22 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                                    run_uri=ctx["run_uri"], step=step.name))
             done.set_display_name(f"{step.name}: collect")
             seeds = done.output
-        parallel_front = search(roles["parallel"], seeds, ctx)
+        parallel_front, parallel_control = search(roles["parallel"], seeds, ctx)
         step = roles["full_train"]
         best = light(c.finish(records=fan_out(step, parallel_front.outputs["Output"], c.full_train, ctx, "full-train"),
                               run_uri=ctx["run_uri"], step=step.name))
         best.set_display_name("full train: best model")
-        pub = light(c.publish(serial_front=serial_front.outputs["Output"],
-                              parallel_front=parallel_front.outputs["Output"], best=best.output))
+        controls = {}
+        if cfg.control:
+            final = heavy(c.final_control(config=config, step=step.name, fine_tuned=ft.outputs["Output"], best=best.output,
+                                          data_uri=data_uri, run_uri=ctx["run_uri"], overrides=ctx["overrides"],
+                                          **resource_inputs(ctx)), **ctx["res"])
+            final.set_display_name("full train: equal-budget control")
+            controls = final.outputs["Output"]
+        pub = light(c.publish(config=config, serial_front=serial_front.outputs["Output"],
+                              parallel_front=parallel_front.outputs["Output"], best=best.output, controls=controls,
+                              serial_control=serial_control, parallel_control=parallel_control,
+                              run_uri=ctx["run_uri"], overrides=ctx["overrides"]))
         pub.set_display_name("publish report")
 
     return spnas_pipeline

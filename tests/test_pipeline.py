@@ -72,7 +72,8 @@ def test_dag_shape(compiled):
     names = {t["taskInfo"]["name"] for t in tasks.values()}
     for needed in ("fine_tune", "serial round 0: propose", "serial: Pareto front", "reignition: choose models",
                    "reignition: collect", "parallel round 1: update", "parallel: Pareto front",
-                   "fully_train: choose models", "full train: best model", "publish report"):
+                   "fully_train: choose models", "full train: best model", "publish report",
+                   "serial: equal-budget control", "parallel: equal-budget control", "full train: equal-budget control"):
         assert needed in names, needed
 
     def upstream(name):
@@ -86,13 +87,20 @@ def test_dag_shape(compiled):
     assert by_display["parallel: Pareto front"] in upstream(by_display["fully_train: choose models"])
     assert by_display["full-train"] in upstream(by_display["full train: best model"])
     assert by_display["full train: best model"] in upstream(by_display["publish report"])
+    # the controls: after their search's last update, and after the full train; the report waits for all
+    assert by_display["serial round 1: update"] in upstream(by_display["serial: equal-budget control"])
+    assert by_display["full train: best model"] in upstream(by_display["full train: equal-budget control"])
+    assert {by_display[f"{p}: equal-budget control"] for p in ("serial", "parallel", "full train")} <= \
+        upstream(by_display["publish report"])
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {IMAGE}
     for e in spec["deploymentSpec"]["executors"].values():
         assert "pip install" not in json.dumps(e["container"]["command"])  # install_kfp_package=False
     k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    heavy = [v for k, v in k8s.items() if any(n in k for n in ("train-candidate", "full-train", "reignite", "fine-tune"))]
-    assert len(heavy) == 4 + 1 + 1 + 1  # one executor per round's candidates, plus reignite, full train, fine_tune
+    heavy = [v for k, v in k8s.items() if any(n in k for n in ("train-candidate", "full-train", "reignite", "fine-tune",
+                                                                 "control"))]
+    # one executor per round's candidates, plus reignite, full train, fine_tune and the three controls
+    assert len(heavy) == 4 + 1 + 1 + 1 + 3
     assert all(v["secretAsEnv"][0]["secretName"] == "spnas-s3" for v in heavy)
     assert all(v["emptyDirMounts"][0]["mountPath"] == "/dev/shm" for v in heavy)
 
@@ -175,12 +183,19 @@ def test_compiled_yaml_runs_under_kfp_local_and_agrees_with_spnas_run(tiny_data,
     assert sum(r["parent"] is not None for r in parallel["records"]) == 2
     from spnas.search import front
     full = _csv_records(run / "fully_train" / "output.csv")
-    assert len(list((run / "fully_train").glob("model_*.pth"))) == len(full) == min(2, len(front(parallel)))
+    models = [p for p in (run / "fully_train").glob("model_*.pth") if "control" not in p.name]
+    assert len(models) == len(full) == min(2, len(front(parallel)))
+    assert (run / "fully_train" / "model_control_0.pth").is_file()  # the final control's weights, beside them
 
     # the same config through spnas run: the same records, phase by phase
     local = tiny_run[1]
     assert _summary(local["phases"]["serial"]["records"]) == _summary(serial["records"])
     assert _summary(local["phases"]["parallel"]["records"]) == _summary(parallel["records"])
+    ctrl, local_ctrl = json.loads((run / "control.json").read_text()), local["control"]
+    for key in ("searched", "control"):
+        assert (ctrl[key]["mAP"], ctrl[key]["iterations"], ctrl[key]["params"]) == \
+            (local_ctrl[key]["mAP"], local_ctrl[key]["iterations"], local_ctrl[key]["params"])
+    assert ctrl["winner"] == local_ctrl["winner"] and ctrl["phases"].keys() == local_ctrl["phases"].keys()
     for step, recs in (("reignition", _csv_records(run / "reignition" / "output.csv")), ("fully_train", full)):
         got = [(r["id"], r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], r["metrics"]["mAP"]) for r in recs]
         want = [(r["id"], r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], r["metrics"]["mAP"])
@@ -215,8 +230,25 @@ def test_component_bodies_with_real_artifacts(tiny_data, tmp_path):
     report = Markdown(name="report", uri=str(tmp_path / "art" / "report.md"), metadata={})
     best = {"id": 4, "desc": {"backbone": {"code": "1-2-2-2"}, "neck": {"code": [0, 1, 0, 0]}},
             "metrics": {"mAP": 61.5, "AP50": 95.0}, "params": 4_800_000, "gflops": 0.29, "weights": "s3://b/run/model_4.pth"}
-    assert c.publish.python_func(serial_front=[{**best, "id": 0, "parent": None, "status": "ok"}],
-                                 parallel_front=[{**best, "parent": 1, "status": "ok"}], best=best,
+    assert c.publish.python_func(config=config, serial_front=[{**best, "id": 0, "parent": None, "status": "ok"}],
+                                 parallel_front=[{**best, "parent": 1, "status": "ok"}], best=best, controls={},
+                                 serial_control={}, parallel_control={}, run_uri=run_uri, overrides="[]",
                                  report=report) == "s3://b/run/model_4.pth"
     text = Path(report.path).read_text()
-    assert "**Best model**: `1-2-2-2` neck `[0, 1, 0, 0]`: mAP 61.50" in text and "| 4 | 1 | `1-2-2-2` |" in text
+    assert "**Result**: `1-2-2-2` neck `[0, 1, 0, 0]`: mAP 61.50" in text and "| 4 | 1 | `1-2-2-2` |" in text
+    assert "equal-budget control" not in text  # no controls given, none reported
+
+    # with controls: control.json under the run prefix, the control's weights when it wins
+    control = {"id": "control", "desc": {"backbone": {"code": "1-2-2-2"}, "neck": {"code": [0, 0, 0, 0]}},
+               "metrics": {"mAP": 62.0, "AP50": 95.5}, "params": 4_700_000, "gflops": 0.25, "latency": 9.0,
+               "memory": 60.0, "iters": 360, "lineage_iters": 360, "weights": "s3://b/run/model_control_0.pth"}
+    searched = {**best, "latency": 11.0, "memory": 70.0, "lineage_iters": 360}
+    report2 = Markdown(name="report", uri=str(tmp_path / "art" / "report2.md"), metadata={})
+    weights = c.publish.python_func(config=config, serial_front=[], parallel_front=[], best=best,
+                                    controls={"searched": searched, "control": control}, serial_control={},
+                                    parallel_control={}, run_uri=run_uri, overrides="[]", report=report2)
+    summary = json.loads((Path(run_uri) / "control.json").read_text())
+    assert weights == "s3://b/run/model_control_0.pth" and summary["winner"] == "control"
+    assert summary["delta_mAP"] == 61.5 - 62.0 and summary["searched"]["iterations"] == summary["control"]["iterations"] == 360
+    text = Path(report2.path).read_text()
+    assert "**Result**: `1-2-2-2` neck `[0, 0, 0, 0]`: mAP 62.00" in text and "delta mAP -0.50" in text

@@ -53,8 +53,38 @@ def test_run_all_phases_files_and_reproducibility(tiny_run, tiny_data, tmp_path)
     front = a["phases"]["parallel"]["front"]
     assert len(full) == min(2, len(front)) and {r["id"] for r in full} <= set(front)  # top_k 2 of the front
     best = max(full, key=lambda r: r["metrics"]["mAP"])
-    assert a["best"]["id"] == best["id"] and all((out / "fully_train" / f"model_{r['id']}.pth").is_file() for r in full)
+    assert all((out / "fully_train" / f"model_{r['id']}.pth").is_file() for r in full)
     assert not list(out.rglob("train_*"))  # training state removed once a candidate is done
+
+    # the equal-budget control: the seed trained from the fine-tuned weights as long as the final
+    # model's lineage trained since fine_tune; control.json puts both side by side
+    _check_lineage(a)
+    ctrl = json.loads((out / "control.json").read_text())
+    assert a["control"] == ctrl
+    keys = {"id", "desc", "mAP", "AP50", "params", "gflops", "latency", "memory", "iterations", "weights"}
+    assert set(ctrl["searched"]) == set(ctrl["control"]) == keys
+    assert ctrl["searched"]["id"] == best["id"] and ctrl["searched"]["mAP"] == best["metrics"]["mAP"]
+    assert ctrl["searched"]["iterations"] == best["lineage_iters"] == ctrl["control"]["iterations"]
+    assert ctrl["delta_mAP"] == ctrl["searched"]["mAP"] - ctrl["control"]["mAP"]
+    seed = a["phases"]["fine_tune"]["records"][0]
+    assert ctrl["control"]["desc"]["backbone"]["code"] == seed["desc"]["backbone"]["code"]
+    assert ctrl["control"]["desc"]["neck"]["code"] == [0, 0, 0, 0] and ctrl["control"]["params"] == seed["params"]
+    assert all(ctrl[k]["latency"] > 0 and ctrl[k]["memory"] > 0 for k in ("searched", "control"))
+    winner = a["phases"]["fully_train"]["control"] if ctrl["winner"] == "control" else best
+    assert ctrl["winner"] in ("searched", "control") and a["best"]["id"] == winner["id"]
+    assert a["best"]["weights"] == winner["weights"] and Path(winner["weights"]).is_file()
+    for phase in ("serial", "parallel"):  # each search phase: its best candidate beside its own control
+        pc, plan = ctrl["phases"][phase], a["phases"][phase]["control"]
+        recs = {r["id"]: r for r in a["phases"][phase]["records"]}
+        assert pc["searched"]["id"] == max((r for r in recs.values() if r["round"] >= 0 and r["status"] == "ok"),
+                                           key=lambda r: r["metrics"]["mAP"])["id"]
+        assert pc["control"]["iterations"] == pc["searched"]["iterations"] == plan["iters"]
+        assert pc["delta_mAP"] == pc["searched"]["mAP"] - pc["control"]["mAP"]
+    compute = a["compute"]
+    assert compute["controls"]["iterations"] == sum(a["phases"][p]["control"]["iters"] for p in
+                                                    ("serial", "parallel", "fully_train"))
+    assert compute["search"]["images"] == sum(r.get("images") or 0 for ph in a["phases"].values()
+                                              for r in ph["records"])
 
     # the same config again, on one worker instead of two: the same records
     assert main(run_argv(tiny_data, tmp_path / "b", workers=1)) == 0
@@ -65,6 +95,28 @@ def test_run_all_phases_files_and_reproducibility(tiny_run, tiny_data, tmp_path)
         cb = [(r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], (r["metrics"] or {}).get("mAP"))
               for r in b["phases"][phase]["records"]]
         assert ca == cb
+
+
+def _check_lineage(reports):
+    """Every record's lineage_iters = its parent's + its own training iterations (the parent of a
+    search seed is the previous phase's record it came from; reignition adds none)."""
+    phases = reports["phases"]
+    assert phases["fine_tune"]["records"][0]["lineage_iters"] == 0
+    prev = {r["id"]: r for r in phases["fine_tune"]["records"]}
+    for name in ("serial", "reignition", "parallel", "fully_train"):
+        ph = phases[name]
+        recs = {r["id"]: r for r in ph["records"]}
+        for r in ph["records"]:
+            if r["status"] != "ok":
+                continue
+            if name in ("serial", "parallel") and r["round"] >= 0:
+                assert r["lineage_iters"] == recs[r["parent"]]["lineage_iters"] + r["iters"] and r["iters"] > 0
+            elif name == "fully_train":
+                assert r["lineage_iters"] == prev[r["id"]]["lineage_iters"] + r["iters"]
+            elif name == "reignition":
+                assert r["lineage_iters"] == prev[r["id"]]["lineage_iters"]
+        prev = {r["id"]: r for r in ph["records"]} if name != "serial" else \
+            {r["id"]: r for r in ph["records"] if r["id"] in ph["front"]}
 
 
 def test_failed_candidate_is_recorded_and_all_failed_stops(tiny_data, tmp_path, monkeypatch):
@@ -88,7 +140,7 @@ def test_failed_candidate_is_recorded_and_all_failed_stops(tiny_data, tmp_path, 
     failed = [r for r in recs if r["status"] == "failed"]
     assert [r["id"] for r in failed] == [1] and failed[0]["error"] == "RuntimeError: out of memory"
     assert 1 not in reports["phases"]["serial"]["front"] and len(recs) == 3
-    assert all(r["metrics"]["latency"] > 0 for r in recs if r["status"] == "ok")  # the measured objective
+    assert all(r["latency"] > 0 for r in recs if r["status"] != "pending")  # measured when proposed (end to end)
 
     monkeypatch.setattr(run_mod.phases, "train_candidate", lambda c, *args, **kw: {
         "id": c["id"], "status": "failed", "metrics": None, "error": f"ValueError: bad {c['id']}",
@@ -136,3 +188,34 @@ def test_reference_page_config_runs(tiny_data, tmp_path):
     assert len(serial) == 2 and serial[1]["status"] == "ok" and serial[1]["parent"] == 0
     assert serial[1]["desc"]["backbone"]["code"] != "111-2111-211111-211" and serial[1]["inherited"] > 0
     assert reports["best"]["id"] in reports["phases"]["serial"]["front"]
+
+
+def test_serial_plateau_reignites_the_front_inside_the_search(tiny_data, tmp_path, monkeypatch):
+    """With ``reignition_patience`` set, ``spnas run`` reignites the serial front when a round
+    brings no better mAP, and the reignited models join the search (candidates and reignition
+    faked here: the trigger and its bookkeeping are what is tested)."""
+    import spnas.orchestration.local as run_mod
+    calls = []
+
+    def flat(candidate, *args, **kw):  # every child scores 0: the front never improves
+        return {"id": candidate["id"], "status": "ok", "metrics": {"mAP": 0.0, "AP50": 0.0}, "error": None,
+                "weights": candidate["parent_weights"], "inherited": 1, "fresh": 0, "iters": 4, "images": 16}
+
+    def reignite(models, step, out_dir, **kw):
+        calls.append(([m["id"] for m in models], step.role, str(out_dir)))
+        return [{"id": m["id"], "status": "ok", "desc": m["desc"], "metrics": {"mAP": 1.0 + len(calls), "AP50": 2.0},
+                 "params": m["params"], "gflops": m["gflops"], "weights": m["weights"], "reignition": {"kept": "after"}}
+                for m in models]
+    monkeypatch.setattr(run_mod.phases, "train_candidate", flat)
+    monkeypatch.setattr(run_mod.phases, "reignition", reignite)
+    cfg = load_config(DEMO, workdir=tmp_path / "w", overrides=tiny_overrides(tiny_data) + [
+        "pipeline=[fine_tune, serial]", "serial.search_algorithm.max_sample=6", "general.control=false",
+        "serial.search_algorithm.reignition_patience=1", "serial.search_algorithm.max_reignitions=1"])
+    reports = run_mod.run(cfg, workers=1, progress=False)
+    recs = reports["phases"]["serial"]["records"]
+    reignited = [r for r in recs if r["ops"] == ["reignite"]]
+    assert len(calls) == 1 and calls[0][1] == "reignition" and calls[0][2].endswith("serial/reignition_0")
+    assert [r["parent"] for r in reignited] == calls[0][0] and reignited[0]["metrics"]["mAP"] == 2.0
+    assert reignited[0]["id"] in reports["phases"]["serial"]["front"]  # the better reignited model leads
+    assert len([r for r in recs if r["round"] >= 0 and r["ops"] != ["reignite"]]) == 6
+    assert "control" not in reports and reports["phases"]["serial"]["control"] is None  # general.control=false

@@ -25,6 +25,7 @@ from spnas.search import (
     mutate_parallel,
     mutate_serial,
     new_state,
+    objective_values,
     pareto_front,
     propose,
     records,
@@ -369,7 +370,8 @@ def test_propose_update_contract():
     assert state == before                                       # input not mutated
     assert [c["id"] for c in cands] == [2, 3, 4, 5]
     assert set(cands[0]) == {"id", "round", "desc", "parent", "parent_desc", "parent_weights", "ops",
-                             "params", "gflops"}
+                             "params", "gflops", "memory", "latency"}
+    assert cands[0]["memory"] is None and cands[0]["latency"] is None  # measured only when needed
     assert all(r["status"] == "pending" for r in records(st1) if r["id"] >= 2)
     assert not is_done(st1)
     st2, more = propose(st1, k=10)                               # capped at max_sample
@@ -448,11 +450,53 @@ def test_settings_normalisation():
         new_state(s, [{"desc": small_desc(), "metrics": {}, "weights": None}])
 
 
-def test_latency_objective_comes_from_measured_metrics():
+def test_latency_is_a_measured_objective():
     s = SearchSettings("SpNasS", objective_keys=["mAP", "latency_ms"])
-    assert s.objective_keys == ("mAP", "latency")
+    assert s.objective_keys == ("mAP", "latency") and s.needs_latency and not s.needs_memory
     pts = [{"mAP": 50.0, "latency": 10.0}, {"mAP": 55.0, "latency": 12.0}, {"mAP": 54.0, "latency": 13.0}]
     assert pareto_front(pts, s.objective_keys) == [0, 1]
+    rec = {"metrics": {"mAP": 50.0, "latency": 999.0}, "latency": 10.0, "params": 1, "gflops": 1.0}
+    assert objective_values(rec, s.objective_keys) == {"mAP": 50.0, "latency": 10.0}  # the search's own measure
+
+
+def test_default_objectives_by_algorithm():
+    assert SearchSettings("SpNasS").objective_keys == ("mAP", "params")
+    assert SearchSettings("SpNasP").objective_keys == ("mAP", "gflops")  # passes cost FLOPs, not params
+
+
+def test_memory_objective_and_budget():
+    """Memory is the deterministic training-memory estimate, measured for every proposal; the
+    budget rejects children over it."""
+    seed = seed_of()
+    m0 = spm.train_memory_mb(seed["desc"], SIZE, 2)
+    s = serial_settings(max_sample=8, objective_keys=["mAP", "memory"], memory_batch=2, max_memory_mb=m0 * 1.15,
+                        add_stage_ratio=0.3, expand_ratio=0.6, seed=1)
+    state, _ = run_search(new_state(s, [seed]), blocks_peak(12))
+    recs = records(state)
+    assert recs[0]["memory"] == m0 and all(r["latency"] is None for r in recs)
+    cands = [r for r in recs if r["round"] >= 0]
+    assert len(cands) == 8
+    for r in cands:
+        assert r["memory"] == spm.train_memory_mb(r["desc"], SIZE, 2) <= m0 * 1.15
+    # a deeper code needs more memory: the estimate orders architectures
+    assert spm.train_memory_mb(small_desc("111-211-21-21"), SIZE, 2) > m0
+    assert spm.train_memory_mb(seed["desc"], SIZE, 4) > m0
+
+
+def test_latency_budget_rejects_slow_children(monkeypatch):
+    """Latency is measured once per proposal (here a deterministic fake: 10 ms per GFLOP) and the
+    budget rejects every child above it."""
+    from spnas.models import cost
+    monkeypatch.setattr(cost, "detector_latency_ms", lambda desc, size, **kw: round(10 * cost.gflops(desc, size), 6))
+    seed = seed_of()
+    l0 = 10 * spm.gflops(seed["desc"], SIZE)
+    s = parallel_settings(max_sample=6, max_latency_ms=l0 * 1.3, seed=3)
+    state, _ = run_search(new_state(s, [seed]), blocks_peak(12))
+    recs = records(state)
+    assert recs[0]["latency"] == pytest.approx(l0)
+    cands = [r for r in recs if r["round"] >= 0]
+    assert len(cands) == 6 and all(r["latency"] <= l0 * 1.3 for r in cands)
+    assert all(r["latency"] == pytest.approx(10 * spm.gflops(r["desc"], SIZE)) for r in cands)
 
 
 def test_kfp_update_stops_when_every_candidate_of_a_round_failed():
@@ -469,3 +513,38 @@ def test_kfp_update_stops_when_every_candidate_of_a_round_failed():
     ok = [{**failed[0], "status": "ok", "error": None, "metrics": {"mAP": 36.0}, "weights": "w1"}, failed[1]]
     state = json.loads(remote.update(proposal, ok, "serial"))
     assert [r["status"] for r in state["records"]] == ["ok", "ok", "failed"]
+
+
+def test_plateau_trigger_fires_at_most_max_reignitions_times():
+    """A fake evaluator with a known plateau: every child scores the seed's mAP, so the front's
+    best never improves. With patience 1 the trigger fires after every stale round until
+    max_reignitions is used up; reignited models join the front as children of their originals."""
+    from spnas.search import add_reignited, plateau
+    s = serial_settings(max_sample=10, candidates_per_round=2, reignition_patience=1, max_reignitions=2, seed=4)
+    state = new_state(s, [seed_of(mAP=35.0)])
+    assert not plateau(state)  # nothing stale yet
+    fired, rounds = [], 0
+    while not is_done(state):
+        state, cands = propose(state)
+        rounds += 1
+        state = update(state, [{"id": c["id"], "status": "ok", "metrics": {"mAP": 35.0}, "weights": f"w{c['id']}"}
+                               for c in cands])
+        if plateau(state):
+            top = max(front(state), key=lambda r: r["metrics"]["mAP"])
+            state = add_reignited(state, [{"id": top["id"], "metrics": {"mAP": 35.0 + len(fired) + 0.5},
+                                           "weights": f"re{top['id']}.pth", "reignition": {"kept": "after"}}])
+            fired.append((rounds, top["id"]))
+    assert rounds == 5 and len(fired) == 2           # at most max_reignitions, although every round was stale
+    assert [r for r, _ in fired] == [1, 2]             # patience 1: right after the first stale rounds
+    re_ = [r for r in records(state) if r["ops"] == ["reignite"]]
+    assert [r["parent"] for r in re_] == [i for _, i in fired] and all(r["status"] == "ok" for r in re_)
+    assert re_[0]["metrics"]["mAP"] == 35.5 and re_[0]["weights"] == f"re{fired[0][1]}.pth"
+    assert re_[-1]["id"] in {r["id"] for r in front(state)}  # the better reignited model leads the front
+    assert state["plateau"]["reignitions"] == 2 and not plateau(state)
+    # an improving search never fires
+    state = new_state(s, [seed_of(mAP=35.0)])
+    while not is_done(state):
+        state, cands = propose(state)
+        state = update(state, [{"id": c["id"], "status": "ok", "metrics": {"mAP": 36.0 + c["id"]}, "weights": "w"}
+                               for c in cands])
+        assert not plateau(state)

@@ -137,9 +137,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {name:<12} {len(ph['records'])} record(s), {ph.get('seconds', 0):.0f} s{extra}")
     if reports.get("published"):
         print(f"  published to {reports['published']['uri']} ({reports['published']['objects']} files)")
+    ctrl = reports.get("control")
+    if ctrl:
+        print("equal-budget control (the seed trained as long as the searched model's lineage, from the same weights):")
+        for key in ("searched", "control"):
+            e = ctrl[key]
+            print(f"  {key:<9} {e['desc']['backbone']['code']} neck {e['desc']['neck']['code']}  mAP {e['mAP']:.2f}  "
+                  f"AP50 {e['AP50']:.2f}  params {e['params']:,}  GFLOPs {e['gflops']:.2f}  "
+                  f"{e['iterations']} iterations")
+        for name, ph in ctrl["phases"].items():
+            if "delta_mAP" in ph:
+                print(f"  {name:<9} best candidate {ph['searched']['mAP']:.2f} vs control {ph['control']['mAP']:.2f} mAP "
+                      f"({ph['delta_mAP']:+.2f}, {ph['control']['iterations']} iterations each)")
+        print(f"  delta mAP {ctrl['delta_mAP']:+.2f}: the {ctrl['winner']} model is the result ({ctrl['reason']})")
+    if reports.get("compute"):
+        c = reports["compute"]
+        print(f"compute: search {c['search']['images']:,} images ({c['search']['iterations']:,} iterations), "
+              f"controls {c['controls']['images']:,} images ({c['controls']['iterations']:,} iterations), "
+              f"{c['seconds']:.0f} s wall")
     if best:
         m = best["metrics"]
-        print(f"best model: {best['desc']['backbone']['code']} neck {best['desc']['neck']['code']}  "
+        print(f"result: {best['desc']['backbone']['code']} neck {best['desc']['neck']['code']}  "
               f"mAP {m['mAP']:.2f}  AP50 {m['AP50']:.2f}  params {best['params']:,}  GFLOPs {best['gflops']:.2f}")
         print(f"  weights {best['weights']}")
     return 0

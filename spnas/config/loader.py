@@ -35,7 +35,7 @@ import yaml
 
 from ..utils.errors import ConfigError, brief
 from .schema import _GENERAL_OURS, _STEP_NAME, MAX_DEPTH, MAX_REF_CHAIN, MAX_VALUES, ROLES
-from .sections import _check_keys, _err, _int, _mapping, _path_value, _step
+from .sections import _bool, _check_keys, _err, _int, _mapping, _path_value, _step
 from .types import RunConfig, StepConfig
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,7 @@ def load_config(source: str | os.PathLike | dict, workdir: str | os.PathLike | N
         raise _err("general.seed", f"must be below 2**63, got {brief(seed)}")
     workers = _int(general.get("workers", 1), "general.workers", 1)
     device = general.get("device")
+    control = _bool(general.get("control", True), "general.control")
     if device not in (None, "auto", "cpu", "cuda"):
         raise _err("general.device", f"must be auto, cpu or cuda, got {brief(device)}")
 
@@ -224,5 +225,5 @@ def load_config(source: str | os.PathLike | dict, workdir: str | os.PathLike | N
         raise _err("pipeline", f"steps must run in the order {' -> '.join(ROLES)}; got roles {seen_roles}")
     for item in dict.fromkeys(ignored):
         log.info("config %s: %s is not used by this project; ignored", name, item)
-    return RunConfig(workdir=wd, seed=seed, workers=workers, device=None if device == "auto" else device,
+    return RunConfig(workdir=wd, seed=seed, workers=workers, device=None if device == "auto" else device, control=control,
                      steps=tuple(steps), ignored=tuple(dict.fromkeys(ignored)), source=name)

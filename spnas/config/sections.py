@@ -263,6 +263,7 @@ def _step(name: str, sec: dict, seed: int, roles_before: list[str], defaults: di
         if "search_algorithm" not in sec:
             raise _err(f"{name}.search_algorithm", "is missing for a SearchPipeStep")
         search = _search(sec["search_algorithm"], f"{name}.search_algorithm", seed, ignored)
+        search.setdefault("memory_batch", trainer.batch_size)  # the memory estimate at the step's own batch
         role = "serial" if search["algorithm"] == "SpNasS" else "parallel"
     elif reignition:
         role = "reignition"

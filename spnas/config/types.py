@@ -49,7 +49,8 @@ class StepConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole run: working directory, seed, workers, device and the steps in order."""
+    """A whole run: working directory, seed, workers, device, whether equal-budget controls are
+    trained (``control``) and the steps in order."""
 
     workdir: str
     seed: int
@@ -58,6 +59,7 @@ class RunConfig:
     steps: tuple[StepConfig, ...]
     ignored: tuple[str, ...] = ()
     source: str = "<dict>"
+    control: bool = True
 
     def step(self, role: str) -> StepConfig | None:
         return next((s for s in self.steps if s.role == role), None)

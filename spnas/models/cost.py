@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..utils import checks
 from .desc import arch_string, normalize_desc
 from .detector import build_backbone, build_detector
 
@@ -161,3 +162,57 @@ def stage_pass_gflops(desc: Mapping[str, Any], size: int) -> list[float]:
     module on its input shape plus its connection module (cached per backbone)."""
     bb = normalize_desc(desc)["backbone"]
     return list(_stage_pass_cached(bb["code"], bb["block"], bb["base_channels"], bb["norm"], _check_size(size)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _memory_cached(desc_json: str, size: int, batch: int) -> float:
+    from torch.autograd.graph import saved_tensors_hooks
+    with torch.device("meta"):
+        model = build_detector(json.loads(desc_json))
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    backbone = model.backbone.train()
+    with saved_tensors_hooks(pack, lambda t: t):
+        backbone(torch.empty(batch, 3, size, size, device="meta"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (saved[0] + 3 * weights) / 2**20
+
+
+def train_memory_mb(desc: Mapping[str, Any], size: int = 800, batch: int = 4) -> float:
+    """Deterministic estimate of a training step's memory (MiB) at ``batch`` images of
+    ``size x size``: the activations autograd saves in a train-mode forward of backbone +
+    parallel sub-networks + FPN (each saved tensor counted once per save), plus weights,
+    gradients and SGD momentum of the whole detector (3 x parameter bytes). Measured on the meta
+    device: no memory, no arithmetic. The RPN and RoI heads' activations are left out (they cost
+    about the same for every candidate), so use it to compare candidates, not to size a GPU."""
+    b = checks.integer(batch, "memory batch", 1)
+    return round(_memory_cached(json.dumps(normalize_desc(desc), sort_keys=True), _check_size(size), b), 3)
+
+
+def detector_latency_ms(desc: Mapping[str, Any], size: int = 800, device: str | torch.device = "cpu",
+                        repeats: int = 3, seed: int = 0) -> float:
+    """Median wall time (ms) of one end-to-end inference of the description's detector: the
+    transform, backbone, parallel sub-networks, FPN, RPN, RoI heads and NMS, on one
+    ``size x size`` image on ``device`` (eval mode, weights drawn from ``seed``, after one
+    warm-up pass). Measured, so it varies a little between runs and machines."""
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_detector(desc).eval().to(dev)
+        image = torch.rand(3, _check_size(size), size, device=dev)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            model([image])
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= 1:
+                times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 3)

@@ -31,6 +31,7 @@ from ..utils.errors import ConfigError, SpnasError
 from ..utils.faults import failpoint
 from ..utils.fileio import atomic_write_json, read_json
 from . import phases, rounds, steps
+from .reports import control_summary, phase_compute, run_compute
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,12 @@ class Runner:
             self._save_reports()
             failpoint("phase", step.name)
         self.reports["best"] = steps.best_of(last)
+        summary = self.reports.get("control")
+        if summary and summary["winner"] == "control":
+            self.reports["best"] = self.reports["phases"][self.config.steps[-1].name]["control"]
+            _say(f"the equal-budget control wins ({summary['reason']}): it is the run's result")
         self.reports["seconds"] = round(time.perf_counter() - t0, 2)
+        self.reports["compute"] = run_compute(self.reports["phases"], self.reports["seconds"])
         self._save_reports()
         if self.publish:
             keys = upload(self.out, self.publish)
@@ -163,6 +169,8 @@ class Runner:
                     _say(f"{step.name}: the round of candidates {[c['id'] for c in candidates]} was interrupted; "
                          "continuing it")
                 else:
+                    if step.role == "serial" and rounds.search_plateau(state_path):  # checked here, so a resume redoes it
+                        self._reignite_front(step, state_path, out)
                     candidates = rounds.search_propose(state_path)
                 if not candidates:
                     break
@@ -187,14 +195,16 @@ class Runner:
         finally:
             if pool:
                 pool.shutdown()
-        paths = rounds.search_report(state_path, out, f"{step.name} ({step.search['algorithm']})")
         state = read_json(state_path)
+        ctrl = self._phase_control(step, records(state), data, out) if self.config.control else None
+        paths = rounds.search_report(state_path, out, f"{step.name} ({step.search['algorithm']})", control=ctrl)
         n_codes = max(1, len(steps.neck_codes(step)))
         origins = [{"seed": i, "from": f"{s.get('phase', 'previous step')}/{s['id']}"}
                    for i, s in enumerate(x for x in seeds for _ in range(n_codes))]
         recs = records(state)
         self.reports["phases"][step.name] = {"role": step.role, "records": recs, "seeds": origins,
-                                             "front": [r["id"] for r in front(state)], **paths}
+                                             "front": [r["id"] for r in front(state)], **paths,
+                                             "control": ctrl, "compute": phase_compute(recs, ctrl)}
         _say(f"{step.name}: {len(recs) - len(origins)} candidates; front {self.reports['phases'][step.name]['front']}; "
              f"plot {paths['plot']}")
         return [{**r, "phase": step.name} for r in front(state)]
@@ -219,10 +229,56 @@ class Runner:
         return done
 
     def _full_train(self, step: StepConfig, front: list[dict]) -> list[dict]:
-        done = phases.full_train(steps.full_train_choice(step, front), step, steps.data_source(step),
-                                 self.out / step.name, **self._opts())
+        data = steps.data_source(step)
+        done = phases.full_train(steps.full_train_choice(step, front), step, data, self.out / step.name, **self._opts())
         self.reports["phases"][step.name] = {"role": step.role, "records": done}
+        final, ft = steps.best_of(done), self.reports["phases"].get(self.config.steps[0].name)
+        if self.config.control and final is not None and ft and ft["role"] == "fine_tune":
+            seed = ft["records"][0]
+            _say(f"{step.name}: equal-budget control: the seed {seed['desc']['backbone']['code']} trained "
+                 f"{final['lineage_iters']} iterations (the final model's lineage since fine_tune)")
+            ctrl = phases.control("control", steps.seed_architecture(seed), seed["weights"],
+                                  [steps.final_control_trainer(step, final["lineage_iters"])], data, self.out / step.name,
+                                  **self._opts())
+            size, batch = int(final["desc"].get("max_size", 800)), step.trainer.batch_size
+            final, ctrl = (phases.measure_costs(r, size, batch, self.config.device) for r in (final, ctrl))
+            phase_ctrls = {name: ph["control"] for name, ph in self.reports["phases"].items() if ph.get("control")}
+            summary = control_summary(final, ctrl, phase_ctrls, steps.objective_keys(self.config),
+                                      {name: ph["records"] for name, ph in self.reports["phases"].items()})
+            atomic_write_json(self.out / "control.json", summary)
+            self.reports["phases"][step.name].update(control=ctrl, compute=phase_compute(done, ctrl))
+            self.reports["control"] = summary
+            _say(f"searched {summary['searched']['mAP']:.2f} mAP vs control {summary['control']['mAP']:.2f} "
+                 f"(delta {summary['delta_mAP']:+.2f}): {summary['winner']} wins, {summary['reason']}")
         return done
+
+    def _reignite_front(self, step: StepConfig, state_path: str, out: Path) -> None:
+        """The paper's trigger: the serial front stopped improving, so its backbones are
+        reignited (the config's reignition step's settings) and rejoin the search."""
+        state = read_json(state_path, "search state")
+        k = state["plateau"]["reignitions"]
+        rstep = steps.inner_reignition_step(self.config, step)
+        chosen = steps.reignition_choice(rstep, front(state)) or front(state)
+        _say(f"{step.name}: the front's best mAP has not improved for {state['plateau']['stale_rounds']} round(s): "
+             f"reignition {k + 1} of at most {state['settings']['max_reignitions']} ({[r['id'] for r in chosen]})")
+        done = phases.reignition(chosen, rstep, out / f"reignition_{k}", detection=steps.detection_source(self.config, step),
+                                 seed=self.config.seed, **self._opts())
+        rounds.search_add_reignited(state_path, done)
+
+    def _phase_control(self, step: StepConfig, recs: list[dict], data: Any, out: Path) -> dict | None:
+        """The search phase's equal-budget control (see :func:`steps.phase_control_plan`)."""
+        plan = steps.phase_control_plan(recs)
+        if plan is None:
+            return None
+        seed, best = plan["seed"], plan["best"]
+        _say(f"{step.name}: equal-budget control: seed {seed['id']} trained {plan['generations']} more time(s) with "
+             f"the step's schedule, as best candidate {best['id']} was ({plan['iters']} iterations)")
+        ctrl = phases.control("control", seed["desc"], seed["weights"], [step.trainer] * plan["generations"], data, out,
+                              base_lineage=seed.get("lineage_iters") or 0, **self._opts())
+        ctrl.update(best=best["id"], seed=seed["id"], planned_iters=plan["iters"])
+        _say(f"{step.name}: best candidate {best['id']} mAP {best['metrics']['mAP']:.2f} vs control "
+             f"{ctrl['metrics']['mAP']:.2f} (delta {best['metrics']['mAP'] - ctrl['metrics']['mAP']:+.2f})")
+        return ctrl
 
 
 def fingerprint(config: RunConfig) -> dict[str, Any]:

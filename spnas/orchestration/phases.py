@@ -36,6 +36,8 @@ from ..storage import local_path
 from ..training.architecture import evaluate_architecture, train_architecture
 from ..training.evaluation import METRIC_NAMES
 from ..training.reignite import reignite
+from ..training.schedule import TrainConfig
+from ..utils.errors import PhaseError
 from ..utils.faults import failpoint
 from ..utils.fileio import atomic_write_json, read_json
 from . import steps
@@ -45,7 +47,7 @@ from .rounds import STATE_FILE
 log = logging.getLogger(__name__)
 
 #: What a record's ``metrics`` hold: the COCO box metrics and the model's cost.
-RECORD_METRICS = (*METRIC_NAMES, "params", "gflops", "latency")
+RECORD_METRICS = (*METRIC_NAMES, "params", "gflops", "backbone_latency")
 
 
 def _result_file(out: Path, arch_id: Any) -> Path:
@@ -67,9 +69,11 @@ def _metrics(perf: Mapping[str, Any]) -> dict[str, Any]:
 
 def _record(arch_id: Any, perf: Mapping[str, Any], desc: Mapping[str, Any], weights: Path, parent: Any,
             **extra: Any) -> dict[str, Any]:
-    """The record of a trained model: id, status, parent, description, metrics, cost, weights."""
+    """The record of a trained model: id, status, parent, description, metrics, cost, weights,
+    and what its training cost (``iters``, ``images``, ``seconds``; None when it did not train)."""
     return {"id": arch_id, "status": "ok", "parent": parent, "desc": dict(desc), "metrics": _metrics(perf),
-            "params": perf["params"], "gflops": perf["gflops"], "weights": str(weights), **extra}
+            "params": perf["params"], "gflops": perf["gflops"], "weights": str(weights), "iters": perf.get("iters"),
+            "images": perf.get("images"), "seconds": perf.get("train_seconds"), **extra}
 
 
 def _cleanup(out: Path, arch_id: Any) -> None:
@@ -97,7 +101,7 @@ def fine_tune(step: StepConfig, data: CocoSource, out_dir: str | Path, *, device
                               progress=progress)
     _cleanup(out, 0)
     record = _record(0, perf, read_json(out / "desc_0.json"), out / "model_0.pth", None,
-                     inherited=perf["init"]["loaded"], fresh=perf["init"]["fresh"])
+                     inherited=perf["init"]["loaded"], fresh=perf["init"]["fresh"], lineage_iters=0)
     write_output_csv(out, [record])
     result = {"desc": str(out / "desc_0.json"), "model": str(out / "model_0.pth"), "metrics": record["metrics"],
               "record": record}
@@ -164,7 +168,8 @@ def train_candidate(candidate: Candidate, step: StepConfig, data: CocoSource, ou
                                   progress=progress, trainable=trainable)
         atomic_write_json(out / f"inherit_{cid}.json", report)
         _cleanup(out, cid)
-        result.update(status="ok", metrics=_metrics(perf), weights=str(out / f"model_{cid}.pth"))
+        result.update(status="ok", metrics=_metrics(perf), weights=str(out / f"model_{cid}.pth"), iters=perf["iters"],
+                      images=perf["images"])
     except Exception as exc:  # one bad candidate must not fail the search
         log.warning("candidate %s failed: %s: %s", cid, type(exc).__name__, exc)
         result["error"] = f"{type(exc).__name__}: {exc}"
@@ -208,7 +213,9 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
         weights = out / f"model_{m['id']}.pth"
         metrics = evaluate_architecture(m["desc"], weights, detection, device=device)
         atomic_write_json(out / f"performance_{m['id']}.json", {**perf, **metrics})
-        return _record(m["id"], metrics, normalize_desc(m["desc"]), weights, m["id"], reignition=perf)
+        # reignition trains the backbone as a classifier: counted apart, not in the detector's lineage
+        return {**_record(m["id"], metrics, normalize_desc(m["desc"]), weights, m["id"], reignition=perf),
+                "iters": None, "images": None, "seconds": None, "lineage_iters": m.get("lineage_iters")}
     return _each_model(models, out, resume, work)
 
 
@@ -221,5 +228,47 @@ def full_train(models: Sequence[Mapping[str, Any]], step: StepConfig, data: Coco
         perf = train_architecture(m["desc"], data, out, step.trainer, arch_id=m["id"], init=local_path(m["weights"]),
                                   device=device, progress=progress)
         _cleanup(out, m["id"])
-        return _record(m["id"], perf, read_json(out / f"desc_{m['id']}.json"), out / f"model_{m['id']}.pth", m["id"])
+        return _record(m["id"], perf, read_json(out / f"desc_{m['id']}.json"), out / f"model_{m['id']}.pth", m["id"],
+                       lineage_iters=(m.get("lineage_iters") or 0) + perf["iters"])
     return _each_model(models, out, resume, work)
+
+
+# ----------------------------------------------------------------------------- equal-budget controls
+
+def control(name: str, desc: Mapping[str, Any], weights: str, trainers: Sequence[TrainConfig], data: CocoSource,
+            out_dir: str | Path, *, base_lineage: int = 0, device: str | None = None, progress: bool = False,
+            resume: bool = False) -> dict[str, Any]:
+    """An equal-budget control: ``desc`` trained from ``weights`` with each schedule of
+    ``trainers`` in turn (a chain, each from the previous one's weights), as the searched model's
+    lineage was. Files go to ``out_dir`` as ``<name>_<g>`` (g = 0, 1, ...), each resumable; the
+    record (id ``name``) has the final model's metrics and weights and the whole chain's
+    ``iters``/``images``/``seconds``; ``lineage_iters`` adds them to ``base_lineage``."""
+    out = Path(out_dir)
+    init, perfs, final_id = local_path(weights), [], None
+    for g, cfg in enumerate(trainers):
+        final_id = f"{name}_{g}"
+        saved = _finished(out, final_id, resume)
+        if saved is None:
+            perf = train_architecture(desc, data, out, cfg, arch_id=final_id, init=init, device=device, progress=progress)
+            _cleanup(out, final_id)
+            saved = {k: perf.get(k) for k in (*RECORD_METRICS, "iters", "images", "train_seconds")}
+            atomic_write_json(_result_file(out, final_id), saved)
+        perfs.append(saved)
+        init = out / f"model_{final_id}.pth"
+    if not perfs:
+        raise PhaseError(f"control {name}: no training to do (an empty schedule chain)")
+    total = {k: sum(p[k] or 0 for p in perfs) for k in ("iters", "images")}
+    rec = _record(name, perfs[-1], read_json(out / f"desc_{final_id}.json"), init, None, control=True,
+                  lineage_iters=base_lineage + total["iters"])
+    rec.update(iters=total["iters"], images=total["images"], seconds=round(sum(p["train_seconds"] or 0 for p in perfs), 2),
+               generations=len(perfs))
+    atomic_write_json(out / f"{name}.json", rec)
+    return rec
+
+
+def measure_costs(record: Mapping[str, Any], size: int, batch: int, device: str | None = None) -> dict[str, Any]:
+    """``record`` with ``latency`` (end-to-end ms at ``size``, measured now, in isolation, on
+    ``device``, CPU by default) and ``memory`` (estimated training MiB at ``batch`` images)."""
+    from ..models.cost import detector_latency_ms, train_memory_mb
+    return {**record, "latency": detector_latency_ms(record["desc"], size, device or "cpu"),
+            "memory": train_memory_mb(record["desc"], size, batch)}

@@ -34,7 +34,7 @@ from ..storage import is_uri, upload
 from ..utils.errors import ConfigError
 from ..utils.fileio import atomic_write_json
 from . import steps
-from .reports import report_markdown, write_output_csv
+from .reports import control_summary, report_markdown, write_output_csv
 from .rounds import STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -79,16 +79,21 @@ def _with_item_keys(recs: Sequence[Mapping[str, Any]], run_uri: str, overrides: 
     return [{**r, "run_uri": run_uri, "overrides": ov} for r in recs]
 
 
-def load_step(config_text: str, step_name: str, overrides: Sequence[str] | str = ()) -> tuple[RunConfig, StepConfig]:
-    """Parse the run config (YAML text, embedded in the pipeline at compile time) and return the
-    named step. ``overrides`` is a list of ``key=value`` or its JSON text."""
+def load_run(config_text: str, overrides: Sequence[str] | str = ()) -> RunConfig:
+    """Parse the run config (YAML text, embedded in the pipeline at compile time) with
+    ``overrides`` (a list of ``key=value`` or its JSON text)."""
     if isinstance(overrides, str):
         overrides = json.loads(overrides) if overrides.strip() else []
     try:
         raw = yaml.safe_load(config_text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"pipeline config is not valid YAML: {exc}") from None
-    cfg = load_config(raw, workdir=tempfile.gettempdir(), overrides=overrides)
+    return load_config(raw, workdir=tempfile.gettempdir(), overrides=overrides)
+
+
+def load_step(config_text: str, step_name: str, overrides: Sequence[str] | str = ()) -> tuple[RunConfig, StepConfig]:
+    """The run config (see :func:`load_run`) and its step named ``step_name``."""
+    cfg = load_run(config_text, overrides)
     for s in cfg.steps:
         if s.name == step_name:
             return cfg, s
@@ -96,8 +101,9 @@ def load_step(config_text: str, step_name: str, overrides: Sequence[str] | str =
 
 
 def publish(local_file: str | Path, run_uri: str, step_name: str) -> str:
-    """Copy or upload ``local_file`` to ``run_uri/<step>/<name>``; return its URI or path."""
-    target = f"{run_uri.rstrip('/')}/{step_name}/{Path(local_file).name}"
+    """Copy or upload ``local_file`` to ``run_uri/<step>/<name>`` (``run_uri/<name>`` when
+    ``step_name`` is empty); return its URI or path."""
+    target = "/".join(p for p in (run_uri.rstrip("/"), step_name, Path(local_file).name) if p)
     if is_uri(run_uri):
         upload(local_file, target)
     else:
@@ -213,13 +219,41 @@ def best(recs: Sequence[Mapping[str, Any]]) -> dict:
     return struct(found)
 
 
-def report(serial_front: Sequence[Mapping[str, Any]], parallel_front: Sequence[Mapping[str, Any]],
-           best_: Mapping[str, Any], path: str) -> str:
-    """Write the Markdown report of the run to ``path``; return the final weights' URI."""
-    text = report_markdown({"serial front": serial_front, "parallel front": parallel_front}, best_)
+def report(config_text: str, serial_front: Sequence[Mapping[str, Any]], parallel_front: Sequence[Mapping[str, Any]],
+           best_: Mapping[str, Any], controls: Mapping[str, Any] | None, phase_controls: Mapping[str, Any] | None,
+           run_uri: str, path: str, overrides: Sequence[str] | str = ()) -> str:
+    """Write the run's Markdown report to ``path`` and, when controls ran, ``control.json`` under
+    ``run_uri`` (the searched model beside its equal-budget control, the winner, each phase's
+    control); returns the weights URI of the run's result (the winner)."""
+    cfg = load_run(config_text, overrides)
+    result, summary = plain(dict(best_)), None
+    if controls:
+        controls = plain(dict(controls))
+        phase_controls = {k: plain(dict(v)) for k, v in (phase_controls or {}).items() if v.get("status") == "ok"}
+        summary = control_summary(controls["searched"], controls["control"], phase_controls, steps.objective_keys(cfg),
+                                  _phase_records(run_uri, phase_controls))
+        with tempfile.TemporaryDirectory(prefix="spnas-report-") as tmp:
+            publish(atomic_write_json(Path(tmp) / "control.json", summary), run_uri, "")
+        if summary["winner"] == "control":
+            result = controls["control"]
+    text = report_markdown({"serial front": serial_front, "parallel front": parallel_front}, result, summary)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
-    return str(best_.get("weights", ""))
+    return str(result.get("weights", ""))
+
+
+def _phase_records(run_uri: str, phase_controls: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict]]:
+    """The records of each search phase with a control, read back from its published state."""
+    from ..search import records
+    from ..storage import local_path
+    out = {}
+    for name in phase_controls:
+        try:
+            out[name] = records(json.loads(Path(local_path(f"{run_uri.rstrip('/')}/{name}/{STATE_FILE}")).read_text()))
+        except Exception as exc:  # the summary still has the control; say what is missing
+            log.warning("report: the %s search state could not be read back (%s); its best candidate is left out",
+                        name, exc)
+    return out
 
 
 # ----------------------------------------------------------------------------- heavy tasks
@@ -325,6 +359,68 @@ def finish(recs: Sequence[Mapping[str, Any]], run_uri: str, step_name: str) -> d
 
 
 
+def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[str, Any], data_uri: str,
+                        run_uri: str, overrides: Sequence[str] | str = ()) -> str:
+    """After a serial round: when the front's best mAP has not improved for
+    ``reignition_patience`` rounds (and fewer than ``max_reignitions`` happened), reignite the
+    front (the config's reignition settings, as ``spnas run`` does), publish the weights and add
+    the reignited models to the search; returns the state (JSON text), unchanged otherwise."""
+    from ..search import add_reignited, front, plateau
+    from . import phases
+    st = _state(state)
+    if not plateau(st):
+        return json.dumps(st)
+    cfg, step = load_step(config_text, step_name, overrides)
+    rstep = steps.inner_reignition_step(cfg, step)
+    chosen = steps.reignition_choice(rstep, front(st)) or front(st)
+    k = st["plateau"]["reignitions"]
+    with tempfile.TemporaryDirectory(prefix="spnas-inner-re-") as tmp:
+        done = phases.reignition(chosen, rstep, tmp, detection=steps.detection_source(cfg, step, data_uri),
+                                 seed=cfg.seed, device=cfg.device)
+        for r in done:
+            r["weights"] = _publish_model(Path(tmp), r["id"], run_uri, f"{step_name}/reignition_{k}")
+    return json.dumps(add_reignited(st, done))
+
+
+def phase_control(config_text: str, step_name: str, state: str | Mapping[str, Any], data_uri: str, run_uri: str,
+                  model_path: str, overrides: Sequence[str] | str = ()) -> dict[str, Any]:
+    """A search phase's equal-budget control on one pod (see :func:`steps.phase_control_plan`):
+    its record, weights published under ``run_uri/<step>/``; ``{"status": "skipped"}`` when no
+    candidate of the phase succeeded."""
+    from ..search import records
+    from . import phases
+    cfg, step = load_step(config_text, step_name, overrides)
+    plan = steps.phase_control_plan(records(_state(state)))
+    if plan is None:
+        return {"status": "skipped", "id": "control"}
+    seed = plan["seed"]
+    with tempfile.TemporaryDirectory(prefix="spnas-ctrl-") as tmp:
+        rec = phases.control("control", seed["desc"], seed["weights"], [step.trainer] * plan["generations"],
+                             steps.data_source(step, data_uri), tmp, base_lineage=seed.get("lineage_iters") or 0,
+                             device=cfg.device)
+        rec.update(best=plan["best"]["id"], seed=seed["id"], planned_iters=plan["iters"])
+        rec["weights"] = _publish_model(Path(tmp), f"control_{rec['generations'] - 1}", run_uri, step_name, model_path)
+    return struct({**rec, "phase": step_name})
+
+
+def final_control(config_text: str, step_name: str, fine_tuned: Sequence[Mapping[str, Any]], best_: Mapping[str, Any],
+                  data_uri: str, run_uri: str, model_path: str, overrides: Sequence[str] | str = ()) -> dict[str, Any]:
+    """The run's equal-budget control on one pod: the fine-tuned seed trained as long as the final
+    model's lineage (the full train's schedule stretched); both measured for latency and memory.
+    Returns ``{"searched": best record, "control": control record}``."""
+    from . import phases
+    cfg, step = load_step(config_text, step_name, overrides)
+    seed, best_ = plain(dict(fine_tuned[0])), plain(dict(best_))
+    with tempfile.TemporaryDirectory(prefix="spnas-final-ctrl-") as tmp:
+        rec = phases.control("control", steps.seed_architecture(seed), seed["weights"],
+                             [steps.final_control_trainer(step, best_["lineage_iters"])],
+                             steps.data_source(step, data_uri), tmp, device=cfg.device)
+        rec["weights"] = _publish_model(Path(tmp), "control_0", run_uri, step_name, model_path)
+    size, batch = int(best_["desc"].get("max_size", 800)), step.trainer.batch_size
+    searched, control = (phases.measure_costs(r, size, batch, cfg.device) for r in (best_, rec))
+    return struct({"searched": searched, "control": {**control, "phase": step_name}})
+
+
 # ----------------------------------------------------------------------------- component bodies
 
 def fine_tune_task(config_text: str, step_name: str, data_uri: str, run_uri: str, overrides: str,
@@ -360,7 +456,29 @@ def full_train_task(config_text: str, step_name: str, item: Mapping[str, Any], d
     return rec
 
 
+
+def phase_control_task(config_text: str, step_name: str, state: str, data_uri: str, run_uri: str, overrides: str,
+                       model: Any, metrics: Any, resources: Mapping[str, Any]) -> dict:
+    """The phase-control component: :func:`phase_control`, its artifacts described."""
+    rec = phase_control(config_text, step_name, state, data_uri, run_uri, model.path, overrides)
+    fill_artifacts(rec, model if rec.get("status") == "ok" else None, metrics, resources=dict(resources))
+    if rec.get("status") != "ok":  # no control: an empty model file, described as such
+        Path(model.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(model.path).write_text("no control: no candidate of the phase succeeded\n")
+        model.metadata.update({"status": "skipped"})
+    return rec
+
+
+def final_control_task(config_text: str, step_name: str, fine_tuned: Sequence[Mapping[str, Any]], best_: Mapping[str, Any],
+                       data_uri: str, run_uri: str, overrides: str, model: Any, metrics: Any,
+                       resources: Mapping[str, Any]) -> dict:
+    """The final-control component: :func:`final_control`, its artifacts described."""
+    out = final_control(config_text, step_name, fine_tuned, best_, data_uri, run_uri, model.path, overrides)
+    fill_artifacts(out["control"], model, metrics, resources=dict(resources))
+    return out
+
 __all__ = ["plain", "struct", "load_step", "publish", "prepare", "run_prefix", "propose", "candidates", "update",
            "search_front", "choose", "collect", "best", "report", "fine_tune", "search_init", "train_candidate",
-           "reignite_one", "full_train_one", "fill_artifacts", "finish", "fine_tune_task",
+           "reignite_one", "full_train_one", "fill_artifacts", "finish", "fine_tune_task", "phase_control",
+           "final_control", "reignite_if_plateau", "phase_control_task", "final_control_task",
            "train_candidate_task", "reignite_task", "full_train_task"]

@@ -5,47 +5,107 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..utils.fileio import atomic_write_bytes
 
+log = logging.getLogger(__name__)
 
-def pareto_plot(records: Sequence[dict], front_ids: Sequence, path: str | Path, title: str) -> Path:
-    """mAP versus params (millions) for every evaluated record; the front highlighted and
-    joined, failed candidates marked on the x axis, each point labelled with its id."""
+_X_LABELS = {"params": ("parameters (millions)", 1e6), "gflops": ("GFLOPs", 1.0), "memory": ("training memory (MiB)", 1.0),
+             "latency": ("latency (ms)", 1.0)}
+#: Where a point's id label may go, tried in order (offset points): beside the point first, then on
+#: rings further out in eight directions, until one covers no point and no other label.
+_LABEL_OFFSETS = ((4, 3), (4, -10), (-12, 3), (-12, -10)) + tuple(
+    (round(r * dx) - (6 if dx < 0 else 0), round(r * dy) - 3)
+    for r in (12, 18, 26, 36, 48, 62) for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1), (0.7, 0.7), (-0.7, 0.7),
+                                                     (-0.7, -0.7), (0.7, -0.7)))
+
+
+def pareto_figure(records: Sequence[Mapping[str, Any]], front_ids: Sequence[Any], title: str,
+                  control: Mapping[str, Any] | None = None, x_key: str = "params") -> tuple[Any, Any, dict[str, Any]]:
+    """The Pareto plot as a matplotlib figure: mAP against ``x_key`` (params, gflops, memory or
+    latency) for every evaluated record, the front highlighted and joined, seeds squared, failed
+    candidates marked on the x axis, the equal-budget ``control`` as a diamond. The legend sits
+    outside the axes and each id label takes the first place where it covers no point and no
+    other label. Returns ``(fig, ax, layout)``; ``layout`` holds the display boxes of points,
+    labels and the legend (``points``, ``labels``, ``legend``) for checks."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.text import Text
 
-    ok = [r for r in records if r.get("status") == "ok" and (r.get("metrics") or {}).get("mAP") is not None]
-    failed = [r for r in records if r.get("status") == "failed"]
-    front = sorted((r for r in ok if r["id"] in set(front_ids)), key=lambda r: r["params"])
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    ax.scatter([r["params"] / 1e6 for r in ok], [r["metrics"]["mAP"] for r in ok], s=28, c="#9aa5b1",
-               label=f"candidates ({len(ok)})", zorder=2)
+    label, scale = _X_LABELS.get(x_key, (x_key, 1.0))
+
+    def xy(r: Mapping[str, Any]) -> tuple[float, float]:
+        return r[x_key] / scale, r["metrics"]["mAP"]
+
+    ok = [r for r in records if r.get("status") == "ok" and (r.get("metrics") or {}).get("mAP") is not None
+          and r.get(x_key) is not None]
+    failed = [r for r in records if r.get("status") == "failed" and r.get(x_key) is not None]
+    front = sorted((r for r in ok if r["id"] in set(front_ids)), key=lambda r: r[x_key])
+    fig, ax = plt.subplots(figsize=(8.4, 4.5), dpi=110)
+    ax.scatter([xy(r)[0] for r in ok], [xy(r)[1] for r in ok], s=28, c="#9aa5b1", label=f"candidates ({len(ok)})", zorder=2)
     if front:
-        ax.step([r["params"] / 1e6 for r in front], [r["metrics"]["mAP"] for r in front], where="post",
-                c="#d1495b", lw=1.2, zorder=3)
-        ax.scatter([r["params"] / 1e6 for r in front], [r["metrics"]["mAP"] for r in front], s=60, c="#d1495b",
-                   edgecolors="black", linewidths=0.6, label=f"Pareto front ({len(front)})", zorder=4)
+        ax.step([xy(r)[0] for r in front], [xy(r)[1] for r in front], where="post", c="#d1495b", lw=1.2, zorder=3)
+        ax.scatter([xy(r)[0] for r in front], [xy(r)[1] for r in front], s=60, c="#d1495b", edgecolors="black",
+                   linewidths=0.6, label=f"Pareto front ({len(front)})", zorder=4)
     if failed:
-        ax.scatter([r["params"] / 1e6 for r in failed if r.get("params")], [0] * len([r for r in failed if r.get("params")]),
-                   marker="x", c="black", label=f"failed ({len(failed)})", zorder=4)
+        ax.scatter([r[x_key] / scale for r in failed], [0] * len(failed), marker="x", c="black",
+                   label=f"failed ({len(failed)})", zorder=4)
     seeds = [r for r in ok if r.get("parent") is None]
     if seeds:
-        ax.scatter([r["params"] / 1e6 for r in seeds], [r["metrics"]["mAP"] for r in seeds], s=90, marker="s",
-                   facecolors="none", edgecolors="#1d3557", linewidths=1.2, label=f"seeds ({len(seeds)})", zorder=5)
-    for r in ok:
-        ax.annotate(str(r["id"]), (r["params"] / 1e6, r["metrics"]["mAP"]), textcoords="offset points",
-                    xytext=(4, 3), fontsize=7, color="#333333")
-    ax.set_xlabel("parameters (millions)")
+        ax.scatter([xy(r)[0] for r in seeds], [xy(r)[1] for r in seeds], s=90, marker="s", facecolors="none",
+                   edgecolors="#1d3557", linewidths=1.2, label=f"seeds ({len(seeds)})", zorder=5)
+    points = [xy(r) for r in ok] + [(r[x_key] / scale, 0.0) for r in failed]
+    named = [(str(r["id"]), xy(r)) for r in ok]
+    if control is not None and (control.get("metrics") or {}).get("mAP") is not None and control.get(x_key) is not None:
+        c = xy(control)
+        ax.scatter([c[0]], [c[1]], s=110, marker="D", c="#2a9d8f", edgecolors="black", linewidths=0.8,
+                   label="equal-budget control", zorder=6)
+        points.append(c)
+        named.append(("control", c))
+    ax.set_xlabel(label)
     ax.set_ylabel("mAP (COCO AP@[.5:.95] x 100)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.margins(0.12)
+    legend = ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    marks = [_point_box(ax, p, 5.0) for p in points]
+    placed: list[Any] = []
+    for text, p in named:
+        for dx, dy in _LABEL_OFFSETS:
+            ann = ax.annotate(text, p, textcoords="offset points", xytext=(dx, dy), fontsize=7, color="#333333",
+                              arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "#777777"} if abs(dx) + abs(dy) > 16
+                              else None)
+            box = Text.get_window_extent(ann, renderer)  # the text alone, not its leader line
+            if not any(box.overlaps(m) for m in marks) and not any(box.overlaps(q) for q in placed):
+                break
+            ann.remove()
+        else:  # more labels than places: the last ring's place, logged
+            log.warning("pareto plot %r: no free place for label %s", title, text)
+        placed.append(box)
+    layout = {"points": marks, "labels": placed, "legend": legend.get_window_extent(renderer),
+              "axes": ax.get_window_extent(renderer)}
+    return fig, ax, layout
+
+
+def _point_box(ax: Any, p: tuple[float, float], radius_px: float) -> Any:
+    from matplotlib.transforms import Bbox
+    x, y = ax.transData.transform(p)
+    return Bbox.from_extents(x - radius_px, y - radius_px, x + radius_px, y + radius_px)
+
+
+def pareto_plot(records: Sequence[Mapping[str, Any]], front_ids: Sequence[Any], path: str | Path, title: str,
+                control: Mapping[str, Any] | None = None, x_key: str = "params") -> Path:
+    """:func:`pareto_figure` written as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+    fig, _, _ = pareto_figure(records, front_ids, title, control, x_key)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -62,20 +122,98 @@ def write_output_csv(out_dir: str | Path, records: Sequence[Mapping[str, Any]]) 
     return atomic_write_bytes(Path(out_dir) / "output.csv", buf.getvalue().encode())
 
 
-def report_markdown(phases_records: Mapping[str, Sequence[Mapping[str, Any]]], best: Mapping[str, Any]) -> str:
-    """A Markdown summary: the best model and a table of every candidate of every phase."""
-    lines = ["# SP-NAS run", "", f"**Best model**: `{best['desc']['backbone']['code']}` neck "
+def report_markdown(phases_records: Mapping[str, Sequence[Mapping[str, Any]]], best: Mapping[str, Any],
+                    control: Mapping[str, Any] | None = None) -> str:
+    """A Markdown summary: the run's result, the searched model beside its equal-budget control
+    (``control``: a :func:`control_summary`), and a table of every record of every phase given."""
+    lines = ["# SP-NAS run", "", f"**Result**: `{best['desc']['backbone']['code']}` neck "
              f"`{best['desc']['neck']['code']}`: mAP {best['metrics']['mAP']:.2f}, AP50 {best['metrics']['AP50']:.2f}, "
              f"{best['params']:,} params, {best['gflops']:.2f} GFLOPs", "", f"weights: `{best['weights']}`", ""]
+    if control:
+        lines += ["## Searched model vs equal-budget control", "",
+                  "The control is the seed architecture trained from the same fine-tuned weights for as many "
+                  "iterations as the searched model's lineage received since fine_tune.", "",
+                  "| | code | neck | mAP | AP50 | params | GFLOPs | latency ms | memory MiB | iterations |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for key in ("searched", "control"):
+            e = control[key]
+            lines.append(f"| {key} | `{e['desc']['backbone']['code']}` | {e['desc']['neck']['code']} | {_f(e['mAP'])} | "
+                         f"{_f(e['AP50'])} | {e['params']:,} | {_f(e['gflops'])} | {_f(e.get('latency'))} | "
+                         f"{_f(e.get('memory'))} | {e.get('iterations')} |")
+        lines += ["", f"delta mAP {control['delta_mAP']:+.2f}: the **{control['winner']}** model is the result "
+                  f"({control['reason']}).", ""]
+        for name, ph in control.get("phases", {}).items():
+            if "delta_mAP" in ph:
+                lines.append(f"- {name}: best candidate {ph['searched']['id']} mAP {_f(ph['searched']['mAP'])} vs its "
+                             f"control {_f(ph['control']['mAP'])} ({ph['delta_mAP']:+.2f}, "
+                             f"{ph['control']['iterations']} iterations each)")
+        lines.append("")
     for phase, recs in phases_records.items():
         lines += [f"## {phase}", "", "| id | parent | serial code | neck | status | mAP | AP50 | params | GFLOPs |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in recs:
             m = r.get("metrics") or {}
-            def fmt(v):
-                return (f"{v:.2f}" if isinstance(v, (int, float)) else "-")
             lines.append(f"| {r['id']} | {r.get('parent')} | `{r['desc']['backbone']['code']}` | "
-                         f"{r['desc']['neck']['code']} | {r.get('status')} | {fmt(m.get('mAP'))} | {fmt(m.get('AP50'))} | "
-                         f"{r.get('params', 0):,} | {fmt(r.get('gflops'))} |")
+                         f"{r['desc']['neck']['code']} | {r.get('status')} | {_f(m.get('mAP'))} | {_f(m.get('AP50'))} | "
+                         f"{r.get('params', 0):,} | {_f(r.get('gflops'))} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _entry(record: Mapping[str, Any], iterations: Any) -> dict[str, Any]:
+    m = record.get("metrics") or {}
+    return {"id": record.get("id"), "desc": record.get("desc"), "mAP": m.get("mAP"), "AP50": m.get("AP50"),
+            "params": record.get("params"), "gflops": record.get("gflops"), "latency": record.get("latency"),
+            "memory": record.get("memory"), "iterations": iterations, "weights": record.get("weights")}
+
+
+def control_summary(searched: Mapping[str, Any], control: Mapping[str, Any],
+                    phase_controls: Mapping[str, Mapping[str, Any]], keys: Sequence[str],
+                    phase_records: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Any]:
+    """``control.json``: the searched model beside its equal-budget control (the seed trained
+    from the same fine-tuned weights for as many iterations as the searched model's lineage
+    received since fine_tune), ``delta_mAP`` = searched - control, which one is the run's result
+    (``winner``, ``reason``) and, per search phase, its best candidate beside that phase's
+    control."""
+    from .steps import winner
+    win, why = winner(searched, control, keys)
+    phases = {}
+    for name, ctrl in phase_controls.items():
+        if ctrl is None or ctrl.get("best") is None:
+            continue
+        recs = {r["id"]: r for r in (phase_records or {}).get(name, [])}
+        best = recs.get(ctrl["best"])
+        entry = {"control": _entry(ctrl, ctrl.get("iters")), "generations": ctrl.get("generations")}
+        if best is not None:
+            entry["searched"] = _entry(best, ctrl.get("planned_iters"))
+            entry["delta_mAP"] = best["metrics"]["mAP"] - ctrl["metrics"]["mAP"]
+        phases[name] = entry
+    return {"searched": _entry(searched, searched.get("lineage_iters")), "control": _entry(control, control.get("iters")),
+            "delta_mAP": searched["metrics"]["mAP"] - control["metrics"]["mAP"], "winner": win, "reason": why,
+            "objectives": list(keys), "phases": phases}
+
+
+def phase_compute(records: Sequence[Mapping[str, Any]], control: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a phase's trainings cost: iterations, images (images x iterations summed) and
+    training seconds, of its own records and of its control apart."""
+    def total(recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {"iterations": sum(r.get("iters") or 0 for r in recs), "images": sum(r.get("images") or 0 for r in recs),
+                "train_seconds": round(sum(r.get("seconds") or 0 for r in recs), 2)}
+    out = total(records)
+    if control is not None:
+        out["control"] = total([control])
+    return out
+
+
+def run_compute(phases: Mapping[str, Mapping[str, Any]], seconds: float) -> dict[str, Any]:
+    """The whole run's compute: per phase (its ``compute`` and wall ``seconds``) and in total."""
+    per = {name: {**(ph.get("compute") or phase_compute(ph.get("records") or [])), "seconds": ph.get("seconds")}
+           for name, ph in phases.items()}
+    search = {k: sum(p[k] for p in per.values()) for k in ("iterations", "images")}
+    ctrl = {k: sum((p.get("control") or {}).get(k, 0) for p in per.values()) for k in ("iterations", "images")}
+    return {"phases": per, "search": search, "controls": ctrl, "seconds": seconds}
+
+
+def _f(value: Any) -> str:
+    """A number with 2 decimals, or "-"."""
+    return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..search import front, is_done, pending, propose, records, update
+from ..search import add_reignited, front, is_done, pending, plateau, propose, records, update
 from ..search.records import Candidate, Result, candidate_of, result_of
 from ..utils.fileio import atomic_write_json, read_json
 from .reports import pareto_plot, write_output_csv
@@ -43,15 +43,29 @@ def search_update(state_path: str | Path, step_name: str, results: Sequence[Mapp
     return {"front": [r["id"] for r in front(state)], "done": is_done(state)}
 
 
-def search_report(state_path: str | Path, out_dir: str | Path, title: str) -> dict[str, str]:
-    """Write ``output.csv`` (Pareto records) and ``pareto.png`` (every candidate, front
-    highlighted) for a search phase."""
+def search_plateau(state_path: str | Path) -> bool:
+    """Whether the search must reignite its front now (see :func:`spnas.search.plateau`)."""
+    return plateau(read_json(state_path, "search state"))
+
+
+def search_add_reignited(state_path: str | Path, reignited: Sequence[Mapping[str, Any]]) -> None:
+    """Record the front's reignited models in the state file (see :func:`spnas.search.add_reignited`)."""
+    atomic_write_json(state_path, add_reignited(read_json(state_path, "search state"), reignited))
+
+
+def search_report(state_path: str | Path, out_dir: str | Path, title: str,
+                  control: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Write ``output.csv`` (Pareto records) and ``pareto.png`` (every candidate, the front
+    highlighted, the phase's equal-budget ``control`` drawn when given) for a search phase."""
     state = read_json(state_path, "search state")
     fr = front(state)
     out = Path(out_dir)
     write_output_csv(out, fr)
-    png = pareto_plot(records(state), [r["id"] for r in fr], out / "pareto.png", title)
+    costs = [k for k in state["settings"].get("objective_keys") or () if k != "mAP"]
+    png = pareto_plot(records(state), [r["id"] for r in fr], out / "pareto.png", title, control=control,
+                      x_key=costs[0] if costs else "params")
     return {"output_csv": str(out / "output.csv"), "plot": str(png)}
 
 
-__all__ = ["STATE_FILE", "search_propose", "search_pending", "search_update", "search_report", "Result"]
+__all__ = ["STATE_FILE", "search_propose", "search_pending", "search_update", "search_report", "search_plateau",
+           "search_add_reignited", "Result"]

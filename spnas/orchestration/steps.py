@@ -7,12 +7,14 @@ two orchestrators cannot drift. No torch here.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..config.types import RunConfig, StepConfig
 from ..data.source import CocoSource
-from ..training.schedule import ReignitionSettings
+from ..training.schedule import ReignitionSettings, TrainConfig
 from ..utils.errors import ConfigError, PhaseError
 
 #: Smallest classification batch of a reignition (its trainer's detection batch is usually tiny).
@@ -80,6 +82,18 @@ def reignition_settings(step: StepConfig, seed: int) -> ReignitionSettings:
                               lr=step.trainer.lr, image_size=step.image_size, seed=seed)
 
 
+def inner_reignition_step(config: RunConfig, search_step: StepConfig) -> StepConfig:
+    """The settings a reignition inside the serial search (the plateau trigger) uses: the config's
+    reignition step when it has one, else one epoch at lr 0.01 on object crops of the detection
+    set, over the whole front."""
+    step = config.step("reignition")
+    if step is not None:
+        return step
+    trainer = TrainConfig(epochs=1, batch_size=search_step.trainer.batch_size, lr=0.01, seed=config.seed)
+    return dataclasses.replace(search_step, name=f"{search_step.name}_reignition", role="reignition", trainer=trainer,
+                               search=None, top_k=None)
+
+
 def classification_folder(step: StepConfig) -> str | None:
     """The step's folder-per-class set (an ``Imagenet`` dataset), or None (object crops are cut
     from the detection set instead)."""
@@ -98,3 +112,70 @@ def check_round(step_name: str, round_no: Any, results: Sequence[Mapping[str, An
     if results and all(r.get("status") != "ok" for r in results):
         raise PhaseError(f"{step_name} round {round_no}: every candidate failed: "
                          + "; ".join(f"candidate {r.get('id')}: {r.get('error')}" for r in results))
+
+
+# ----------------------------------------------------------------------------- equal-budget controls
+
+def phase_control_plan(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """What a search phase's equal-budget control trains: the phase's best candidate (by mAP),
+    the seed its lineage starts from, and the generations of training along that lineage inside
+    the phase (each one schedule of the step's trainer). None when no candidate succeeded.
+
+    Returns ``{"best", "seed", "generations", "iters"}``; ``iters`` = the best's lineage
+    iterations minus the seed's (what the control must receive)."""
+    by_id = {r["id"]: r for r in records}
+    ok = [r for r in records if r.get("status") == "ok" and r.get("round", -1) >= 0]
+    if not ok:
+        return None
+    best = by_map(ok)[0]
+    node, generations = best, 0
+    while node.get("parent") is not None and node.get("round", -1) >= 0:
+        generations += 1
+        node = by_id[node["parent"]]
+    iters = None
+    if best.get("lineage_iters") is not None and node.get("lineage_iters") is not None:
+        iters = best["lineage_iters"] - node["lineage_iters"]
+    return {"best": dict(best), "seed": dict(node), "generations": generations, "iters": iters}
+
+
+def seed_architecture(fine_tuned: Mapping[str, Any]) -> dict[str, Any]:
+    """The final control's architecture: fine_tune's description (its code, a plain neck)."""
+    desc = json.loads(json.dumps(fine_tuned["desc"]))
+    desc["neck"]["code"] = [0] * len(desc["neck"]["code"])
+    return desc
+
+
+def final_control_trainer(full_step: StepConfig, iters: int) -> TrainConfig:
+    """The full train's schedule stretched to ``iters`` iterations (warm-up and decay points are
+    fractions of the total, so they stretch with it)."""
+    return dataclasses.replace(full_step.trainer, iters=int(iters))
+
+
+def objective_keys(config: RunConfig) -> tuple[str, ...]:
+    """The run's objectives: every search step's objective keys, in order, once each."""
+    keys: list[str] = []
+    for s in config.steps:
+        if s.search:
+            from ..search.settings import SearchSettings
+            keys += [k for k in SearchSettings(**s.search).objective_keys if k not in keys]
+    return tuple(keys) or ("mAP", "params")
+
+
+def winner(searched: Mapping[str, Any], control: Mapping[str, Any], keys: Sequence[str]) -> tuple[str, str]:
+    """Which of the searched model and its control is the run's result, and why: the one that
+    Pareto-dominates on ``keys`` (mAP maximised, costs minimised); when neither does, the one
+    with the higher mAP (the searched model on a tie). Returns ``(winner, reason)``."""
+    from ..search.pareto import objective_values
+    keys = [k for k in keys if k in ("mAP", "params", "gflops") or searched.get(k) is not None]
+    a, b = objective_values(searched, keys), objective_values(control, keys)
+
+    def better(x: Mapping[str, float], y: Mapping[str, float]) -> bool:
+        ge = all((x[k] >= y[k]) if k == "mAP" else (x[k] <= y[k]) for k in keys)
+        return ge and any((x[k] > y[k]) if k == "mAP" else (x[k] < y[k]) for k in keys)
+    if better(b, a):
+        return "control", f"the control dominates on {', '.join(keys)}"
+    if better(a, b):
+        return "searched", f"the searched model dominates on {', '.join(keys)}"
+    if b["mAP"] > a["mAP"]:
+        return "control", f"neither dominates on {', '.join(keys)}; the control has the higher mAP"
+    return "searched", f"neither dominates on {', '.join(keys)}; the searched model has the higher (or equal) mAP"

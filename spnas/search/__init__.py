@@ -21,10 +21,10 @@ from .operators import (
 from .pareto import objective_values, pareto_front
 from .records import CANDIDATE_KEYS, RESULT_KEYS, Candidate, Record, Result, candidate_of, result_of
 from .settings import ALGORITHMS, MAXIMISED, OBJECTIVE_KEYS, SearchSettings, canonical_objective
-from .state import STATE_FORMAT, front, is_done, measure, new_state, pending, propose, records, update
+from .state import STATE_FORMAT, add_reignited, front, is_done, measure, new_state, pending, plateau, propose, records, update
 
 __all__ = ["SearchError", "SearchSettings", "new_state", "propose", "update", "front", "records", "pending",
-           "is_done", "measure", "pareto_front", "objective_values", "stage_sampling_probabilities",
+           "is_done", "measure", "plateau", "add_reignited", "pareto_front", "objective_values", "stage_sampling_probabilities",
            "choose_serial_op", "expand", "swap", "swap_moves", "add_stage", "mutate_serial", "mutate_parallel",
            "Rejected", "Candidate", "Result", "Record", "CANDIDATE_KEYS", "RESULT_KEYS", "candidate_of",
            "result_of", "ALGORITHMS", "OBJECTIVE_KEYS", "MAXIMISED", "canonical_objective", "STATE_FORMAT",

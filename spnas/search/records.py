@@ -11,7 +11,9 @@ from typing import Any, TypedDict
 
 class Candidate(TypedDict):
     """A proposed child: its description, its parent (id, description, weights URI or path),
-    the operations that made it, and its measured size (``params``) and cost (``gflops``)."""
+    the operations that made it, and what the search measured of it: ``params``, ``gflops``,
+    ``memory`` (estimated training MiB) and ``latency`` (end-to-end ms); the last two are None
+    unless an objective or a budget needs them."""
 
     id: int
     round: int
@@ -22,11 +24,14 @@ class Candidate(TypedDict):
     ops: list[str]
     params: int
     gflops: float
+    memory: float | None
+    latency: float | None
 
 
 class Result(TypedDict, total=False):
     """What training a candidate gives back: ``status`` ``ok`` (with metrics and weights) or
-    ``failed`` (with the error), and how many tensors were inherited / fresh."""
+    ``failed`` (with the error), how many tensors were inherited / fresh, and what the training
+    cost: ``iters`` (iterations), ``images`` (images seen) and ``seconds`` (wall time)."""
 
     id: int
     status: str
@@ -35,11 +40,17 @@ class Result(TypedDict, total=False):
     weights: str | None
     inherited: int | None
     fresh: int | None
+    iters: int | None
+    images: int | None
+    seconds: float | None
 
 
 class Record(Candidate, Result):
     """A candidate with its result (``status`` ``pending`` until the result arrives), or a seed
-    (``round`` -1, no parent)."""
+    (``round`` -1, no parent). ``lineage_iters``: training iterations along its lineage since
+    fine_tune."""
+
+    lineage_iters: int | None
 
 
 CANDIDATE_KEYS: tuple[str, ...] = tuple(Candidate.__annotations__)

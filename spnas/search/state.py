@@ -19,12 +19,19 @@ A record is a seed (``round`` -1, ``status`` "ok", ``parent`` None) or a candida
 (``status`` "pending" until :func:`update` makes it "ok" or "failed")::
 
     {"id", "round", "status", "desc", "parent", "parent_desc", "parent_weights", "ops",
-     "params", "gflops", "metrics", "error", "weights", "inherited", "fresh"}
+     "params", "gflops", "memory", "latency", "metrics", "error", "weights", "inherited", "fresh",
+     "iters", "images", "seconds", "lineage_iters"}
+
+``iters``/``images``/``seconds`` are what training the record cost; ``lineage_iters`` counts
+the training iterations along its whole lineage since fine_tune (a seed brings its own), the
+budget its equal-budget control gets.
 
 Objectives: ``mAP`` comes from a record's metrics and is maximised; ``params`` (total detector
-parameters) and ``gflops`` (backbone + parallel + FPN at ``flops_size``) are measured by this
-module on the meta device for every record, seeds included, and are minimised. Measured values
-are used (not reported ones) so that every record is compared in the same units.
+parameters), ``gflops`` (backbone + parallel + FPN at ``flops_size``) and, when an objective or
+budget needs them, ``memory`` (estimated training MiB) and ``latency`` (end-to-end ms, measured
+once per record, in isolation, when it is proposed) are measured by this module for every record,
+seeds included, and are minimised. Measured values are used (not reported ones) so that every
+record is compared in the same units.
 
 All randomness comes from one ``random.Random`` seeded with ``settings.seed`` whose state is
 carried in the search state: the same settings, seeds and results give the same proposals,
@@ -61,6 +68,28 @@ def measure(desc: Mapping[str, Any], size: int) -> tuple[int, float]:
     device (torch is imported here, on first use: tasks that only record results never need it)."""
     from ..models.cost import measure as _measure
     return _measure(desc, size)
+
+
+def costs(desc: Mapping[str, Any], settings: SearchSettings) -> dict[str, Any]:
+    """What the search measures of a description when it proposes it: ``params`` and ``gflops``
+    always; ``memory`` (estimated training MiB) and ``latency`` (end-to-end ms, measured in
+    isolation, on this machine) when an objective or a budget needs them, else None."""
+    from ..models import cost
+    n_params, n_gflops = cost.measure(desc, settings.flops_size)
+    memory = cost.train_memory_mb(desc, settings.flops_size, settings.memory_batch) if settings.needs_memory else None
+    latency = cost.detector_latency_ms(desc, settings.flops_size, seed=settings.seed) if settings.needs_latency else None
+    return {"params": n_params, "gflops": n_gflops, "memory": memory, "latency": latency}
+
+
+def _over_budget(key: str, c: Mapping[str, Any], settings: SearchSettings) -> Rejected | None:
+    """The rejection of a child whose measured costs break a budget, or None."""
+    for name, limit, unit in (("params", settings.max_params, "params"), ("gflops", settings.max_gflops, "GFLOPs"),
+                              ("memory", settings.max_memory_mb, "MiB"), ("latency", settings.max_latency_ms, "ms")):
+        if limit is not None and c[name] > limit:
+            budget = {"params": "max_params", "gflops": "max_gflops", "memory": "max_memory_mb",
+                      "latency": "max_latency_ms"}[name]
+            return Rejected(f"over {budget}", f"{key}: {c[name]:g} {unit} > {budget} {limit:g}")
+    return None
 
 
 def _copy(state: Mapping[str, Any]) -> dict:
@@ -142,13 +171,16 @@ def new_state(settings: SearchSettings, seeds: Sequence[Mapping[str, Any]]) -> d
             check_bounds(desc["backbone"]["code"], desc["neck"]["code"], settings.bounds)
         except CodeError as exc:
             log.warning("seed %d lies outside the search bounds (%s); its children must not", i, exc)
-        n_params, n_gflops = measure(desc, settings.flops_size)
+        c = costs(desc, settings)
         recs.append({"id": i, "round": -1, "status": "ok", "desc": desc, "parent": None, "parent_desc": None,
-                     "parent_weights": None, "ops": [], "params": n_params, "gflops": n_gflops,
-                     "metrics": metrics, "error": None, "weights": weights, "inherited": None, "fresh": None})
+                     "parent_weights": None, "ops": [], **c,
+                     "metrics": metrics, "error": None, "weights": weights, "inherited": None, "fresh": None,
+                     "iters": None, "images": None, "seconds": None,
+                     "lineage_iters": _opt_int(seed.get("lineage_iters", 0), f"seed {i}: lineage_iters") or 0})
     state = {"format": STATE_FORMAT, "settings": settings.to_dict(),
              "rng": _rng_to_json(random.Random(settings.seed)),
-             "next_id": len(recs), "round": 0, "proposed": 0, "records": recs}
+             "next_id": len(recs), "round": 0, "proposed": 0, "records": recs,
+             "plateau": {"best_mAP": _best_map(recs), "stale_rounds": 0, "reignitions": 0}}
     log.info("%s search: %d seed(s), max_sample %d, objectives %s", settings.algorithm, len(recs),
              settings.max_sample, list(settings.objective_keys))
     return _copy(state)
@@ -170,7 +202,7 @@ def _child_desc(parent_desc: Mapping[str, Any], serial: str, parallel: Sequence[
 
 
 def _draw_child(rng: random.Random, parents: Sequence[Mapping[str, Any]], settings: SearchSettings,
-                seen: set[str]) -> tuple[dict, Mapping[str, Any], list[str], int, float]:
+                seen: set[str]) -> tuple[dict, Mapping[str, Any], list[str], dict[str, Any]]:
     parent = rng.choice(parents)
     pdesc = parent["desc"]
     if settings.algorithm == "SpNasS":
@@ -187,12 +219,11 @@ def _draw_child(rng: random.Random, parents: Sequence[Mapping[str, Any]], settin
     key = _dedup_key(child, settings.algorithm)
     if key in seen:
         raise Rejected("duplicate", f"code {key} was already proposed")
-    n_params, n_gflops = measure(child, settings.flops_size)
-    if settings.max_params is not None and n_params > settings.max_params:
-        raise Rejected("over max_params", f"{key}: {n_params} params > max_params {settings.max_params}")
-    if settings.max_gflops is not None and n_gflops > settings.max_gflops:
-        raise Rejected("over max_gflops", f"{key}: {n_gflops:.3f} GFLOPs > max_gflops {settings.max_gflops}")
-    return child, parent, ops, n_params, n_gflops
+    c = costs(child, settings)
+    rejected = _over_budget(key, c, settings)
+    if rejected is not None:
+        raise rejected
+    return child, parent, ops, c
 
 
 def propose(state: Mapping[str, Any], k: int | None = None) -> tuple[dict, list[dict]]:
@@ -223,7 +254,7 @@ def propose(state: Mapping[str, Any], k: int | None = None) -> tuple[dict, list[
         last = ""
         for _attempt in range(settings.max_redraws):
             try:
-                child, parent, ops, n_params, n_gflops = _draw_child(rng, parents, settings, seen)
+                child, parent, ops, c = _draw_child(rng, parents, settings, seen)
                 break
             except Rejected as rej:
                 reasons[rej.reason] += 1
@@ -238,10 +269,11 @@ def propose(state: Mapping[str, Any], k: int | None = None) -> tuple[dict, list[
         seen.add(_dedup_key(child, settings.algorithm))
         cand = {"id": st["next_id"], "round": round_no, "desc": child, "parent": parent["id"],
                 "parent_desc": copy.deepcopy(parent["desc"]), "parent_weights": parent["weights"],
-                "ops": ops, "params": n_params, "gflops": n_gflops}
+                "ops": ops, **c}
         st["next_id"] += 1
         st["records"].append({**copy.deepcopy(cand), "status": "pending", "metrics": None, "error": None,
-                              "weights": None, "inherited": None, "fresh": None})
+                              "weights": None, "inherited": None, "fresh": None, "iters": None, "images": None,
+                              "seconds": None, "lineage_iters": None})
         cands.append(cand)
     st["proposed"] += len(cands)
     st["round"] = round_no + 1
@@ -306,9 +338,70 @@ def update(state: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> di
             log.info("candidate %d failed: %s", rid, error)
         else:
             raise SearchError(f"{where}: status must be 'ok' or 'failed', got {status!r}")
+        iters = _opt_int(res.get("iters"), f"{where}: iters")
+        parent_lineage = by_id[rec["parent"]].get("lineage_iters") if rec.get("parent") in by_id else None
         rec.update(status=status, metrics=metrics, error=error if status == "failed" else None, weights=weights,
                    inherited=_opt_int(res.get("inherited"), f"{where}: inherited"),
-                   fresh=_opt_int(res.get("fresh"), f"{where}: fresh"))
+                   fresh=_opt_int(res.get("fresh"), f"{where}: fresh"), iters=iters,
+                   images=_opt_int(res.get("images"), f"{where}: images"),
+                   seconds=float(res["seconds"]) if isinstance(res.get("seconds"), (int, float)) else None,
+                   # iterations trained along the lineage since fine_tune: the parent's plus this one's
+                   lineage_iters=(parent_lineage or 0) + iters if status == "ok" and iters is not None else None)
+    if results and not any(r["status"] == "pending" for r in st["records"]):  # a round is complete
+        _note_round(st, settings)
+    return _copy(st)
+
+
+def _best_map(recs: Sequence[Mapping[str, Any]]) -> float | None:
+    maps = [r["metrics"]["mAP"] for r in recs if r["status"] == "ok" and (r.get("metrics") or {}).get("mAP") is not None]
+    return max(maps) if maps else None
+
+
+def _note_round(st: dict, settings: SearchSettings) -> None:
+    """After a complete round: did the front's best mAP improve? (the reignition trigger's count)"""
+    p = st.setdefault("plateau", {"best_mAP": None, "stale_rounds": 0, "reignitions": 0})
+    best = _best_map(_front_records(st, settings))
+    if best is not None and (p["best_mAP"] is None or best > p["best_mAP"]):
+        p["best_mAP"], p["stale_rounds"] = best, 0
+    else:
+        p["stale_rounds"] += 1
+
+
+def plateau(state: Mapping[str, Any]) -> bool:
+    """True when the search should reignite now: ``reignition_patience`` is set, the front's best
+    mAP has not improved for that many complete rounds, fewer than ``max_reignitions``
+    reignitions happened, and the search is not done."""
+    st, settings = _load(state)
+    p = st.get("plateau") or {}
+    return (settings.reignition_patience is not None and not is_done(st)
+            and p.get("stale_rounds", 0) >= settings.reignition_patience
+            and p.get("reignitions", 0) < settings.max_reignitions)
+
+
+def add_reignited(state: Mapping[str, Any], reignited: Sequence[Mapping[str, Any]]) -> dict:
+    """Record the front's reignited models (records ``{"id": original id, "desc", "metrics",
+    "weights", ...}``) as new ok records, children of their originals (ops ``["reignite"]``),
+    so they compete on the front from now on; the plateau count restarts. Returns a new state."""
+    st, settings = _load(state)
+    by_id = {r["id"]: r for r in st["records"]}
+    for rr in reignited:
+        orig = by_id.get(rr.get("id"))
+        if orig is None or orig["status"] != "ok":
+            raise SearchError(f"reignited model {rr.get('id')!r} is not an ok record of this search")
+        metrics = _objective_metrics(rr.get("metrics"), settings, f"reignited model {orig['id']}")
+        st["records"].append({**copy.deepcopy(orig), "id": st["next_id"], "round": st["round"], "parent": orig["id"],
+                              "parent_desc": copy.deepcopy(orig["desc"]), "parent_weights": orig["weights"],
+                              "ops": ["reignite"], "metrics": metrics, "weights": rr["weights"], "error": None,
+                              "inherited": None, "fresh": None, "iters": None, "images": None, "seconds": None,
+                              "lineage_iters": orig.get("lineage_iters"), "reignition": rr.get("reignition")})
+        st["next_id"] += 1
+    p = st.setdefault("plateau", {"best_mAP": None, "stale_rounds": 0, "reignitions": 0})
+    p["reignitions"] += 1
+    p["stale_rounds"] = 0
+    best = _best_map(_front_records(st, settings))
+    p["best_mAP"] = best if p["best_mAP"] is None or (best is not None and best > p["best_mAP"]) else p["best_mAP"]
+    log.info("%s: %d reignited model(s) joined the search (reignition %d of at most %d)", settings.algorithm,
+             len(reignited), p["reignitions"], settings.max_reignitions)
     return _copy(st)
 
 

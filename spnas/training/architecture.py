@@ -46,11 +46,11 @@ def dataset_desc(desc: Mapping[str, Any] | None, train_set: CocoDetection, **ove
 
 def model_cost(model: nn.Module, desc: Mapping[str, Any], device: str | None = None) -> dict[str, Any]:
     """Cost of a built detector: ``params`` (total count), ``params_k`` (thousands, as Vega
-    reports), ``gflops`` and ``latency`` (ms, backbone + FPN, measured on ``device``) at the
+    reports), ``gflops`` and ``backbone_latency`` (ms, backbone + FPN, measured on ``device``) at the
     description's ``max_size`` (default 800)."""
     n = count_params(model)["total"]
     flops, latency = forward_cost(model.backbone, int(desc.get("max_size", 800)), device_of(device))
-    return {"params": n, "params_k": round(n / 1e3, 1), "gflops": round(flops, 3), "latency": latency}
+    return {"params": n, "params_k": round(n / 1e3, 1), "gflops": round(flops, 3), "backbone_latency": latency}
 
 
 def train_architecture(desc: Mapping[str, Any] | None, data: CocoSource, out_dir: str | os.PathLike,
@@ -92,8 +92,8 @@ def train_architecture(desc: Mapping[str, Any] | None, data: CocoSource, out_dir
     metrics.pop("iteration", None)
     save_checkpoint(out / f"model_{arch_id}.pth", {k: v.detach().cpu() for k, v in state.items()})
     perf = {**metrics, **model_cost(model, d, device), "best_iteration": result["best"]["iteration"], "iters": result["iters"],
-            "train_seconds": round(result["seconds"], 2),
-            "images_per_second": round(result["images"] / result["seconds"], 2) if result["seconds"] > 0 else None,
+            "images": result["images"], "train_seconds": round(result["seconds"], 2),
+            "images_per_second": round(result["images_this_call"] / result["seconds"], 2) if result["seconds"] > 0 else None,
             "init": loaded, "history": result["history"]}
     atomic_write_json(out / f"performance_{arch_id}.json", perf)
     log.info("architecture %s: mAP %.2f AP50 %.2f -> %s", arch_id, perf.get("mAP") or 0, perf.get("AP50") or 0, out)

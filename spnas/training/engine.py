@@ -43,6 +43,7 @@ class TrainingState:
     total: int
     per_epoch: int
     iteration: int = 0
+    images: int = 0  # images trained on so far (resumes included)
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=lambda: {"mAP": -1.0, "iteration": None, "metrics": None})
 
@@ -97,6 +98,7 @@ def restore(path: Path, st: TrainingState) -> bool:
         raise CheckpointError(f"checkpoint {str(path)!r} was made for {ck.get('total')} iterations, "
                               f"this training has {st.total}: use a fresh output folder")
     st.iteration, st.history, st.best = ck["iteration"], ck["history"], ck["best"]
+    st.images = int(ck.get("images", 0))
     _set_rng_state(ck["rng"])
     log.info("resumed from %s at iteration %d/%d", path, st.iteration, st.total)
     return True
@@ -106,7 +108,8 @@ def save(path: Path, st: TrainingState, cfg: TrainConfig) -> None:
     """Write ``last.pth``: everything :func:`restore` needs."""
     save_checkpoint(path, {"model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(),
                            "scheduler": st.scheduler.state_dict(), "scaler": st.scaler.state_dict(),
-                           "iteration": st.iteration, "total": st.total, "history": st.history, "best": st.best,
+                           "iteration": st.iteration, "images": st.images, "total": st.total, "history": st.history,
+                           "best": st.best,
                            "rng": _rng_state(), "config": cfg.to_dict()})
 
 
@@ -156,6 +159,7 @@ def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfi
         st.scaler.update()
         st.scheduler.step()
         st.iteration += 1
+        st.images += len(images)
         failpoint("train_iter", f"(iteration {st.iteration}/{st.total})")
         seen += len(images)
         end_of_epoch = st.iteration % st.per_epoch == 0 or st.iteration == st.total
@@ -168,7 +172,8 @@ def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfi
 def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | None, cfg: TrainConfig,
           ckpt_dir: str | Path, device: str | torch.device | None = None, resume: bool = True,
           progress: bool = False, trainable: Callable[[str], bool] | None = None) -> dict[str, Any]:
-    """Train ``model`` in place and return ``{"history", "best", "iters", "images", "seconds"}``.
+    """Train ``model`` in place and return ``{"history", "best", "iters", "images", "seconds"}``
+    (``images`` and ``iters`` count the whole training, resumes included; ``seconds`` this call's).
 
     Args:
         model: a detector (``build_detector``), trained in place.
@@ -209,5 +214,5 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
     if st.total == 0 or not st.history or st.history[-1]["iteration"] != st.iteration:
         evaluate_and_keep_best(st, val_set, ckpt_dir, dev, cfg.batch_size)
     save(last, st, cfg)
-    return {"history": st.history, "best": st.best, "iters": st.iteration, "images": images_seen,
-            "seconds": seconds}
+    return {"history": st.history, "best": st.best, "iters": st.iteration, "images": st.images,
+            "images_this_call": images_seen, "seconds": seconds}
