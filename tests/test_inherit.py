@@ -136,6 +136,11 @@ def test_fresh_tensors_are_seeded():
     ("11-11", "111-11", {0: 0, 1: 1, 3: 2, 4: 3}),      # keeps stage starts on stage starts
     ("111-2111", "1112-111", {i: i for i in range(7)}),
     ("11-21", "11-21-2", {0: 0, 1: 1, 2: 2, 3: 3}),
+    ("11-21", "12-11", {0: 0, 1: 1, 2: 2, 3: 3}),                # width: the '2' one block earlier
+    ("111-2111", "112-1111", {i: i for i in range(7)}),          # ... across a stage boundary
+    ("11-21", "112-11", {0: 0, 1: 1, 2: 2, 4: 3}),              # expand + width: exact pairs preferred
+    ("11-21", "1112-11", {0: 0, 1: 1, 3: 2, 5: 3}),             # ... and stage starts kept
+    ("11-21-21-21", "11-21-21-11-2", {i: i for i in range(8)}),  # add-stage + width twice: the '2' ends in the new stage
 ])
 def test_block_alignment(parent, child, expected):
     assert align_blocks(parent, child) == expected
@@ -143,7 +148,10 @@ def test_block_alignment(parent, child, expected):
 
 @pytest.mark.parametrize("parent, child, message", [
     ("11-21", "1-21", "not derivable"),
-    ("11-21", "12-21", "not derivable"),
+    ("11-21", "12-21", "not derivable"),          # a doubling no operator adds
+    ("11-21", "121-21", "not derivable"),         # an inserted '2'
+    ("11-21", "11-11", "not derivable"),          # a doubling lost
+    ("11-21", "1-2", "not derivable.*3 blocks|not derivable.*fewer"),
 ])
 def test_underivable_children_are_rejected(parent, child, message):
     with pytest.raises(InheritanceError, match=message):
@@ -154,3 +162,48 @@ def test_block_type_change_is_rejected():
     pdesc = _desc("11-21-21-21")
     with pytest.raises(InheritanceError, match="backbone.block differs"):
         inherit_weights(pdesc, build_detector(pdesc).state_dict(), _desc("11-21-21-21", block="basic"))
+
+
+def test_width_child_inherits_what_still_fits():
+    pdesc = _desc("11-21-21-21")
+    cdesc = _desc("11-12-21-21")        # the '2' of block 2 (layer2.0) moves to block 3 (layer2.1)
+    assert align_blocks("11-21-21-21", "11-12-21-21") == {i: i for i in range(8)}
+    parent = _trained_like_parent(pdesc)
+    pstate = parent.state_dict()
+    state, report = inherit_weights(pdesc, pstate, cdesc)
+    build_detector(cdesc).load_state_dict(state, strict=True)
+    # block 2 is the only block whose width changed: all of it is fresh; block 3 keeps its width
+    # but now takes the narrower input: its first conv and its new projection shortcut are fresh
+    changed = _names(state, r"backbone\.body\.layer2\.0\.")
+    fresh = changed + ["backbone.body.layer2.1.conv1.weight"] + _names(state, r"backbone\.body\.layer2\.1\.downsample\.")
+    assert sorted(report["fresh"]) == sorted(fresh) and len(changed) == 4 * (1 + 5)   # 3 convs + the shortcut's, each with its BN (5 tensors)
+    assert sorted(report["inherited"]) == sorted(set(state) - set(fresh))
+    for k in report["inherited"]:                                 # same names: the blocks did not move
+        assert torch.equal(state[k], pstate[k]), k
+    assert sorted(report["dropped"]) == sorted(
+        _names(pstate, r"backbone\.body\.layer2\.0\.") + ["backbone.body.layer2.1.conv1.weight"])
+    # block 2 still starts stage 1 (stride 2) and now keeps its width: its shortcut passes its input through
+    w = state["backbone.body.layer2.0.downsample.0.weight"]
+    assert w.shape[0] == w.shape[1] and torch.equal(w[:, :, 0, 0], torch.eye(w.shape[0]))
+
+
+def test_several_ops_with_a_width_move_align_and_inherit():
+    # width (block 2 -> 1), swap (boundary 0 one block right), expand (a '1' inside stage 2)
+    pdesc, cdesc = _desc("11-21-21-21", block="basic"), _desc("121-1-211-21", block="basic")
+    mapping = align_blocks("11-21-21-21", "121-1-211-21")
+    assert mapping == {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 7: 6, 8: 7}   # "211": the later '1' counts as inserted
+    parent = _trained_like_parent(pdesc)
+    pstate = parent.state_dict()
+    state, report = inherit_weights(pdesc, pstate, cdesc)
+    build_detector(cdesc).load_state_dict(state, strict=True)
+    # blocks 3.. keep their width and input: inherited bit for bit from their matched parent block
+    pairs = {"layer2.0": "layer2.1", "layer3.0": "layer3.0", "layer3.1": "layer3.1", "layer4.0": "layer4.0",
+             "layer4.1": "layer4.1"}
+    for c, p in pairs.items():
+        for k in _names(state, rf"backbone\.body\.{c}\.(conv|bn)"):
+            assert k in report["inherited"] and torch.equal(state[k], pstate[k.replace(c, p)]), k
+    assert _names(state, r"backbone\.body\.layer3\.2\.") and \
+        set(_names(state, r"backbone\.body\.layer3\.2\.")) <= set(report["fresh"])   # the expanded block
+    assert set(_names(state, r"backbone\.body\.layer1\.1\.")) <= set(report["fresh"])  # doubled: every tensor fresh
+    assert sorted(report["inherited"] + report["fresh"]) == sorted(state)
+
