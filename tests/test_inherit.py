@@ -7,6 +7,10 @@ import torch
 from helpers import randomize_norms
 
 from spnas import InheritanceError, align_blocks, build_detector, inherit_weights
+from spnas.models import inherit as inherit_mod
+from spnas.models.inherit import swap_trainable
+from spnas.training.engine import setup
+from spnas.training.schedule import TrainConfig
 
 
 def _desc(code, parallel=None, block="bottleneck", base=8):
@@ -207,3 +211,75 @@ def test_several_ops_with_a_width_move_align_and_inherit():
     assert set(_names(state, r"backbone\.body\.layer1\.1\.")) <= set(report["fresh"])  # doubled: every tensor fresh
     assert sorted(report["inherited"] + report["fresh"]) == sorted(state)
 
+
+# ----------------------------------------------------------------------------- freeze_swap_keys
+
+def _params(desc):
+    with torch.device("meta"):
+        return [n for n, _ in build_detector(desc).named_parameters()]
+
+
+def _expected_trainable(desc, pattern):
+    """Every parameter outside the serial backbone, and the backbone's that match ``pattern``."""
+    return {n for n in _params(desc) if not n.startswith("backbone.body.") or (pattern and re.match(pattern, n))}
+
+
+@pytest.mark.parametrize("parent, child, pattern", [
+    # swap: block 3 moved into stage 0 (stage changed), layer2.0 (was layer2.1) now has stride 2
+    ("111-2111-211111-211", "1112-111-211111-211", r"backbone\.body\.(layer1\.3|layer2\.0)\."),
+    # expand: the inserted blocks only (fresh); no block changed stage
+    ("11-21-21-21", "111-21-211-21", r"backbone\.body\.(layer1\.2|layer3\.2)\."),
+    # add-stage: the new stage only
+    ("11-21-21-21", "11-21-21-21-1", r"backbone\.body\.layer5\."),
+    # swap by two blocks: both moved blocks, and the block that lost its stride
+    ("111-2111-21-21", "1-112111-21-21", r"backbone\.body\.(layer2\.[012])\."),
+])
+def test_freeze_swap_keys_trains_what_the_mutation_touched(parent, child, pattern):
+    pdesc, cdesc = _desc(parent), _desc(child)
+    state, report = inherit_weights(pdesc, _trained_like_parent(pdesc).state_dict(), cdesc)
+    keep = swap_trainable(pdesc, cdesc, report)
+    expected = _expected_trainable(cdesc, pattern)
+    assert keep == expected
+    assert {n for n in report["fresh"] if n in state and n in expected | set(_params(cdesc))} <= keep
+    assert "backbone.body.conv1.weight" not in keep and "backbone.body.bn1.weight" not in keep   # the stem
+
+
+@pytest.mark.slow
+def test_freeze_swap_keys_pure_swap_trains_moved_blocks_fpn_and_heads():
+    """A swap that keeps every stage width inherits everything: before, nothing was fresh, so
+    nothing trained ("no trainable parameters"). Now its moved blocks, the FPN and the heads
+    train, and one optimizer step leaves every frozen tensor as it was."""
+    pdesc, cdesc = _desc("111-12111-21-21"), _desc("1111-2111-21-21")
+    parent = _trained_like_parent(pdesc)
+    state, report = inherit_weights(pdesc, parent.state_dict(), cdesc)
+    assert report["fresh"] == []
+    keep = swap_trainable(pdesc, cdesc, report)
+    assert keep == _expected_trainable(cdesc, r"backbone\.body\.(layer1\.3|layer2\.0)\.")
+    torch.manual_seed(0)
+    model = build_detector(cdesc)
+    model.load_state_dict(state, strict=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    st = setup(model, [0, 1], TrainConfig(iters=1, batch_size=2, warmup_iters=0), torch.device("cpu"), keep.__contains__)
+    assert sum(p.numel() for p in st.params) == sum(p.numel() for n, p in model.named_parameters() if n in keep)
+    model.train()
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 90.0, 120.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 30.0, 150.0, 100.0]]), "labels": torch.tensor([2])}]
+    st.optimizer.zero_grad()
+    sum(model(IMAGES, targets).values()).backward()
+    st.optimizer.step()
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed <= keep
+    assert {n for n in keep if re.match(r"backbone\.body\.(layer1\.3|layer2\.0)\.conv", n)} <= changed
+    assert "backbone.fpn.inner_blocks.0.0.weight" in changed and "roi_heads.box_head.fc6.weight" in changed
+
+
+def test_freeze_swap_keys_never_leaves_nothing_to_train(monkeypatch, caplog):
+    desc = _desc("11-21-21-21")
+    _, report = inherit_weights(desc, _trained_like_parent(desc).state_dict(), desc)
+    assert report["fresh"] == []
+    assert swap_trainable(desc, desc, report) == _expected_trainable(desc, None)   # the FPN and heads only
+    monkeypatch.setattr(inherit_mod, "_FROZEN_PREFIX", "")                          # freeze everything untouched
+    with caplog.at_level("WARNING", logger="spnas.models.inherit"):
+        keep = swap_trainable(desc, desc, report)
+    assert keep == set(_params(desc)) and "every parameter trains" in caplog.text

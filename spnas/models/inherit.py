@@ -3,14 +3,15 @@
 :func:`inherit_weights` builds a child's state dict from its parent's (expand, swap, width,
 add-stage and parallel children) and reports which tensors were inherited and which are fresh.
 Blocks are matched by their global index in the code, inserted blocks excluded
-(:func:`align_blocks`).
+(:func:`align_blocks`). :func:`swap_trainable` says which of the child's parameters train under
+``freeze_swap_keys``.
 """
 from __future__ import annotations
 
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -167,3 +168,39 @@ def inherit_weights(parent_desc: Mapping[str, Any], parent_state: Mapping[str, t
               len(inherited), len(fresh), len(dropped))
     return out, {"inherited": inherited, "fresh": fresh, "dropped": dropped}
 
+
+#: Parameters outside this prefix (FPN, parallel connections, RPN and RoI heads) always train
+#: under ``freeze_swap_keys``.
+_FROZEN_PREFIX = "backbone.body."
+
+
+def swap_trainable(parent_desc: Mapping[str, Any], child_desc: Mapping[str, Any],
+                   report: Mapping[str, Sequence[str]]) -> frozenset[str]:
+    """Names of the child's parameters that train under ``freeze_swap_keys`` ("freeze what the
+    mutation did not touch"), given the :func:`inherit_weights` ``report`` of this pair.
+
+    Trainable: every parameter outside the serial backbone (FPN, parallel connections, heads);
+    every block whose stage changed (its matched parent block sat in another stage) or whose
+    stride changed; every fresh tensor. Frozen: the rest of the serial backbone, stem included.
+    When that leaves nothing to train, every parameter trains (logged as a warning).
+    """
+    pd, cd = normalize_desc(parent_desc), normalize_desc(child_desc)
+    pcode, ccode = parse_serial(pd["backbone"]["code"]), parse_serial(cd["backbone"]["code"])
+    ppos, cpos = pcode.block_positions(), ccode.block_positions()
+    moved = []
+    for cj, pj in align_blocks(pcode, ccode).items():
+        (cs, ci), (ps_, pi) = cpos[cj], ppos[pj]
+        if cs != ps_ or (cs > 0 and ci == 0) != (ps_ > 0 and pi == 0):  # stage or stride changed
+            moved.append(f"{_FROZEN_PREFIX}layer{cs + 1}.{ci}.")
+    fresh = set(report["fresh"])
+    with torch.device("meta"):
+        names = [n for n, _ in build_detector(cd).named_parameters()]
+    keep = frozenset(n for n in names if not n.startswith(_FROZEN_PREFIX) or n in fresh
+                     or n.startswith(tuple(moved)))
+    if not keep:
+        log.warning("freeze_swap_keys: nothing of %s -> %s is left to train; every parameter trains",
+                    pcode, ccode)
+        return frozenset(names)
+    log.info("freeze_swap_keys %s -> %s: %d of %d parameter tensors train (%d moved block(s))",
+             pcode, ccode, len(keep), len(names), len(moved))
+    return keep

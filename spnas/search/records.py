@@ -26,7 +26,8 @@ class Candidate(TypedDict):
 
 class Result(TypedDict, total=False):
     """What training a candidate gives back: ``status`` ``ok`` (with metrics and weights) or
-    ``failed`` (with the error), and how many tensors were inherited / fresh."""
+    ``failed`` (with the error), how many tensors were inherited / fresh, and how many
+    parameter elements trained (``trainable``; fewer than all under ``freeze_swap_keys``)."""
 
     id: int
     status: str
@@ -35,6 +36,7 @@ class Result(TypedDict, total=False):
     weights: str | None
     inherited: int | None
     fresh: int | None
+    trainable: int | None
 
 
 class Record(Candidate, Result):

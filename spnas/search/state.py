@@ -19,7 +19,7 @@ A record is a seed (``round`` -1, ``status`` "ok", ``parent`` None) or a candida
 (``status`` "pending" until :func:`update` makes it "ok" or "failed")::
 
     {"id", "round", "status", "desc", "parent", "parent_desc", "parent_weights", "ops",
-     "params", "gflops", "metrics", "error", "weights", "inherited", "fresh"}
+     "params", "gflops", "metrics", "error", "weights", "inherited", "fresh", "trainable"}
 
 Objectives: ``mAP`` comes from a record's metrics and is maximised; ``params`` (total detector
 parameters) and ``gflops`` (backbone + parallel + FPN at ``flops_size``) are measured by this
@@ -145,7 +145,8 @@ def new_state(settings: SearchSettings, seeds: Sequence[Mapping[str, Any]]) -> d
         n_params, n_gflops = measure(desc, settings.flops_size)
         recs.append({"id": i, "round": -1, "status": "ok", "desc": desc, "parent": None, "parent_desc": None,
                      "parent_weights": None, "ops": [], "params": n_params, "gflops": n_gflops,
-                     "metrics": metrics, "error": None, "weights": weights, "inherited": None, "fresh": None})
+                     "metrics": metrics, "error": None, "weights": weights, "inherited": None, "fresh": None,
+                     "trainable": None})
     state = {"format": STATE_FORMAT, "settings": settings.to_dict(),
              "rng": _rng_to_json(random.Random(settings.seed)),
              "next_id": len(recs), "round": 0, "proposed": 0, "records": recs}
@@ -241,7 +242,7 @@ def propose(state: Mapping[str, Any], k: int | None = None) -> tuple[dict, list[
                 "ops": ops, "params": n_params, "gflops": n_gflops}
         st["next_id"] += 1
         st["records"].append({**copy.deepcopy(cand), "status": "pending", "metrics": None, "error": None,
-                              "weights": None, "inherited": None, "fresh": None})
+                              "weights": None, "inherited": None, "fresh": None, "trainable": None})
         cands.append(cand)
     st["proposed"] += len(cands)
     st["round"] = round_no + 1
@@ -266,7 +267,7 @@ def update(state: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> di
     """Record evaluation results of pending candidates; returns a new state.
 
     ``results``: ``[{"id", "status": "ok"|"failed", "metrics", "error", "weights", "inherited",
-    "fresh"}]``. An ok result needs finite objective metrics; one whose metric is not finite
+    "fresh", "trainable"}]``. An ok result needs finite objective metrics; one whose metric is not finite
     (NaN from a diverged run) is recorded as failed. Failed candidates stay in the state (and
     count towards ``max_sample``) but never reach the front. Raises :class:`SearchError` for an
     unknown or non-pending id, an unknown key or a bad value."""
@@ -308,7 +309,8 @@ def update(state: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> di
             raise SearchError(f"{where}: status must be 'ok' or 'failed', got {status!r}")
         rec.update(status=status, metrics=metrics, error=error if status == "failed" else None, weights=weights,
                    inherited=_opt_int(res.get("inherited"), f"{where}: inherited"),
-                   fresh=_opt_int(res.get("fresh"), f"{where}: fresh"))
+                   fresh=_opt_int(res.get("fresh"), f"{where}: fresh"),
+                   trainable=_opt_int(res.get("trainable"), f"{where}: trainable"))
     return _copy(st)
 
 

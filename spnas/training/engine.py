@@ -168,7 +168,8 @@ def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfi
 def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | None, cfg: TrainConfig,
           ckpt_dir: str | Path, device: str | torch.device | None = None, resume: bool = True,
           progress: bool = False, trainable: Callable[[str], bool] | None = None) -> dict[str, Any]:
-    """Train ``model`` in place and return ``{"history", "best", "iters", "images", "seconds"}``.
+    """Train ``model`` in place and return ``{"history", "best", "iters", "images", "seconds",
+    "trainable"}`` (``trainable``: the number of parameter elements the optimizer updates).
 
     Args:
         model: a detector (``build_detector``), trained in place.
@@ -210,4 +211,4 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
         evaluate_and_keep_best(st, val_set, ckpt_dir, dev, cfg.batch_size)
     save(last, st, cfg)
     return {"history": st.history, "best": st.best, "iters": st.iteration, "images": images_seen,
-            "seconds": seconds}
+            "seconds": seconds, "trainable": sum(p.numel() for p in st.params)}
