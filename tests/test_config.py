@@ -110,3 +110,16 @@ def test_file_errors(tmp_path):
         load_config(tmp_path / "bad.yml")
     with pytest.raises(ConfigError, match="--set 'novalue' must look like key.path=value"):
         load_config(DEMO, workdir=tmp_path, overrides=["novalue"])
+
+
+def test_serial_search_space_keys(tmp_path):
+    """``max_swap_shift`` and ``width_ratio`` reach the search settings; bad values name their key."""
+    from spnas.search import SearchSettings
+    cfg = load_config(DEMO, workdir=tmp_path, overrides=["serial.search_algorithm.max_swap_shift=3",
+                                                         "serial.search_algorithm.width_ratio=0.4"])
+    s = SearchSettings(**cfg.step("serial").search)
+    assert (s.max_swap_shift, s.width_ratio) == (3, 0.4)
+    for key, value, message in (("max_swap_shift", 9, "must be an integer in \\[1, 8\\], got 9"),
+                                ("width_ratio", 2, "must be a probability in \\[0, 1\\], got 2")):
+        with pytest.raises(ConfigError, match=f"serial.search_algorithm.*{key}: {message}"):
+            load_config(DEMO, workdir=tmp_path, overrides=[f"serial.search_algorithm.{key}={value}"])

@@ -7,6 +7,10 @@ import torch
 from helpers import randomize_norms
 
 from spnas import InheritanceError, align_blocks, build_detector, inherit_weights
+from spnas.models import inherit as inherit_mod
+from spnas.models.inherit import swap_trainable
+from spnas.training.engine import setup
+from spnas.training.schedule import TrainConfig
 
 
 def _desc(code, parallel=None, block="bottleneck", base=8):
@@ -136,6 +140,11 @@ def test_fresh_tensors_are_seeded():
     ("11-11", "111-11", {0: 0, 1: 1, 3: 2, 4: 3}),      # keeps stage starts on stage starts
     ("111-2111", "1112-111", {i: i for i in range(7)}),
     ("11-21", "11-21-2", {0: 0, 1: 1, 2: 2, 3: 3}),
+    ("11-21", "12-11", {0: 0, 1: 1, 2: 2, 3: 3}),                # width: the '2' one block earlier
+    ("111-2111", "112-1111", {i: i for i in range(7)}),          # ... across a stage boundary
+    ("11-21", "112-11", {0: 0, 1: 1, 2: 2, 4: 3}),              # expand + width: exact pairs preferred
+    ("11-21", "1112-11", {0: 0, 1: 1, 3: 2, 5: 3}),             # ... and stage starts kept
+    ("11-21-21-21", "11-21-21-11-2", {i: i for i in range(8)}),  # add-stage + width twice: the '2' ends in the new stage
 ])
 def test_block_alignment(parent, child, expected):
     assert align_blocks(parent, child) == expected
@@ -143,7 +152,10 @@ def test_block_alignment(parent, child, expected):
 
 @pytest.mark.parametrize("parent, child, message", [
     ("11-21", "1-21", "not derivable"),
-    ("11-21", "12-21", "not derivable"),
+    ("11-21", "12-21", "not derivable"),          # a doubling no operator adds
+    ("11-21", "121-21", "not derivable"),         # an inserted '2'
+    ("11-21", "11-11", "not derivable"),          # a doubling lost
+    ("11-21", "1-2", "not derivable.*3 blocks|not derivable.*fewer"),
 ])
 def test_underivable_children_are_rejected(parent, child, message):
     with pytest.raises(InheritanceError, match=message):
@@ -154,3 +166,120 @@ def test_block_type_change_is_rejected():
     pdesc = _desc("11-21-21-21")
     with pytest.raises(InheritanceError, match="backbone.block differs"):
         inherit_weights(pdesc, build_detector(pdesc).state_dict(), _desc("11-21-21-21", block="basic"))
+
+
+def test_width_child_inherits_what_still_fits():
+    pdesc = _desc("11-21-21-21")
+    cdesc = _desc("11-12-21-21")        # the '2' of block 2 (layer2.0) moves to block 3 (layer2.1)
+    assert align_blocks("11-21-21-21", "11-12-21-21") == {i: i for i in range(8)}
+    parent = _trained_like_parent(pdesc)
+    pstate = parent.state_dict()
+    state, report = inherit_weights(pdesc, pstate, cdesc)
+    build_detector(cdesc).load_state_dict(state, strict=True)
+    # block 2 is the only block whose width changed: all of it is fresh; block 3 keeps its width
+    # but now takes the narrower input: its first conv and its new projection shortcut are fresh
+    changed = _names(state, r"backbone\.body\.layer2\.0\.")
+    fresh = changed + ["backbone.body.layer2.1.conv1.weight"] + _names(state, r"backbone\.body\.layer2\.1\.downsample\.")
+    assert sorted(report["fresh"]) == sorted(fresh) and len(changed) == 4 * (1 + 5)   # 3 convs + the shortcut's, each with its BN (5 tensors)
+    assert sorted(report["inherited"]) == sorted(set(state) - set(fresh))
+    for k in report["inherited"]:                                 # same names: the blocks did not move
+        assert torch.equal(state[k], pstate[k]), k
+    assert sorted(report["dropped"]) == sorted(
+        _names(pstate, r"backbone\.body\.layer2\.0\.") + ["backbone.body.layer2.1.conv1.weight"])
+    # block 2 still starts stage 1 (stride 2) and now keeps its width: its shortcut passes its input through
+    w = state["backbone.body.layer2.0.downsample.0.weight"]
+    assert w.shape[0] == w.shape[1] and torch.equal(w[:, :, 0, 0], torch.eye(w.shape[0]))
+
+
+def test_several_ops_with_a_width_move_align_and_inherit():
+    # width (block 2 -> 1), swap (boundary 0 one block right), expand (a '1' inside stage 2)
+    pdesc, cdesc = _desc("11-21-21-21", block="basic"), _desc("121-1-211-21", block="basic")
+    mapping = align_blocks("11-21-21-21", "121-1-211-21")
+    assert mapping == {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 7: 6, 8: 7}   # "211": the later '1' counts as inserted
+    parent = _trained_like_parent(pdesc)
+    pstate = parent.state_dict()
+    state, report = inherit_weights(pdesc, pstate, cdesc)
+    build_detector(cdesc).load_state_dict(state, strict=True)
+    # blocks 3.. keep their width and input: inherited bit for bit from their matched parent block
+    pairs = {"layer2.0": "layer2.1", "layer3.0": "layer3.0", "layer3.1": "layer3.1", "layer4.0": "layer4.0",
+             "layer4.1": "layer4.1"}
+    for c, p in pairs.items():
+        for k in _names(state, rf"backbone\.body\.{c}\.(conv|bn)"):
+            assert k in report["inherited"] and torch.equal(state[k], pstate[k.replace(c, p)]), k
+    assert _names(state, r"backbone\.body\.layer3\.2\.") and \
+        set(_names(state, r"backbone\.body\.layer3\.2\.")) <= set(report["fresh"])   # the expanded block
+    assert set(_names(state, r"backbone\.body\.layer1\.1\.")) <= set(report["fresh"])  # doubled: every tensor fresh
+    assert sorted(report["inherited"] + report["fresh"]) == sorted(state)
+
+
+# ----------------------------------------------------------------------------- freeze_swap_keys
+
+def _params(desc):
+    with torch.device("meta"):
+        return [n for n, _ in build_detector(desc).named_parameters()]
+
+
+def _expected_trainable(desc, pattern):
+    """Every parameter outside the serial backbone, and the backbone's that match ``pattern``."""
+    return {n for n in _params(desc) if not n.startswith("backbone.body.") or (pattern and re.match(pattern, n))}
+
+
+@pytest.mark.parametrize("parent, child, pattern", [
+    # swap: block 3 moved into stage 0 (stage changed), layer2.0 (was layer2.1) now has stride 2
+    ("111-2111-211111-211", "1112-111-211111-211", r"backbone\.body\.(layer1\.3|layer2\.0)\."),
+    # expand: the inserted blocks only (fresh); no block changed stage
+    ("11-21-21-21", "111-21-211-21", r"backbone\.body\.(layer1\.2|layer3\.2)\."),
+    # add-stage: the new stage only
+    ("11-21-21-21", "11-21-21-21-1", r"backbone\.body\.layer5\."),
+    # swap by two blocks: both moved blocks, and the block that lost its stride
+    ("111-2111-21-21", "1-112111-21-21", r"backbone\.body\.(layer2\.[012])\."),
+])
+def test_freeze_swap_keys_trains_what_the_mutation_touched(parent, child, pattern):
+    pdesc, cdesc = _desc(parent), _desc(child)
+    state, report = inherit_weights(pdesc, _trained_like_parent(pdesc).state_dict(), cdesc)
+    keep = swap_trainable(pdesc, cdesc, report)
+    expected = _expected_trainable(cdesc, pattern)
+    assert keep == expected
+    assert {n for n in report["fresh"] if n in state and n in expected | set(_params(cdesc))} <= keep
+    assert "backbone.body.conv1.weight" not in keep and "backbone.body.bn1.weight" not in keep   # the stem
+
+
+@pytest.mark.slow
+def test_freeze_swap_keys_pure_swap_trains_moved_blocks_fpn_and_heads():
+    """A swap that keeps every stage width inherits everything: before, nothing was fresh, so
+    nothing trained ("no trainable parameters"). Now its moved blocks, the FPN and the heads
+    train, and one optimizer step leaves every frozen tensor as it was."""
+    pdesc, cdesc = _desc("111-12111-21-21"), _desc("1111-2111-21-21")
+    parent = _trained_like_parent(pdesc)
+    state, report = inherit_weights(pdesc, parent.state_dict(), cdesc)
+    assert report["fresh"] == []
+    keep = swap_trainable(pdesc, cdesc, report)
+    assert keep == _expected_trainable(cdesc, r"backbone\.body\.(layer1\.3|layer2\.0)\.")
+    torch.manual_seed(0)
+    model = build_detector(cdesc)
+    model.load_state_dict(state, strict=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    st = setup(model, [0, 1], TrainConfig(iters=1, batch_size=2, warmup_iters=0), torch.device("cpu"), keep.__contains__)
+    assert sum(p.numel() for p in st.params) == sum(p.numel() for n, p in model.named_parameters() if n in keep)
+    model.train()
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 90.0, 120.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 30.0, 150.0, 100.0]]), "labels": torch.tensor([2])}]
+    st.optimizer.zero_grad()
+    sum(model(IMAGES, targets).values()).backward()
+    st.optimizer.step()
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed <= keep
+    assert {n for n in keep if re.match(r"backbone\.body\.(layer1\.3|layer2\.0)\.conv", n)} <= changed
+    assert "backbone.fpn.inner_blocks.0.0.weight" in changed and "roi_heads.box_head.fc6.weight" in changed
+
+
+def test_freeze_swap_keys_never_leaves_nothing_to_train(monkeypatch, caplog):
+    desc = _desc("11-21-21-21")
+    _, report = inherit_weights(desc, _trained_like_parent(desc).state_dict(), desc)
+    assert report["fresh"] == []
+    assert swap_trainable(desc, desc, report) == _expected_trainable(desc, None)   # the FPN and heads only
+    monkeypatch.setattr(inherit_mod, "_FROZEN_PREFIX", "")                          # freeze everything untouched
+    with caplog.at_level("WARNING", logger="spnas.models.inherit"):
+        keep = swap_trainable(desc, desc, report)
+    assert keep == set(_params(desc)) and "every parameter trains" in caplog.text

@@ -134,13 +134,16 @@ def test_failed_candidate_is_recorded_and_all_failed_stops(tiny_data, tmp_path, 
 
     monkeypatch.setattr(run_mod.phases, "train_candidate", flaky)
     cfg = load_config(DEMO, workdir=tmp_path / "w", overrides=tiny_overrides(tiny_data) + [
-        "pipeline=[fine_tune, serial]", "serial.search_algorithm.objective_keys=[mAP, params, latency]"])
+        "pipeline=[fine_tune, serial]", "serial.search_algorithm.objective_keys=[mAP, params, latency]",
+        "serial.model.model_desc.freeze_swap_keys=true"])
     reports = run_mod.run(cfg, workers=1, progress=False)
     recs = reports["phases"]["serial"]["records"]
     failed = [r for r in recs if r["status"] == "failed"]
     assert [r["id"] for r in failed] == [1] and failed[0]["error"] == "RuntimeError: out of memory"
     assert 1 not in reports["phases"]["serial"]["front"] and len(recs) == 3
     assert all(r["latency"] > 0 for r in recs if r["status"] != "pending")  # measured when proposed (end to end)
+    trained = [r for r in recs if r["status"] == "ok" and r["parent"] is not None]
+    assert len(trained) == 1 and 0 < trained[0]["trainable"] < trained[0]["params"]  # freeze_swap_keys froze some
 
     monkeypatch.setattr(run_mod.phases, "train_candidate", lambda c, *args, **kw: {
         "id": c["id"], "status": "failed", "metrics": None, "error": f"ValueError: bad {c['id']}",

@@ -33,6 +33,8 @@ from spnas.search import (
     swap,
     swap_moves,
     update,
+    width,
+    width_moves,
 )
 from spnas.utils.errors import ConfigError
 
@@ -96,19 +98,24 @@ def random_code(rng: random.Random, stages: int, max_len: int = 4) -> str:
 
 # ----------------------------------------------------------------------------- operators
 
-@pytest.mark.parametrize("a,e", [(0.05, 0.3), (0.2, 0.6), (0.0, 1.0)])
-def test_operator_rates_match_settings(a, e):
-    s = serial_settings(add_stage_ratio=a, expand_ratio=e, max_stages=6)
+@pytest.mark.parametrize("a,e,w", [(0.05, 0.3, 0.2), (0.2, 0.6, 0.5), (0.0, 1.0, 0.3), (0.1, 0.3, 0.0)])
+def test_operator_rates_match_settings(a, e, w):
+    s = serial_settings(add_stage_ratio=a, expand_ratio=e, width_ratio=w, max_stages=6)
     n = 20000
     rng = random.Random(1)
     hist = Counter(choose_serial_op(rng, 4, s) for _ in range(n))
+    assert set(hist) <= {"add_stage", "expand", "width", "swap"}
     assert abs(hist["add_stage"] / n - a) < 0.012
     assert abs(hist["expand"] / n - (1 - a) * e) < 0.012
-    assert abs(hist["swap"] / n - (1 - a) * (1 - e)) < 0.012
-    # at max_stages add-stage is never drawn; expand/swap split by expand_ratio alone
+    assert abs(hist["width"] / n - (1 - a) * (1 - e) * w) < 0.012
+    assert abs(hist["swap"] / n - (1 - a) * (1 - e) * (1 - w)) < 0.012
+    if w == 0:
+        assert hist["width"] == 0
+    # at max_stages add-stage is never drawn; expand/width/swap split by expand_ratio and width_ratio alone
     hist = Counter(choose_serial_op(rng, 6, s) for _ in range(n))
     assert hist["add_stage"] == 0
     assert abs(hist["expand"] / n - e) < 0.012
+    assert abs(hist["width"] / n - (1 - e) * w) < 0.012
 
 
 def test_expand_inserts_one_block_after_stage_start():
@@ -126,23 +133,75 @@ def test_expand_inserts_one_block_after_stage_start():
         align_blocks(parent, child)
 
 
-def test_swap_keeps_blocks_and_stage_count_and_moves_one_boundary():
+@pytest.mark.parametrize("max_shift", [1, 2, 3])
+def test_swap_keeps_blocks_and_stage_count_and_moves_one_boundary(max_shift):
     rng = random.Random(3)
+    shifts: Counter = Counter()
     for _ in range(500):
         parent = random_code(rng, rng.randint(2, 6))
-        child = swap(parent, rng)
+        child = swap(parent, rng, max_shift)
         p = parse_serial(parent)
         if child is None:
-            assert all(len(s) == 1 for s in p.stages) and swap_moves(parent) == []
+            assert all(len(s) == 1 for s in p.stages) and swap_moves(parent, max_shift) == []
             continue
         c = parse_serial(child)
         assert c.blocks == p.blocks and c.num_stages == p.num_stages
         assert all(c.stages)
         diffs = [len(cs) - len(ps) for ps, cs in zip(p.stages, c.stages, strict=False)]
         moved = [i for i, d in enumerate(diffs) if d]
-        assert len(moved) == 2 and moved[1] == moved[0] + 1 and sorted(diffs[i] for i in moved) == [-1, 1]
-        align_blocks(parent, child)
-    assert swap("1-1-1-1", rng) is None
+        assert len(moved) == 2 and moved[1] == moved[0] + 1 and diffs[moved[0]] == -diffs[moved[1]]
+        assert 1 <= abs(diffs[moved[0]]) <= max_shift
+        shifts[-diffs[moved[0]]] += 1       # the boundary's move: negative = to the left
+        assert align_blocks(parent, child) == {i: i for i in range(p.num_blocks)}
+    assert set(shifts) == {d for d in range(-max_shift, max_shift + 1) if d}
+    assert swap("1-1-1-1", rng, max_shift) is None
+
+
+def test_swap_moves_enumerated_exactly():
+    assert swap_moves("111-2111", 2) == [(0, -2), (0, -1), (0, 1), (0, 2)]
+    assert swap_moves("111-2111", 1) == [(0, -1), (0, 1)]
+    assert swap_moves("111-2111", 8) == [(0, -2), (0, -1), (0, 1), (0, 2), (0, 3)]
+    assert swap_moves("1-21-211", 2) == [(0, 1), (1, -1), (1, 1), (1, 2)]
+    assert swap_moves("1-1-1", 3) == []
+    rng = random.Random(0)
+    children = {swap("111-2111", random.Random(k), 2) for k in range(200)}
+    assert children == {"1-112111", "11-12111", "1112-111", "11121-11"}
+    # uniform over the valid (boundary, shift) pairs: every boundary move equally likely
+    n = 24000
+    hist = Counter(swap("1-21-211", rng, 2) for _ in range(n))
+    expected = {"12-1-211", "1-2-1211", "1-212-11", "1-2121-1"}
+    assert set(hist) == expected
+    for code in expected:
+        assert abs(hist[code] / n - 0.25) < 0.012, (code, hist[code])
+    # no empty stage ever, for any shift bound
+    for _ in range(2000):
+        parent = random_code(rng, rng.randint(2, 6))
+        child = swap(parent, rng, rng.randint(1, 8))
+        assert child is None or all(parse_serial(child).stages)
+
+
+def test_width_moves_one_two_by_one_block():
+    assert width_moves("11-21") == [(2, -1), (2, 1)]
+    assert width_moves("12-2") == [(1, -1)]
+    assert width_moves("11-11") == [] and width("11-11", random.Random(0)) is None
+    assert width_moves("22-22") == [] and width("2-2", random.Random(0)) is None
+    assert {width("11-21", random.Random(k)) for k in range(100)} == {"12-11", "11-12"}
+    rng = random.Random(5)
+    for _ in range(1000):
+        parent = random_code(rng, rng.randint(1, 6))
+        child = width(parent, rng)
+        p = parse_serial(parent)
+        if child is None:
+            assert width_moves(parent) == []
+            continue
+        c = parse_serial(child)
+        assert [len(x) for x in c.stages] == [len(x) for x in p.stages]      # stages and block count kept
+        assert c.blocks.count("2") == p.blocks.count("2")
+        changed = [i for i in range(p.num_blocks) if p.blocks[i] != c.blocks[i]]
+        assert len(changed) == 2 and changed[1] == changed[0] + 1            # one '2' moved by one block
+        wide = [i for i, (x, y) in enumerate(zip(p.width_multipliers(), c.width_multipliers(), strict=True)) if x != y]
+        assert wide == changed[:1]                                          # only the block in between changes width
+        assert align_blocks(parent, child) == {i: i for i in range(p.num_blocks)}
 
 
 def test_add_stage_appends_one_plain_block_stage():
@@ -153,15 +212,16 @@ def test_add_stage_appends_one_plain_block_stage():
 
 
 def test_mutate_serial_respects_max_stages_and_derivability():
-    s = serial_settings(add_stage_ratio=0.5, expand_ratio=0.5, max_stages=5, num_mutate=3)
+    s = serial_settings(add_stage_ratio=0.4, expand_ratio=0.4, width_ratio=0.5, max_stages=5, num_mutate=3,
+                        max_swap_shift=3)
     rng = random.Random(4)
     op_counts: Counter = Counter()
     for _ in range(2000):
         parent = random_code(rng, rng.randint(4, 5))
         try:
             child, ops = mutate_serial(parent, rng, s)
-        except Rejected as rej:  # the only rejection here: a swap drawn where no boundary can move
-            assert rej.reason == "no possible swap"
+        except Rejected as rej:  # the only rejections here: a swap or width move that cannot happen
+            assert rej.reason in ("no possible swap", "no possible width move")
             continue
         op_counts.update(ops)
         assert 1 <= len(ops) <= 3
@@ -169,8 +229,10 @@ def test_mutate_serial_respects_max_stages_and_derivability():
         assert c.num_stages <= 5
         assert c.num_stages == p.num_stages + ops.count("add_stage")
         assert c.num_blocks == p.num_blocks + ops.count("add_stage") + ops.count("expand")
-        align_blocks(parent, child)
-    assert set(op_counts) == {"add_stage", "expand", "swap"}
+        assert c.blocks.count("2") == p.blocks.count("2")
+        mapping = align_blocks(parent, child)
+        assert sorted(mapping.values()) == list(range(p.num_blocks))
+    assert set(op_counts) == {"add_stage", "expand", "width", "swap"}
 
 
 # ----------------------------------------------------------------------------- Pareto front
@@ -433,6 +495,8 @@ def test_same_seed_same_proposals_different_seed_different():
     ("algorithm", "SpNasX", {}), ("num_mutate", 0, {}), ("max_redraws", 0, {}), ("flops_size", 16, {}),
     ("max_gflops", -1.0, {}), ("max_params", 0, {}), ("candidates_per_round", 2.5, {}),
     ("max_per_stage", 0, {"algorithm": "SpNasP"}), ("max_stages", 9, {}),
+    ("max_swap_shift", 0, {}), ("max_swap_shift", 9, {}), ("max_swap_shift", 1.5, {}), ("max_swap_shift", True, {}),
+    ("width_ratio", 1.01, {}), ("width_ratio", -0.5, {}), ("width_ratio", "0.2", {}),
 ])
 def test_settings_validation_names_the_field(field, value, extra):
     kw = {"algorithm": "SpNasS", **extra, field: value}
@@ -444,6 +508,10 @@ def test_settings_normalisation():
     s = SearchSettings("spnasp", max_sample=20.0, objective_keys=["mAP", "flops"], max_params=1e6)
     assert s.algorithm == "SpNasP" and s.max_sample == 20 and isinstance(s.max_sample, int)
     assert s.objective_keys == ("mAP", "gflops") and s.max_params == 1000000
+    assert (s.max_swap_shift, s.width_ratio) == (2, 0.2)                  # the defaults
+    k = SearchSettings("SpNasS", max_swap_shift=3.0, width_ratio=1)       # KFP delivers numbers as floats
+    assert k.max_swap_shift == 3 and isinstance(k.max_swap_shift, int) and k.width_ratio == 1.0
+    assert SearchSettings.from_dict(k.to_dict()) == k
     with pytest.raises(SearchError, match="at least one seed"):
         new_state(s, [])
     with pytest.raises(SearchError, match="mAP"):

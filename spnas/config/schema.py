@@ -26,7 +26,8 @@ _STEP_KEYS = {"pipe_step", "search_algorithm", "search_space", "model", "trainer
 _SEARCH_KEYS = {"type", "max_sample", "objective_keys", "num_mutate", "add_stage_ratio", "expend_ratio",
                 "expand_ratio", "max_stages", "min_stages", "min_blocks", "max_blocks", "max_per_stage", "max_params",
                 "max_gflops", "flops_size", "max_redraws", "candidates_per_round", "seed", "max_memory_mb",
-                "max_latency_ms", "memory_batch", "reignition_patience", "max_reignitions"}
+                "max_latency_ms", "memory_batch", "reignition_patience", "max_reignitions", "max_swap_shift",
+                "width_ratio"}
 _TRAINER_KEYS = {"type", "epochs", "iters", "with_train", "optimizer", "lr_scheduler", "callbacks", "clip_grad_norm",
                  "amp", "eval_every", "checkpoint_every", "image_size"}
 _DATASET_KEYS = {"type", "common", "train", "val", "test"}

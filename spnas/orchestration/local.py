@@ -185,7 +185,8 @@ class Runner:
                     if r["status"] == "ok":
                         _say(f"  candidate {c['id']} {c['desc']['backbone']['code']} {c['desc']['neck']['code']} "
                              f"(from {c['parent']}, {'+'.join(c['ops'])}): mAP {r['metrics']['mAP']:.2f}, "
-                             f"{c['params']:,} params, inherited {r['inherited']}/{r['inherited'] + r['fresh']}")
+                             f"{c['params']:,} params, inherited {r['inherited']}/{r['inherited'] + r['fresh']}, "
+                             f"trained {r.get('trainable') or 0:,} parameters")
                     else:
                         _say(f"  candidate {c['id']} FAILED: {r['error']}")
                 summary = rounds.search_update(state_path, step.name, results)

@@ -29,7 +29,7 @@ from ..data.source import CocoSource
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.convert import convert_torchvision, unwrap_state_dict
 from ..models.desc import normalize_desc
-from ..models.inherit import inherit_weights
+from ..models.inherit import inherit_weights, swap_trainable
 from ..search import SearchSettings, new_state
 from ..search.records import Candidate, Result
 from ..storage import local_path
@@ -145,7 +145,8 @@ def train_candidate(candidate: Candidate, step: StepConfig, data: CocoSource, ou
     """Inherit the parent's weights, train with the step's trainer, evaluate. Never raises for a
     bad candidate: the failure comes back as ``{"status": "failed", "error": ...}`` so a round
     goes on. The result is also saved as ``result_<id>.json``; ``resume`` reuses it.
-    ``freeze_swap_keys`` trains only the tensors that were not inherited."""
+    ``freeze_swap_keys`` trains what the mutation touched (:func:`~spnas.models.inherit.swap_trainable`);
+    the result's ``trainable`` counts the parameter elements that trained."""
     cid = candidate["id"]
     out = Path(out_dir)
     done = _finished(out, cid, resume)
@@ -153,7 +154,7 @@ def train_candidate(candidate: Candidate, step: StepConfig, data: CocoSource, ou
         return done
     t0 = time.perf_counter()
     result: dict[str, Any] = {"id": cid, "status": "failed", "metrics": None, "error": None, "weights": None,
-                              "inherited": None, "fresh": None}
+                              "inherited": None, "fresh": None, "trainable": None}
     try:
         parent_state = load_checkpoint(local_path(candidate["parent_weights"]))
         cfg = step.trainer
@@ -162,14 +163,13 @@ def train_candidate(candidate: Candidate, step: StepConfig, data: CocoSource, ou
         result["inherited"], result["fresh"] = len(report["inherited"]), len(report["fresh"])
         trainable = None
         if step.freeze_swap_keys:
-            fresh = set(report["fresh"])
-            trainable = fresh.__contains__  # only what was not inherited trains
+            trainable = swap_trainable(candidate["parent_desc"], candidate["desc"], report).__contains__
         perf = train_architecture(candidate["desc"], data, out, cfg, arch_id=cid, init=state, device=device,
                                   progress=progress, trainable=trainable)
         atomic_write_json(out / f"inherit_{cid}.json", report)
         _cleanup(out, cid)
         result.update(status="ok", metrics=_metrics(perf), weights=str(out / f"model_{cid}.pth"), iters=perf["iters"],
-                      images=perf["images"])
+                      images=perf["images"], trainable=perf["trainable"])
     except Exception as exc:  # one bad candidate must not fail the search
         log.warning("candidate %s failed: %s: %s", cid, type(exc).__name__, exc)
         result["error"] = f"{type(exc).__name__}: {exc}"

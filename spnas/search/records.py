@@ -30,8 +30,9 @@ class Candidate(TypedDict):
 
 class Result(TypedDict, total=False):
     """What training a candidate gives back: ``status`` ``ok`` (with metrics and weights) or
-    ``failed`` (with the error), how many tensors were inherited / fresh, and what the training
-    cost: ``iters`` (iterations), ``images`` (images seen) and ``seconds`` (wall time)."""
+    ``failed`` (with the error), how many tensors were inherited / fresh, how many parameter
+    elements trained (``trainable``; fewer than all under ``freeze_swap_keys``), and what the
+    training cost: ``iters`` (iterations), ``images`` (images seen) and ``seconds`` (wall time)."""
 
     id: int
     status: str
@@ -43,6 +44,7 @@ class Result(TypedDict, total=False):
     iters: int | None
     images: int | None
     seconds: float | None
+    trainable: int | None
 
 
 class Record(Candidate, Result):

@@ -20,6 +20,8 @@ MEASURED = frozenset({"params", "gflops", "latency", "memory"})
 #: Default objectives: SpNasS trades mAP for size; SpNasP for compute, since extra passes cost
 #: FLOPs, not parameters (ResNet-50 neck [3, 3, 3, 3]: +20 % params, 2.9x GFLOPs).
 DEFAULT_OBJECTIVES = {"SpNasS": ("mAP", "params"), "SpNasP": ("mAP", "gflops")}
+#: Largest ``max_swap_shift``: a boundary moves by at most this many blocks in one swap.
+MAX_SWAP_SHIFT = 8
 
 
 def canonical_objective(key: str) -> str:
@@ -56,7 +58,9 @@ class SearchSettings:
     objective_keys: tuple[str, ...] | None = None    # None: DEFAULT_OBJECTIVES of the algorithm
     num_mutate: int = 3                              # a child is made by 1..num_mutate operations
     add_stage_ratio: float = 0.05                    # SpNasS: P(add-stage) per operation
-    expand_ratio: float = 0.3                        # SpNasS: else P(expand); else swap
+    expand_ratio: float = 0.3                        # SpNasS: else P(expand); else width / swap
+    width_ratio: float = 0.2                         # SpNasS: else P(width move); else swap
+    max_swap_shift: int = 2                          # SpNasS: a swap moves a boundary by 1..this many blocks
     min_blocks: int = 8
     max_blocks: int = 60
     min_stages: int = 4
@@ -99,6 +103,8 @@ class SearchSettings:
         self.num_mutate = _as_int("num_mutate", self.num_mutate, 1)
         self.add_stage_ratio = _as_ratio("add_stage_ratio", self.add_stage_ratio)
         self.expand_ratio = _as_ratio("expand_ratio", self.expand_ratio)
+        self.width_ratio = _as_ratio("width_ratio", self.width_ratio)
+        self.max_swap_shift = _as_int("max_swap_shift", self.max_swap_shift, 1, MAX_SWAP_SHIFT)
         self.min_blocks = _as_int("min_blocks", self.min_blocks, 1, MAX_BLOCKS)
         self.max_blocks = _as_int("max_blocks", self.max_blocks, 1, MAX_BLOCKS)
         if self.min_blocks > self.max_blocks:

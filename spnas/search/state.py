@@ -20,7 +20,7 @@ A record is a seed (``round`` -1, ``status`` "ok", ``parent`` None) or a candida
 
     {"id", "round", "status", "desc", "parent", "parent_desc", "parent_weights", "ops",
      "params", "gflops", "memory", "latency", "metrics", "error", "weights", "inherited", "fresh",
-     "iters", "images", "seconds", "lineage_iters"}
+     "trainable", "iters", "images", "seconds", "lineage_iters"}
 
 ``iters``/``images``/``seconds`` are what training the record cost; ``lineage_iters`` counts
 the training iterations along its whole lineage since fine_tune (a seed brings its own), the
@@ -175,7 +175,7 @@ def new_state(settings: SearchSettings, seeds: Sequence[Mapping[str, Any]]) -> d
         recs.append({"id": i, "round": -1, "status": "ok", "desc": desc, "parent": None, "parent_desc": None,
                      "parent_weights": None, "ops": [], **c,
                      "metrics": metrics, "error": None, "weights": weights, "inherited": None, "fresh": None,
-                     "iters": None, "images": None, "seconds": None,
+                     "trainable": None, "iters": None, "images": None, "seconds": None,
                      "lineage_iters": _opt_int(seed.get("lineage_iters", 0), f"seed {i}: lineage_iters") or 0})
     state = {"format": STATE_FORMAT, "settings": settings.to_dict(),
              "rng": _rng_to_json(random.Random(settings.seed)),
@@ -272,7 +272,7 @@ def propose(state: Mapping[str, Any], k: int | None = None) -> tuple[dict, list[
                 "ops": ops, **c}
         st["next_id"] += 1
         st["records"].append({**copy.deepcopy(cand), "status": "pending", "metrics": None, "error": None,
-                              "weights": None, "inherited": None, "fresh": None, "iters": None, "images": None,
+                              "weights": None, "inherited": None, "fresh": None, "trainable": None, "iters": None, "images": None,
                               "seconds": None, "lineage_iters": None})
         cands.append(cand)
     st["proposed"] += len(cands)
@@ -298,7 +298,7 @@ def update(state: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> di
     """Record evaluation results of pending candidates; returns a new state.
 
     ``results``: ``[{"id", "status": "ok"|"failed", "metrics", "error", "weights", "inherited",
-    "fresh"}]``. An ok result needs finite objective metrics; one whose metric is not finite
+    "fresh", "trainable"}]``. An ok result needs finite objective metrics; one whose metric is not finite
     (NaN from a diverged run) is recorded as failed. Failed candidates stay in the state (and
     count towards ``max_sample``) but never reach the front. Raises :class:`SearchError` for an
     unknown or non-pending id, an unknown key or a bad value."""
@@ -343,6 +343,7 @@ def update(state: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> di
         rec.update(status=status, metrics=metrics, error=error if status == "failed" else None, weights=weights,
                    inherited=_opt_int(res.get("inherited"), f"{where}: inherited"),
                    fresh=_opt_int(res.get("fresh"), f"{where}: fresh"), iters=iters,
+                   trainable=_opt_int(res.get("trainable"), f"{where}: trainable"),
                    images=_opt_int(res.get("images"), f"{where}: images"),
                    seconds=float(res["seconds"]) if isinstance(res.get("seconds"), (int, float)) else None,
                    # iterations trained along the lineage since fine_tune: the parent's plus this one's

@@ -172,8 +172,9 @@ def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfi
 def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | None, cfg: TrainConfig,
           ckpt_dir: str | Path, device: str | torch.device | None = None, resume: bool = True,
           progress: bool = False, trainable: Callable[[str], bool] | None = None) -> dict[str, Any]:
-    """Train ``model`` in place and return ``{"history", "best", "iters", "images", "seconds"}``
-    (``images`` and ``iters`` count the whole training, resumes included; ``seconds`` this call's).
+    """Train ``model`` in place and return ``{"history", "best", "iters", "images", "seconds",
+    "trainable"}`` (``images`` and ``iters`` count the whole training, resumes included;
+    ``seconds`` this call's; ``trainable``: the number of parameter elements the optimizer updates).
 
     Args:
         model: a detector (``build_detector``), trained in place.
@@ -215,4 +216,4 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
         evaluate_and_keep_best(st, val_set, ckpt_dir, dev, cfg.batch_size)
     save(last, st, cfg)
     return {"history": st.history, "best": st.best, "iters": st.iteration, "images": st.images,
-            "images_this_call": images_seen, "seconds": seconds}
+            "images_this_call": images_seen, "seconds": seconds, "trainable": sum(p.numel() for p in st.params)}
