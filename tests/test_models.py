@@ -182,3 +182,35 @@ def test_frozen_bn_option():
     bb = build_backbone({"backbone": {"code": "1-2-2-2", "base_channels": 8, "norm": "frozen_bn"}})
     assert isinstance(bb.body.bn1, FrozenBatchNorm2d)
     assert not any(k.endswith("num_batches_tracked") for k in bb.body.state_dict())
+
+
+def test_frozen_bn_checkpoint_loads_with_trainable_zero_init_norms():
+    """Under frozen_bn the last BN of every residual branch (and every connection BN) has trainable
+    weight and bias but frozen statistics; the rest is torchvision's FrozenBatchNorm2d. A
+    FrozenBatchNorm2d state dict (no num_batches_tracked) and a BatchNorm2d one both load strictly."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from spnas.models.backbone import FrozenStatsBatchNorm2d
+    desc = {"backbone": {"code": "11-2-2-2", "block": "basic", "base_channels": 8, "norm": "frozen_bn"},
+            "neck": {"code": [0, 1, 0, 0]}}
+    bb = build_backbone(desc)
+    kinds = {n: type(m) for n, m in bb.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    stats = sorted(n for n, k in kinds.items() if k is FrozenStatsBatchNorm2d)
+    assert stats == ["body.layer1.0.bn2", "body.layer1.1.bn2", "body.layer2.0.bn2", "body.layer3.0.bn2",
+                     "body.layer4.0.bn2", "connections.1.0.1"]
+    assert len(kinds) - len(stats) == 1 + 5 + 3  # stem, bn1 of 5 blocks, 3 stride-2 shortcuts
+    assert sorted(n for n, _ in bb.named_parameters() if ".bn" in n or "connections" in n) == sorted(
+        [f"{n}.{p}" for n in stats for p in ("weight", "bias")] + ["connections.1.0.0.weight"])
+    assert not any(k.endswith("num_batches_tracked") for k in bb.state_dict())
+    # state dicts of a BatchNorm2d model (with num_batches_tracked) load strictly and compute the same
+    plain = build_backbone({**desc, "backbone": {**desc["backbone"], "norm": "bn"}})
+    from helpers import randomize_norms
+    randomize_norms(plain, 2)
+    assert bb.load_state_dict(plain.state_dict(), strict=True) is not None
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref, got = plain.eval()(x), bb.train()(x)  # frozen statistics even in train mode
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5)
+    bb.train()
+    assert all(m.weight.requires_grad for m in bb.modules() if isinstance(m, FrozenStatsBatchNorm2d))

@@ -17,13 +17,14 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .backbone import SerialBackbone, norm_layer_for
+from .backbone import SerialBackbone, zero_init_norm_layer_for
 from .encoding import parse_parallel
 
 
 def connection_module(out_channels: int, in_channels: int, norm: str = "bn") -> nn.Sequential:
-    """1x1 conv (stage output -> stage input channels) + BN whose weight and bias start at 0."""
-    bn = norm_layer_for(norm)(in_channels)
+    """1x1 conv (stage output -> stage input channels) + BN whose weight and bias start at 0
+    (trainable under every ``norm``: see :func:`~.backbone.zero_init_norm_layer_for`)."""
+    bn = zero_init_norm_layer_for(norm)(in_channels)
     nn.init.zeros_(bn.weight)
     nn.init.zeros_(bn.bias)
     conv = nn.Conv2d(out_channels, in_channels, kernel_size=1, bias=False)
