@@ -182,3 +182,25 @@ def test_block_type_change_is_rejected():
     pdesc = _desc("11-21-21-21")
     with pytest.raises(InheritanceError, match="backbone.block differs"):
         inherit_weights(pdesc, build_detector(pdesc).state_dict(), _desc("11-21-21-21", block="basic"))
+
+
+@pytest.mark.slow
+def test_new_columns_keep_a_trained_parents_function():
+    """Columns added where the next stage's column of that number reads the same value as before
+    (a first column on stage 0; a top column on the last stage) leave even a parent with trained
+    connections computing exactly what it computed."""
+    small = {"rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
+    pdesc = {**_desc("11-21-21-21", block="basic"), **small, "neck": {"code": [0, 1, 0, 2], "out_channels": 32}}
+    cdesc = {**pdesc, "neck": {"code": [1, 1, 0, 3], "out_channels": 32}}
+    parent = _trained_like_parent(pdesc)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for conns in parent.backbone.connections:
+            for conn in conns:
+                conn[1].weight.copy_(torch.rand(conn[1].weight.shape, generator=g) * 0.5 + 0.5)
+                conn[1].bias.copy_(torch.randn(conn[1].bias.shape, generator=g) * 0.1)
+    state, report = inherit_weights(pdesc, parent.state_dict(), cdesc)
+    assert sorted(report["fresh"]) == _names(state, r"backbone\.connections\.(0\.0|3\.2)\.")
+    child = build_detector(cdesc)
+    child.load_state_dict(state, strict=True)
+    _assert_same_function(parent, child)
