@@ -110,3 +110,12 @@ def test_file_errors(tmp_path):
         load_config(tmp_path / "bad.yml")
     with pytest.raises(ConfigError, match="--set 'novalue' must look like key.path=value"):
         load_config(DEMO, workdir=tmp_path, overrides=["novalue"])
+
+
+def test_trainer_norm_eval(tmp_path):
+    cfg = load_config(DEMO, workdir=tmp_path, overrides=["fine_tune.trainer.norm_eval=false", "serial.trainer.norm_eval=AUTO"])
+    assert cfg.step("fine_tune").trainer.norm_eval is False and not cfg.step("fine_tune").trainer.freeze_norm_stats
+    assert cfg.step("serial").trainer.norm_eval == "auto" and cfg.step("serial").trainer.freeze_norm_stats  # batch 4
+    assert load_config(DEMO, workdir=tmp_path).step("full_train").trainer.norm_eval == "auto"  # the default
+    with pytest.raises(ConfigError, match="fine_tune.trainer.norm_eval: must be true, false or 'auto', got 'sometimes'"):
+        load_config(DEMO, workdir=tmp_path, overrides=["fine_tune.trainer.norm_eval=sometimes"])
