@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from spnas.data.demo import write_demo_dataset
 
@@ -48,7 +49,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d":
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
                 n = m.weight.shape[0]
                 if m.weight.abs().sum() > 0:  # keep zero-initialised BNs (identity blocks) at zero
                     m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)

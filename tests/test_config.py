@@ -123,3 +123,12 @@ def test_serial_search_space_keys(tmp_path):
                                 ("width_ratio", 2, "must be a probability in \\[0, 1\\], got 2")):
         with pytest.raises(ConfigError, match=f"serial.search_algorithm.*{key}: {message}"):
             load_config(DEMO, workdir=tmp_path, overrides=[f"serial.search_algorithm.{key}={value}"])
+
+
+def test_trainer_norm_eval(tmp_path):
+    cfg = load_config(DEMO, workdir=tmp_path, overrides=["fine_tune.trainer.norm_eval=false", "serial.trainer.norm_eval=AUTO"])
+    assert cfg.step("fine_tune").trainer.norm_eval is False and not cfg.step("fine_tune").trainer.freeze_norm_stats
+    assert cfg.step("serial").trainer.norm_eval == "auto" and cfg.step("serial").trainer.freeze_norm_stats  # batch 4
+    assert load_config(DEMO, workdir=tmp_path).step("full_train").trainer.norm_eval == "auto"  # the default
+    with pytest.raises(ConfigError, match="fine_tune.trainer.norm_eval: must be true, false or 'auto', got 'sometimes'"):
+        load_config(DEMO, workdir=tmp_path, overrides=["fine_tune.trainer.norm_eval=sometimes"])

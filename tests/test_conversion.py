@@ -53,6 +53,30 @@ def test_frozen_bn_checkpoint_without_num_batches_tracked(tv_checkpoint):
     assert all(torch.equal(converted[k], v) for k, v in state.items())
 
 
+@pytest.mark.slow
+def test_frozen_bn_model_loads_both_checkpoint_kinds_strictly(tv_checkpoint):
+    """Under norm frozen_bn the last BN of each residual branch has trainable weights but the same
+    tensor names: a FrozenBatchNorm2d checkpoint (no num_batches_tracked) converts and loads
+    strictly, a BatchNorm2d one loads through load_weights, and the features are torchvision's."""
+    from spnas.models.backbone import FrozenStatsBatchNorm2d
+    from spnas.models.checkpoint import load_weights
+    tv, _ = tv_checkpoint
+    desc = {**SIZE, "backbone": {"norm": "frozen_bn"}}
+    frozen_state = {k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}
+    ours = build_detector(desc)
+    assert sum(isinstance(m, FrozenStatsBatchNorm2d) for m in ours.modules()) == 16  # bn3 of 3+4+6+3 blocks
+    ours.load_state_dict(convert_torchvision(frozen_state, desc), strict=True)
+    x = torch.rand(1, 3, 128, 160, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, got = tv.backbone(x), ours.eval().backbone(x)
+    for k in ref:
+        # FrozenBatchNorm2d's arithmetic (x * scale + shift) rounds differently from BatchNorm2d's
+        torch.testing.assert_close(got[k], ref[k], atol=1e-3, rtol=1e-3)
+    again = build_detector(desc)
+    assert load_weights(again, desc, tv.state_dict()) == {"loaded": len(again.state_dict()), "fresh": 0}
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in again.state_dict().items())
+
+
 def test_class_count_follows_the_checkpoint(tv_checkpoint):
     tv, _ = tv_checkpoint
     state = dict(tv.state_dict())

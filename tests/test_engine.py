@@ -8,7 +8,7 @@ import torch
 from helpers import demo
 from pycocotools.cocoeval import COCOeval
 
-from spnas import build_detector
+from spnas import build_detector, inherit_weights
 from spnas.data.coco import CocoDetection, load_split
 from spnas.models.checkpoint import load_checkpoint, load_weights
 from spnas.training.engine import train
@@ -27,9 +27,14 @@ def tiny_data(tmp_path_factory):
     return demo(tmp_path_factory.mktemp("tiny"), train=16, val=4, size=96)
 
 
-def _tiny_model(num_classes=4, seed=0):
+def _tiny_model(num_classes=4, seed=0, **desc):
     torch.manual_seed(seed)
-    return build_detector({**TINY, "num_classes": num_classes})
+    return build_detector({**TINY, "num_classes": num_classes, **desc})
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
 def test_lr_schedule():
@@ -43,6 +48,8 @@ def test_lr_schedule():
 
 
 @pytest.mark.parametrize("kw, message", [
+    ({"norm_eval": "yes"}, "training setting norm_eval: must be true, false or 'auto', got 'yes'"),
+    ({"norm_eval": 1}, "training setting norm_eval: must be true, false or 'auto', got 1"),
     ({"batch_size": 0}, "training setting batch_size: must be an integer >= 1, got 0"),
     ({"lr": -1.0}, r"training setting lr: must be a number in \(0, inf\], got -1.0"),
     ({"schedule": "poly"}, "training setting schedule: must be one of 'step', 'cosine', got 'poly'"),
@@ -164,3 +171,70 @@ def test_evaluator_matches_direct_pycocotools(tiny_data, capsys):
         assert ours[name] == (ev.stats[i] * 100 if ev.stats[i] >= 0 else None)
     assert 20 < ours["AP50"] <= 100
     assert coco_metrics(ds.coco, []) == {n: 0.0 for n in METRIC_NAMES}
+
+
+@pytest.mark.parametrize("norm_eval, batch_size, frozen", [
+    ("auto", 4, True), ("auto", 15, True), ("auto", 16, False), (True, 32, True), (False, 2, False)])
+def test_norm_eval_resolves_auto_by_batch_size(norm_eval, batch_size, frozen):
+    cfg = TrainConfig(norm_eval=norm_eval, batch_size=batch_size)
+    assert cfg.freeze_norm_stats is frozen
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
+def test_zero_initialised_bn_weights_learn(tiny_data, tmp_path, norm):
+    """An expand block's last BN and the connection BNs start at zero; one training step gives
+    them non-zero gradients and weights, under norm_eval (bn, batch 4) and under frozen_bn."""
+    backbone = {**TINY["backbone"], "norm": norm}
+    parent = {**TINY, "num_classes": 4, "backbone": backbone}
+    child = {**parent, "backbone": {**backbone, "code": "11-2-2-2"}, "neck": {**TINY["neck"], "code": [1, 0, 0, 1]}}
+    state, report = inherit_weights(parent, _tiny_model(backbone=backbone).state_dict(), child)
+    model = build_detector(child)
+    model.load_state_dict(state, strict=True)
+    zero = ["backbone.body.layer1.1.bn2", "backbone.connections.0.0.1", "backbone.connections.3.0.1"]
+    assert all(f"{n}.weight" in report["fresh"] for n in zero)
+    assert all(torch.count_nonzero(model.get_submodule(n).weight) == 0 for n in zero)
+    cfg = TrainConfig(iters=1, batch_size=4, warmup_iters=0, lr=0.01)
+    assert cfg.freeze_norm_stats
+    train(model, load_split(tiny_data, "train", train=True), None, cfg, tmp_path, resume=False)
+    for n in zero:
+        bn = model.get_submodule(n)
+        assert isinstance(bn.weight, torch.nn.Parameter), n
+        assert torch.count_nonzero(bn.weight.grad) > 0, n
+        assert torch.count_nonzero(bn.weight) > 0, n
+    assert load_checkpoint(tmp_path / "last.pth")["norm_eval"] is True
+
+
+@pytest.mark.slow
+def test_norm_eval_freezes_statistics_and_trains_affine_parameters(tiny_data, tmp_path):
+    model = _tiny_model(neck={**TINY["neck"], "code": [0, 2, 0, 0]})
+    before = _bn_state(model)
+    affine = {n: (m.weight.detach().clone(), m.bias.detach().clone())
+              for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(before) == 3 * len(affine) and len(affine) == 1 + 2 * 4 + 3 + 2  # stem, blocks, shortcuts, connections
+    train(model, load_split(tiny_data, "train", train=True), None, TrainConfig(iters=2, batch_size=4, warmup_iters=0),
+          tmp_path, resume=False)
+    after = _bn_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            w, b = affine[n]
+            assert not torch.equal(w, m.weight) and not torch.equal(b, m.bias), n
+
+
+@pytest.mark.slow
+def test_shared_stage_bn_counts_one_update_per_step(tiny_data, tmp_path):
+    """Stage 1 runs 3 times per forward (2 columns + main path); with norm_eval off every BN,
+    stage 1's included, counts exactly one update per training step."""
+    model = _tiny_model(neck={**TINY["neck"], "code": [0, 2, 0, 0]})
+    before = _bn_state(model)
+    train(model, load_split(tiny_data, "train", train=True), None,
+          TrainConfig(iters=2, batch_size=4, warmup_iters=0, norm_eval=False), tmp_path, resume=False)
+    after = _bn_state(model)
+    counts = {k: int(v) for k, v in after.items() if k.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {2}
+    assert "backbone.body.layer2.0.bn1.num_batches_tracked" in counts
+    assert not torch.equal(before["backbone.body.layer2.0.bn1.running_mean"],
+                           after["backbone.body.layer2.0.bn1.running_mean"])
+    assert load_checkpoint(tmp_path / "last.pth")["norm_eval"] is False

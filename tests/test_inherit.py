@@ -102,16 +102,19 @@ def test_swap_child_inherits_every_main_branch_tensor():
     assert set(main) <= set(report["inherited"])
     # stage 1 now starts with a '1' block: its new stride-2 shortcut is fresh and passes input through
     ds = _names(state, r"backbone\.body\.layer2\.0\.downsample\.")
-    # stage 0 now ends at 4*8*2=64 channels instead of 32: FPN lateral 0's weight is fresh
-    lateral = ["backbone.fpn.inner_blocks.0.0.weight"]
+    # stage 0 now ends at 4*8*2=64 channels instead of 32: FPN lateral 0 is fresh, and zero
+    lateral = ["backbone.fpn.inner_blocks.0.0.bias", "backbone.fpn.inner_blocks.0.0.weight"]
     assert sorted(report["fresh"]) == sorted(ds + lateral)
+    assert tuple(state[lateral[1]].shape) == (256, 64, 1, 1) and tuple(state[lateral[0]].shape) == (256,)
+    assert all(torch.count_nonzero(state[k]) == 0 for k in lateral)
+    assert torch.equal(state["backbone.fpn.inner_blocks.1.0.weight"], pstate["backbone.fpn.inner_blocks.1.0.weight"])
     w = state["backbone.body.layer2.0.downsample.0.weight"]
     assert torch.equal(w[:, :, 0, 0], torch.eye(w.shape[0]))
     assert torch.equal(state["backbone.body.layer2.0.downsample.1.running_var"], torch.ones(w.shape[0]))
     # the moved '2' block keeps its projection shortcut (now stride 1)
     assert torch.equal(state["backbone.body.layer1.3.downsample.0.weight"], pstate["backbone.body.layer2.0.downsample.0.weight"])
     assert child.backbone.body.layer1[3].downsample[0].stride == (1, 1)
-    assert report["dropped"] == lateral
+    assert sorted(report["dropped"]) == lateral
 
 
 def test_add_stage_child_gets_fresh_stage_and_level():
@@ -122,6 +125,31 @@ def test_add_stage_child_gets_fresh_stage_and_level():
     fresh = _names(state, r"backbone\.body\.layer5\.|backbone\.fpn\.(inner|layer)_blocks\.4\.")
     assert sorted(report["fresh"]) == fresh
     assert sorted(report["inherited"]) == sorted(parent.state_dict())
+    assert torch.count_nonzero(state["backbone.fpn.inner_blocks.4.0.weight"]) == 0
+    assert torch.count_nonzero(state["backbone.fpn.inner_blocks.4.0.bias"]) == 0
+
+
+def test_add_stage_keeps_every_old_fpn_level_bit_identical():
+    pdesc, cdesc = _desc("11-21-21-21", block="basic"), _desc("11-21-21-21-2", block="basic")
+    parent = _trained_like_parent(pdesc)
+    with torch.no_grad():  # nonzero FPN biases (torchvision starts them at 0): a leaked lateral bias shows
+        for conv in parent.backbone.fpn.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(conv.bias.numel()))
+    state, _ = inherit_weights(pdesc, parent.state_dict(), cdesc)
+    child = build_detector(cdesc)
+    child.load_state_dict(state, strict=True)
+    x = torch.stack(IMAGES)
+    with torch.no_grad():
+        pf, cf = parent.eval().backbone(x), child.eval().backbone(x)
+    assert list(cf) == ["0", "1", "2", "3", "4", "pool"]
+    for k in ("0", "1", "2", "3"):
+        assert torch.equal(pf[k], cf[k]), k
+    # the check is sensitive: a random lateral for the new level moves every old level
+    with torch.no_grad():
+        child.backbone.fpn.inner_blocks[4][0].weight.normal_(0, 0.1)
+        moved = child.backbone(x)
+    assert all(not torch.equal(pf[k], moved[k]) for k in ("0", "1", "2", "3"))
 
 
 def test_fresh_tensors_are_seeded():
@@ -283,3 +311,25 @@ def test_freeze_swap_keys_never_leaves_nothing_to_train(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="spnas.models.inherit"):
         keep = swap_trainable(desc, desc, report)
     assert keep == set(_params(desc)) and "every parameter trains" in caplog.text
+
+
+@pytest.mark.slow
+def test_new_columns_keep_a_trained_parents_function():
+    """Columns added where the next stage's column of that number reads the same value as before
+    (a first column on stage 0; a top column on the last stage) leave even a parent with trained
+    connections computing exactly what it computed."""
+    small = {"rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
+    pdesc = {**_desc("11-21-21-21", block="basic"), **small, "neck": {"code": [0, 1, 0, 2], "out_channels": 32}}
+    cdesc = {**pdesc, "neck": {"code": [1, 1, 0, 3], "out_channels": 32}}
+    parent = _trained_like_parent(pdesc)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for conns in parent.backbone.connections:
+            for conn in conns:
+                conn[1].weight.copy_(torch.rand(conn[1].weight.shape, generator=g) * 0.5 + 0.5)
+                conn[1].bias.copy_(torch.randn(conn[1].bias.shape, generator=g) * 0.1)
+    state, report = inherit_weights(pdesc, parent.state_dict(), cdesc)
+    assert sorted(report["fresh"]) == _names(state, r"backbone\.connections\.(0\.0|3\.2)\.")
+    child = build_detector(cdesc)
+    child.load_state_dict(state, strict=True)
+    _assert_same_function(parent, child)

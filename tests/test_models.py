@@ -182,3 +182,96 @@ def test_frozen_bn_option():
     bb = build_backbone({"backbone": {"code": "1-2-2-2", "base_channels": 8, "norm": "frozen_bn"}})
     assert isinstance(bb.body.bn1, FrozenBatchNorm2d)
     assert not any(k.endswith("num_batches_tracked") for k in bb.body.state_dict())
+
+
+def _stage_calls(code, perturb_first_stage0_call):
+    """Inputs and outputs of every call of stages 0 and 1 in one eval forward of a backbone with
+    parallel code ``code``; optionally adds 1 to the output of stage 0's first call (its top column)."""
+    torch.manual_seed(0)
+    bb = build_backbone({"backbone": {"code": "1-2-2-2", "block": "basic", "base_channels": 8},
+                         "neck": {"code": code, "out_channels": 16}}).eval()
+    calls = {0: [], 1: []}
+
+    def hook(s):
+        def record(module, args, out):
+            if s == 0 and perturb_first_stage0_call and not calls[0]:
+                out = out + 1.0
+            calls[s].append((args[0].clone(), out.clone()))
+            return out
+        return record
+    bb.body.layer1.register_forward_hook(hook(0))
+    bb.body.layer2.register_forward_hook(hook(1))
+    with torch.no_grad():
+        bb.stage_features(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    return calls
+
+
+@pytest.mark.parametrize("code, stage1_changed", [
+    ([1, 1, 0, 0], [True, False]),          # stage 1: column 1, main
+    ([1, 2, 0, 0], [False, True, False]),   # stage 1: column 2 (no column 2 below), column 1, main
+    ([1, 0, 0, 0], [False]),                # stage 1: main only
+])
+def test_columns_run_across_consecutive_stages(code, stage1_changed):
+    ref, hit = _stage_calls(code, False), _stage_calls(code, True)
+    assert len(hit[0]) == code[0] + 1 and len(hit[1]) == code[1] + 1
+    # column 1 of stage 1 reads column 1's output of stage 0 as it is; the main path reads stage 0's main output
+    if code[1] >= 1:
+        assert torch.equal(hit[1][-2][0], hit[0][0][1])
+        assert not torch.equal(hit[1][-2][0], hit[0][-1][1])
+    assert torch.equal(hit[1][-1][0], hit[0][-1][1])
+    assert [not torch.equal(a[1], b[1]) for a, b in zip(ref[1], hit[1], strict=True)] == stage1_changed
+    # connections start at zero: the perturbed column changes no main path
+    assert torch.equal(ref[0][-1][1], hit[0][-1][1])
+
+
+def test_shared_stage_updates_bn_statistics_once_per_forward_from_the_main_path():
+    torch.manual_seed(0)
+    bb = build_backbone({"backbone": {"code": "1-2-2-2", "block": "basic", "base_channels": 8},
+                         "neck": {"code": [0, 2, 0, 0], "out_channels": 16}}).train()
+    with torch.no_grad():  # trained-like connections: the three passes see different inputs
+        for conn in bb.connections[1]:
+            conn[1].weight.fill_(1.0)
+    bn, conv = bb.body.layer2[0].bn1, bb.body.layer2[0].conv1
+    seen = []
+    conv.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    bb(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    assert len(seen) == 3  # column 2, column 1, main path
+    main = seen[-1]
+    assert all((s.mean((0, 2, 3)) - main.mean((0, 2, 3))).abs().max() > 1e-3 for s in seen[:2])
+    assert int(bn.num_batches_tracked) == 1
+    # one momentum-0.1 update from the initial (0, 1) with the main pass's batch statistics
+    torch.testing.assert_close(bn.running_mean, 0.1 * main.mean((0, 2, 3)), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * main.var((0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-7)
+    assert bn.track_running_stats and bn.training
+
+
+def test_frozen_bn_checkpoint_loads_with_trainable_zero_init_norms():
+    """Under frozen_bn the last BN of every residual branch (and every connection BN) has trainable
+    weight and bias but frozen statistics; the rest is torchvision's FrozenBatchNorm2d. A
+    FrozenBatchNorm2d state dict (no num_batches_tracked) and a BatchNorm2d one both load strictly."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from spnas.models.backbone import FrozenStatsBatchNorm2d
+    desc = {"backbone": {"code": "11-2-2-2", "block": "basic", "base_channels": 8, "norm": "frozen_bn"},
+            "neck": {"code": [0, 1, 0, 0]}}
+    bb = build_backbone(desc)
+    kinds = {n: type(m) for n, m in bb.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    stats = sorted(n for n, k in kinds.items() if k is FrozenStatsBatchNorm2d)
+    assert stats == ["body.layer1.0.bn2", "body.layer1.1.bn2", "body.layer2.0.bn2", "body.layer3.0.bn2",
+                     "body.layer4.0.bn2", "connections.1.0.1"]
+    assert len(kinds) - len(stats) == 1 + 5 + 3  # stem, bn1 of 5 blocks, 3 stride-2 shortcuts
+    assert sorted(n for n, _ in bb.named_parameters() if ".bn" in n or "connections" in n) == sorted(
+        [f"{n}.{p}" for n in stats for p in ("weight", "bias")] + ["connections.1.0.0.weight"])
+    assert not any(k.endswith("num_batches_tracked") for k in bb.state_dict())
+    # state dicts of a BatchNorm2d model (with num_batches_tracked) load strictly and compute the same
+    plain = build_backbone({**desc, "backbone": {**desc["backbone"], "norm": "bn"}})
+    from helpers import randomize_norms
+    randomize_norms(plain, 2)
+    assert bb.load_state_dict(plain.state_dict(), strict=True) is not None
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref, got = plain.eval()(x), bb.train()(x)  # frozen statistics even in train mode
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5)
+    bb.train()
+    assert all(m.weight.requires_grad for m in bb.modules() if isinstance(m, FrozenStatsBatchNorm2d))

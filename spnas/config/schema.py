@@ -29,7 +29,7 @@ _SEARCH_KEYS = {"type", "max_sample", "objective_keys", "num_mutate", "add_stage
                 "max_latency_ms", "memory_batch", "reignition_patience", "max_reignitions", "max_swap_shift",
                 "width_ratio"}
 _TRAINER_KEYS = {"type", "epochs", "iters", "with_train", "optimizer", "lr_scheduler", "callbacks", "clip_grad_norm",
-                 "amp", "eval_every", "checkpoint_every", "image_size"}
+                 "amp", "eval_every", "checkpoint_every", "image_size", "norm_eval"}
 _DATASET_KEYS = {"type", "common", "train", "val", "test"}
 _DATASET_COMMON = {"data_root", "data_path", "batch_size", "img_prefix", "ann_prefix", "num_workers"}
 _MODEL_KEYS = {"pretrained_model_file", "model_desc", "models_folder"}

@@ -96,6 +96,15 @@ def _dataset(sec: Any, path: str, ignored: list[str]) -> DatasetConfig:
                          num_workers=_int(common.get("num_workers", 0), f"{path}.common.num_workers", 0))
 
 
+def _norm_eval(value: Any, path: str) -> bool | str:
+    """``true``, ``false`` or ``"auto"`` (any case)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if not isinstance(value, bool):
+        raise _err(path, f"must be true, false or 'auto', got {brief(value)}")
+    return value
+
+
 def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str]) -> tuple[TrainConfig, bool, int]:
     """-> (TrainConfig, is_reignition, image_size)."""
     sec = _mapping(sec, path)
@@ -137,6 +146,8 @@ def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str]
     for key in ("eval_every", "checkpoint_every"):
         if key in sec:
             kw[key] = _int(sec[key], f"{path}.{key}", 0)
+    if "norm_eval" in sec:
+        kw["norm_eval"] = _norm_eval(sec["norm_eval"], f"{path}.norm_eval")
     image_size = _int(sec.get("image_size", 64), f"{path}.image_size", 16)
     try:
         return TrainConfig(**kw), reignition, image_size

@@ -17,15 +17,47 @@ from ..utils.errors import DescError
 from .desc import normalize_norm
 from .encoding import SerialCode, normalize_block, parse_serial
 
+
+class FrozenStatsBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's ``FrozenBatchNorm2d`` (running statistics fixed, in train and eval mode
+    alike) whose affine ``weight`` and ``bias`` are trainable parameters.
+
+    Same arithmetic and state-dict names as ``FrozenBatchNorm2d`` (``weight``, ``bias``,
+    ``running_mean``, ``running_var``; a ``num_batches_tracked`` entry of a ``BatchNorm2d``
+    checkpoint is dropped on load), so checkpoints of either kind load strictly. Used under
+    ``norm: frozen_bn`` where a BN weight starts at zero and must learn: the last BN of every
+    residual branch and the connection BNs.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps)
+        weight, bias = self.weight, self.bias
+        del self.weight, self.bias  # buffers in FrozenBatchNorm2d
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+
 NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "bn": nn.BatchNorm2d,
     "frozen_bn": FrozenBatchNorm2d,
+}
+#: Norm layers whose weight may start at zero (last BN of a residual branch, connection BNs):
+#: under ``frozen_bn`` their statistics stay frozen but weight and bias still train.
+ZERO_INIT_NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "bn": nn.BatchNorm2d,
+    "frozen_bn": FrozenStatsBatchNorm2d,
 }
 
 
 def norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
     """``"bn"`` -> ``BatchNorm2d``; ``"frozen_bn"`` -> torchvision's ``FrozenBatchNorm2d``."""
     return NORM_LAYERS[normalize_norm(norm)]
+
+
+def zero_init_norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
+    """Norm layer for a BN whose weight may start at zero and must stay trainable:
+    ``"bn"`` -> ``BatchNorm2d``; ``"frozen_bn"`` -> :class:`FrozenStatsBatchNorm2d`."""
+    return ZERO_INIT_NORM_LAYERS[normalize_norm(norm)]
 
 
 def block_class(block: str) -> type[nn.Module]:
@@ -44,6 +76,8 @@ class SerialBackbone(nn.Module):
     Stem: 7x7 conv stride 2, BN, ReLU, 3x3 max-pool stride 2 (stride 4). Stage ``s`` is the
     module ``layer{s+1}``; its first block has stride 2 for ``s > 0``. Block ``i`` has
     ``base_channels * 2**(#'2' up to i)`` planes and ``planes * expansion`` output channels.
+    Under ``norm="frozen_bn"`` the last BN of every residual branch is a
+    :class:`FrozenStatsBatchNorm2d`, so a block inserted as an identity (that BN at zero) learns.
 
     ``forward(x: [N, 3, H, W]) -> list`` of stage outputs, stage ``s`` at stride ``4 * 2**s``.
     """
@@ -61,6 +95,8 @@ class SerialBackbone(nn.Module):
         self.base_channels = base_channels
         self.norm = norm
         norm_layer = norm_layer_for(norm)
+        last_norm = zero_init_norm_layer_for(norm)
+        last_bn = last_bn_name(self.block)
         cls = block_class(self.block)
         groups, width_per_group = (32, 4) if self.block == "resnext" else (1, 64)
 
@@ -86,8 +122,11 @@ class SerialBackbone(nn.Module):
                     downsample = nn.Sequential(
                         nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False),
                         norm_layer(out_ch))
-                blocks.append(cls(in_ch, planes, stride, downsample, groups=groups,
-                                  base_width=width_per_group, norm_layer=norm_layer))
+                blk = cls(in_ch, planes, stride, downsample, groups=groups,
+                          base_width=width_per_group, norm_layer=norm_layer)
+                if last_norm is not norm_layer:  # same name and place: torchvision's tensor order is kept
+                    setattr(blk, last_bn, last_norm(out_ch))
+                blocks.append(blk)
                 in_ch = out_ch
                 i += 1
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))

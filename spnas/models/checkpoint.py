@@ -66,8 +66,10 @@ def load_weights(model: nn.Module, desc: Mapping[str, Any], source: str | os.Pat
 
     Accepts this project's detector weights, a torchvision ``fasterrcnn_*_fpn`` checkpoint
     (same tensor names) and a torchvision ``resnet*`` classification checkpoint (backbone only,
-    the rest stays fresh). When the class count differs, the box predictor stays fresh
-    (replace the predictor for a new class count). Anything else raises :class:`CheckpointError` naming the first misfit tensor.
+    the rest stays fresh). BN ``num_batches_tracked`` counters are filled in or dropped as the
+    model's norm layers need (BatchNorm2d or FrozenBatchNorm2d checkpoints, either ``norm``).
+    When the class count differs, the box predictor stays fresh (replace the predictor for a new
+    class count). Anything else raises :class:`CheckpointError` naming the first misfit tensor.
     """
     name = str(source) if not isinstance(source, Mapping) else "state dict"
     raw = load_checkpoint(source) if not isinstance(source, Mapping) else source
@@ -85,6 +87,9 @@ def load_weights(model: nn.Module, desc: Mapping[str, Any], source: str | os.Pat
     for k, v in expected.items():  # FrozenBatchNorm2d checkpoints have no num_batches_tracked
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = v.clone()
+    for k in [k for k in state if k.endswith("num_batches_tracked") and k not in expected]:
+        if k.removesuffix("num_batches_tracked") + "running_mean" in expected:
+            del state[k]  # a BatchNorm2d checkpoint into a frozen_bn model: the counter has no use there
     fresh = 0
     pred = [k for k in expected if k.startswith(_PREDICTOR)]
     if all(k in state for k in pred) and any(state[k].shape != expected[k].shape for k in pred):

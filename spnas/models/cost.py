@@ -87,7 +87,7 @@ def gflops(desc: Mapping[str, Any] | None = None, size: int = 800) -> float:
 
 def stage_table(desc: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per stage: index, block code, number of blocks, input/output channels, stride, and the
-    number of extra parallel passes."""
+    number of parallel columns."""
     d = normalize_desc(desc)
     with torch.device("meta"):
         bb = build_backbone(d)
@@ -158,8 +158,9 @@ def _stage_pass_cached(code: str, block: str, base_channels: int, norm: str, siz
 
 
 def stage_pass_gflops(desc: Mapping[str, Any], size: int) -> list[float]:
-    """GFLOPs of one extra parallel pass of every stage at ``size x size`` input: the stage
-    module on its input shape plus its connection module (cached per backbone)."""
+    """GFLOPs of one more parallel column of every stage at ``size x size`` input: the stage
+    module on its input shape plus its connection module (a column's input has the stage
+    input's shape whichever column or path it comes from; cached per backbone)."""
     bb = normalize_desc(desc)["backbone"]
     return list(_stage_pass_cached(bb["code"], bb["block"], bb["base_channels"], bb["norm"], _check_size(size)))
 

@@ -85,6 +85,21 @@ def _block_key_map(parent: SerialCode, child: SerialCode, mapping: dict[int, int
     return {cpos[cj]: ppos[pj] for cj, pj in mapping.items()}
 
 
+def _zero_fresh_laterals(child: nn.Module, parent_sd: Mapping[str, torch.Tensor]) -> set[str]:
+    """Zero the FPN laterals of ``child`` whose weight the parent lacks (a new level) or has
+    in another shape (the stage's width changed); return their tensor names."""
+    names: set[str] = set()
+    for i, block in enumerate(child.backbone.fpn.inner_blocks):
+        prefix = f"backbone.fpn.inner_blocks.{i}.0."
+        conv = block[0]
+        parent_w = parent_sd.get(prefix + "weight")
+        if parent_w is None or parent_w.shape != conv.weight.shape:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            names.update((prefix + "weight", prefix + "bias"))
+    return names
+
+
 def inherit_weights(parent_desc: Mapping[str, Any], parent_state: Mapping[str, torch.Tensor],
                     child_desc: Mapping[str, Any], seed: int = 0
                     ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, list[str]]]:
@@ -98,6 +113,10 @@ def inherit_weights(parent_desc: Mapping[str, Any], parent_state: Mapping[str, t
       shape) gets a fresh one that passes its input through (1x1 identity conv, identity BN)
       when its input and output widths agree;
     * new stages, FPN levels and connection modules are fresh (connections start at zero);
+    * a fresh FPN lateral (``backbone.fpn.inner_blocks.<i>.0.weight`` and ``.bias``: the level
+      of a new stage, or of a stage whose output width changed) starts at zero, so nothing new
+      flows down the FPN's top-down path: after add-stage every old level computes exactly what
+      the parent's did (eval mode);
     * everything else with the same name and shape is inherited.
 
     Fresh tensors are drawn from ``seed``. ``report`` has ``inherited`` and ``fresh`` (child
@@ -134,6 +153,8 @@ def inherit_weights(parent_desc: Mapping[str, Any], parent_state: Mapping[str, t
                     conv.weight.copy_(torch.eye(conv.out_channels).view_as(conv.weight))
                     bn.weight.fill_(1), bn.bias.zero_(), bn.running_mean.zero_(), bn.running_var.fill_(1)
 
+    zeroed = _zero_fresh_laterals(child, parent_sd)
+
     child_sd = child.state_dict()
     sources: dict[str, str | None] = {}
     for name, tensor in child_sd.items():
@@ -146,7 +167,7 @@ def inherit_weights(parent_desc: Mapping[str, Any], parent_state: Mapping[str, t
                 src = f"{mt['prefix']}layer{ps_ + 1}.{pj}.{mt['rest']}"
             else:
                 src = None
-        fits = src is not None and src in parent_sd and parent_sd[src].shape == tensor.shape
+        fits = name not in zeroed and src is not None and src in parent_sd and parent_sd[src].shape == tensor.shape
         sources[name] = src if fits else None
     for name in child_sd:  # a BN's step counter goes with its BN: fresh when the BN's weight is
         owner = name[:-len("num_batches_tracked")] + "weight"

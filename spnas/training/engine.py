@@ -105,12 +105,13 @@ def restore(path: Path, st: TrainingState) -> bool:
 
 
 def save(path: Path, st: TrainingState, cfg: TrainConfig) -> None:
-    """Write ``last.pth``: everything :func:`restore` needs."""
+    """Write ``last.pth``: everything :func:`restore` needs, the schedule (``config``) and
+    whether BatchNorm statistics were frozen (``norm_eval``, resolved)."""
     save_checkpoint(path, {"model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(),
                            "scheduler": st.scheduler.state_dict(), "scaler": st.scaler.state_dict(),
                            "iteration": st.iteration, "images": st.images, "total": st.total, "history": st.history,
-                           "best": st.best,
-                           "rng": _rng_state(), "config": cfg.to_dict()})
+                           "best": st.best, "rng": _rng_state(), "config": cfg.to_dict(),
+                           "norm_eval": cfg.freeze_norm_stats})
 
 
 def evaluate_and_keep_best(st: TrainingState, val_set: CocoDetection | None, ckpt_dir: Path,
@@ -127,6 +128,18 @@ def evaluate_and_keep_best(st: TrainingState, val_set: CocoDetection | None, ckp
         save_checkpoint(ckpt_dir / "best.pth", st.model.state_dict())
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def set_norm_eval(model: nn.Module) -> int:
+    """Put every BatchNorm of ``model`` in eval mode (running statistics frozen; its affine
+    weight and bias still train) and return how many there are. Call after ``model.train()``."""
+    bns = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
+    for m in bns:
+        m.eval()
+    return len(bns)
+
+
 def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfig, dev: torch.device,
                     on_step: Callable[[float, bool], None]) -> int:
     """Train from ``st.iteration`` to the end of its epoch (or of the schedule). After every
@@ -137,6 +150,8 @@ def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfi
     amp = dev.type == "cuda" and cfg.amp
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     st.model.train()
+    if cfg.freeze_norm_stats:
+        set_norm_eval(st.model)
     loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, workers=cfg.workers)
     seen = 0
     for b, (images, targets) in enumerate(loader):
@@ -192,6 +207,8 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
     last = ckpt_dir / "last.pth"
     torch.manual_seed(cfg.seed)
     st = setup(model, train_set, cfg, dev, trainable)
+    log.info("norm_eval %r: BatchNorm statistics %s in training (batch size %d)", cfg.norm_eval,
+             "frozen" if cfg.freeze_norm_stats else "updated", cfg.batch_size)
     if resume:
         restore(last, st)
 

@@ -8,6 +8,9 @@ from typing import Any
 
 from ..utils import checks
 
+#: ``norm_eval: auto`` freezes BatchNorm statistics below this per-process batch size.
+NORM_EVAL_BATCH = 16
+
 
 @dataclass
 class TrainConfig:
@@ -16,7 +19,11 @@ class TrainConfig:
 
     ``iters`` (when set) overrides ``epochs``; ``steps`` are fractions of the total iterations
     where the learning rate is multiplied by ``gamma`` (step schedule); ``warmup_iters`` of linear
-    warm-up from ``warmup_factor`` x lr. ``amp``/``channels_last`` apply on CUDA only."""
+    warm-up from ``warmup_factor`` x lr. ``amp``/``channels_last`` apply on CUDA only.
+    ``norm_eval`` (True, False or ``"auto"``: on when ``batch_size`` is below
+    :data:`NORM_EVAL_BATCH`) keeps every BatchNorm in eval mode during training (running
+    statistics frozen, affine weight and bias trained), as torchvision's COCO recipe does at small
+    batch; :attr:`freeze_norm_stats` is the resolved value."""
 
     epochs: int = 3
     iters: int | None = None
@@ -36,6 +43,7 @@ class TrainConfig:
     workers: int = 0
     eval_every: int = 1
     checkpoint_every: int = 0
+    norm_eval: bool | str = "auto"
 
     def __post_init__(self) -> None:
         def where(key: str) -> str:
@@ -51,6 +59,13 @@ class TrainConfig:
         if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1 for s in steps):
             raise checks.fail(where("steps"), "fractions in (0, 1]", steps)
         self.steps = steps
+        if not isinstance(self.norm_eval, bool) and self.norm_eval != "auto":
+            raise checks.fail(where("norm_eval"), "true, false or 'auto'", self.norm_eval)
+
+    @property
+    def freeze_norm_stats(self) -> bool:
+        """Whether BatchNorm statistics stay frozen in training (``norm_eval`` resolved)."""
+        return self.batch_size < NORM_EVAL_BATCH if self.norm_eval == "auto" else bool(self.norm_eval)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (``steps`` as a list); ``TrainConfig.from_dict(d)`` restores it."""
