@@ -11,7 +11,7 @@ from pycocotools.cocoeval import COCOeval
 from spnas import build_detector, inherit_weights
 from spnas.data.coco import CocoDetection, load_split
 from spnas.models.checkpoint import load_checkpoint, load_weights
-from spnas.training.engine import train
+from spnas.training.engine import statistics_estimated, train
 from spnas.training.evaluation import METRIC_NAMES, coco_metrics
 from spnas.training.schedule import TrainConfig, lr_factor
 from spnas.utils.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -182,6 +182,28 @@ def test_norm_eval_resolves_auto_by_batch_size(norm_eval, batch_size, frozen):
 
 
 @pytest.mark.slow
+def test_norm_eval_auto_freezes_only_estimated_statistics(tiny_data, tmp_path):
+    """auto at batch 4: a model fresh from its builder keeps updating its statistics (freezing
+    them would pin every BN to the identity); the same model once trained has estimated
+    statistics and freezes them; a resumed training keeps the decision made at its start."""
+    ds = load_split(tiny_data, "train", train=True)
+    model = _tiny_model()
+    assert not statistics_estimated(model)
+    cfg = TrainConfig(iters=2, batch_size=4, warmup_iters=0)
+    assert cfg.freeze_norm_stats  # the batch-size part of the rule
+    first = train(model, ds, None, cfg, tmp_path / "a", resume=False)
+    assert first["norm_eval"] is False and statistics_estimated(model)
+    assert load_checkpoint(tmp_path / "a" / "last.pth")["norm_eval"] is False
+    before = _bn_state(model)
+    second = train(model, ds, None, cfg, tmp_path / "b", resume=False)
+    assert second["norm_eval"] is True
+    assert all(torch.equal(before[k], v) for k, v in _bn_state(model).items())
+    # resuming the first training (now with estimated statistics) keeps "updated"
+    more = TrainConfig(iters=2, batch_size=4, warmup_iters=0)
+    assert train(model, ds, None, more, tmp_path / "a", resume=True)["norm_eval"] is False
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
 def test_zero_initialised_bn_weights_learn(tiny_data, tmp_path, norm):
     """An expand block's last BN and the connection BNs start at zero; one training step gives
@@ -195,8 +217,7 @@ def test_zero_initialised_bn_weights_learn(tiny_data, tmp_path, norm):
     zero = ["backbone.body.layer1.1.bn2", "backbone.connections.0.0.1", "backbone.connections.3.0.1"]
     assert all(f"{n}.weight" in report["fresh"] for n in zero)
     assert all(torch.count_nonzero(model.get_submodule(n).weight) == 0 for n in zero)
-    cfg = TrainConfig(iters=1, batch_size=4, warmup_iters=0, lr=0.01)
-    assert cfg.freeze_norm_stats
+    cfg = TrainConfig(iters=1, batch_size=4, warmup_iters=0, lr=0.01, norm_eval=True)
     train(model, load_split(tiny_data, "train", train=True), None, cfg, tmp_path, resume=False)
     for n in zero:
         bn = model.get_submodule(n)
@@ -213,8 +234,8 @@ def test_norm_eval_freezes_statistics_and_trains_affine_parameters(tiny_data, tm
     affine = {n: (m.weight.detach().clone(), m.bias.detach().clone())
               for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert len(before) == 3 * len(affine) and len(affine) == 1 + 2 * 4 + 3 + 2  # stem, blocks, shortcuts, connections
-    train(model, load_split(tiny_data, "train", train=True), None, TrainConfig(iters=2, batch_size=4, warmup_iters=0),
-          tmp_path, resume=False)
+    train(model, load_split(tiny_data, "train", train=True), None,
+          TrainConfig(iters=2, batch_size=4, warmup_iters=0, norm_eval=True), tmp_path, resume=False)
     after = _bn_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     for n, m in model.named_modules():

@@ -354,10 +354,22 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
                                             metrics=make(Metrics, f"full-metrics-{i}"))
                    for i, item in enumerate(chosen)]
         best = c.finish.python_func(records=trained, run_uri=run_uri, step="fully_train")
-        weights = c.publish.python_func(serial_front=front, parallel_front=front, best=best,
-                                        report=make(Markdown, "report"))
-        returned += [overrides, run_uri, seeds, state, proposal, items, results, front, chosen, trained, best, weights]
-    assert weights.startswith(f"{run_uri}/fully_train/model_")
+        pod = {"accelerator_type": "nvidia.com/gpu", "gpus_per_task": 0, "cpu_per_task": "1", "memory_per_task": "2G"}
+        serial_control = c.phase_control.python_func(config=config, step="serial", state=state, data_uri=dataset_uri,
+                                                     run_uri=run_uri, overrides=overrides, **pod,
+                                                     model=make(Model, "serial-control-model"),
+                                                     metrics=make(Metrics, "serial-control-metrics"))
+        controls = c.final_control.python_func(config=config, step="fully_train", fine_tuned=seeds, best=best,
+                                               data_uri=dataset_uri, run_uri=run_uri, overrides=overrides, **pod,
+                                               model=make(Model, "control-model"), metrics=make(Metrics, "control-metrics"))
+        weights = c.publish.python_func(config=config, serial_front=front, parallel_front=front, best=best,
+                                        controls=controls, serial_control=serial_control, parallel_control={},
+                                        run_uri=run_uri, overrides=overrides, report=make(Markdown, "report"))
+        returned += [overrides, run_uri, seeds, state, proposal, items, results, front, chosen, trained, best,
+                     serial_control, controls, weights]
+    assert weights in (best["weights"], controls["control"]["weights"])  # the winner's
+    assert best["weights"].startswith(f"{run_uri}/fully_train/model_")
+    assert controls["control"]["weights"].startswith(f"{run_uri}/fully_train/control_0")
     assert all(r["weights"].startswith(run_uri) for r in results)
     for i, value in enumerate(returned):
         _assert_clean(json.dumps(value), f"return value {i}")

@@ -94,7 +94,7 @@ def train_architecture(desc: Mapping[str, Any] | None, data: CocoSource, out_dir
     perf = {**metrics, **model_cost(model, d, device), "best_iteration": result["best"]["iteration"], "iters": result["iters"],
             "images": result["images"], "train_seconds": round(result["seconds"], 2),
             "images_per_second": round(result["images_this_call"] / result["seconds"], 2) if result["seconds"] > 0 else None,
-            "init": loaded, "trainable": result["trainable"], "history": result["history"]}
+            "init": loaded, "trainable": result["trainable"], "norm_eval": result["norm_eval"], "history": result["history"]}
     atomic_write_json(out / f"performance_{arch_id}.json", perf)
     log.info("architecture %s: mAP %.2f AP50 %.2f -> %s", arch_id, perf.get("mAP") or 0, perf.get("AP50") or 0, out)
     return perf

@@ -42,6 +42,7 @@ class TrainingState:
     scaler: torch.amp.GradScaler
     total: int
     per_epoch: int
+    freeze_bn: bool = False  # BatchNorm statistics frozen in training (norm_eval, resolved)
     iteration: int = 0
     images: int = 0  # images trained on so far (resumes included)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -77,7 +78,21 @@ def setup(model: nn.Module, train_set: CocoDetection, cfg: TrainConfig, dev: tor
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, cfg))
     fp16 = dev.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-    return TrainingState(model, params, optimizer, scheduler, scaler, total, per_epoch)
+    freeze = cfg.freeze_norm_stats and (cfg.norm_eval is True or statistics_estimated(model))
+    return TrainingState(model, params, optimizer, scheduler, scaler, total, per_epoch, freeze)
+
+
+def statistics_estimated(model: nn.Module) -> bool:
+    """Whether most of ``model``'s BatchNorm layers hold estimated running statistics (not the
+    initial mean 0 / variance 1): true for loaded or trained weights, false for a model fresh from
+    its builder. ``norm_eval: auto`` freezes only estimated statistics; freezing a fresh model's
+    would pin every BatchNorm to the identity and train it from scratch without normalisation."""
+    bns = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.track_running_stats
+           and m.running_mean is not None]
+    if not bns:
+        return False
+    fresh = sum(1 for m in bns if not torch.any(m.running_mean) and torch.all(m.running_var == 1))
+    return fresh * 2 < len(bns)
 
 
 def restore(path: Path, st: TrainingState) -> bool:
@@ -99,6 +114,7 @@ def restore(path: Path, st: TrainingState) -> bool:
                               f"this training has {st.total}: use a fresh output folder")
     st.iteration, st.history, st.best = ck["iteration"], ck["history"], ck["best"]
     st.images = int(ck.get("images", 0))
+    st.freeze_bn = bool(ck.get("norm_eval", st.freeze_bn))  # decided once, at the start of the training
     _set_rng_state(ck["rng"])
     log.info("resumed from %s at iteration %d/%d", path, st.iteration, st.total)
     return True
@@ -111,7 +127,7 @@ def save(path: Path, st: TrainingState, cfg: TrainConfig) -> None:
                            "scheduler": st.scheduler.state_dict(), "scaler": st.scaler.state_dict(),
                            "iteration": st.iteration, "images": st.images, "total": st.total, "history": st.history,
                            "best": st.best, "rng": _rng_state(), "config": cfg.to_dict(),
-                           "norm_eval": cfg.freeze_norm_stats})
+                           "norm_eval": st.freeze_bn})
 
 
 def evaluate_and_keep_best(st: TrainingState, val_set: CocoDetection | None, ckpt_dir: Path,
@@ -150,7 +166,7 @@ def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfi
     amp = dev.type == "cuda" and cfg.amp
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     st.model.train()
-    if cfg.freeze_norm_stats:
+    if st.freeze_bn:
         set_norm_eval(st.model)
     loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, workers=cfg.workers)
     seen = 0
@@ -207,10 +223,10 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
     last = ckpt_dir / "last.pth"
     torch.manual_seed(cfg.seed)
     st = setup(model, train_set, cfg, dev, trainable)
-    log.info("norm_eval %r: BatchNorm statistics %s in training (batch size %d)", cfg.norm_eval,
-             "frozen" if cfg.freeze_norm_stats else "updated", cfg.batch_size)
     if resume:
         restore(last, st)
+    log.info("norm_eval %r: BatchNorm statistics %s in training (batch size %d)", cfg.norm_eval,
+             "frozen" if st.freeze_bn else "updated", cfg.batch_size)
 
     bar = tqdm(total=st.total, initial=st.iteration, desc="train", unit="it", disable=not progress,
                dynamic_ncols=True)
@@ -233,4 +249,5 @@ def train(model: nn.Module, train_set: CocoDetection, val_set: CocoDetection | N
         evaluate_and_keep_best(st, val_set, ckpt_dir, dev, cfg.batch_size)
     save(last, st, cfg)
     return {"history": st.history, "best": st.best, "iters": st.iteration, "images": st.images,
-            "images_this_call": images_seen, "seconds": seconds, "trainable": sum(p.numel() for p in st.params)}
+            "images_this_call": images_seen, "seconds": seconds, "trainable": sum(p.numel() for p in st.params),
+            "norm_eval": st.freeze_bn}

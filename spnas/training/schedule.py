@@ -21,9 +21,10 @@ class TrainConfig:
     where the learning rate is multiplied by ``gamma`` (step schedule); ``warmup_iters`` of linear
     warm-up from ``warmup_factor`` x lr. ``amp``/``channels_last`` apply on CUDA only.
     ``norm_eval`` (True, False or ``"auto"``: on when ``batch_size`` is below
-    :data:`NORM_EVAL_BATCH`) keeps every BatchNorm in eval mode during training (running
-    statistics frozen, affine weight and bias trained), as torchvision's COCO recipe does at small
-    batch; :attr:`freeze_norm_stats` is the resolved value."""
+    :data:`NORM_EVAL_BATCH` and the model's statistics are already estimated, see
+    :func:`spnas.training.engine.statistics_estimated`) keeps every BatchNorm in eval mode during
+    training (running statistics frozen, affine weight and bias trained), as torchvision's COCO
+    recipe does at small batch; :attr:`freeze_norm_stats` is the batch-size part of the rule."""
 
     epochs: int = 3
     iters: int | None = None
@@ -64,7 +65,8 @@ class TrainConfig:
 
     @property
     def freeze_norm_stats(self) -> bool:
-        """Whether BatchNorm statistics stay frozen in training (``norm_eval`` resolved)."""
+        """Whether BatchNorm statistics stay frozen in training when the model's statistics are
+        estimated (``norm_eval`` resolved by batch size; a fresh model's are never frozen by auto)."""
         return self.batch_size < NORM_EVAL_BATCH if self.norm_eval == "auto" else bool(self.norm_eval)
 
     def to_dict(self) -> dict[str, Any]:
