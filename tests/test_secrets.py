@@ -369,7 +369,7 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
                      serial_control, controls, weights]
     assert weights in (best["weights"], controls["control"]["weights"])  # the winner's
     assert best["weights"].startswith(f"{run_uri}/fully_train/model_")
-    assert controls["control"]["weights"].startswith(f"{run_uri}/fully_train/control_0")
+    assert controls["control"]["weights"] == f"{run_uri}/fully_train/model_control_0.pth"
     assert all(r["weights"].startswith(run_uri) for r in results)
     for i, value in enumerate(returned):
         _assert_clean(json.dumps(value), f"return value {i}")
