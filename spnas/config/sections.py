@@ -133,7 +133,8 @@ def _dataset(sec: Any, path: str, ignored: list[str]) -> DatasetConfig:
     return DatasetConfig(kind=kind, data_root=root, batch_size=_int(batch, batch_path, 1),
                          img_prefix=_name_part(common.get("img_prefix", "2017"), f"{path}.common.img_prefix"),
                          ann_prefix=_name_part(common.get("ann_prefix", "instances"), f"{path}.common.ann_prefix"),
-                         num_workers=_int(common.get("num_workers", 0), f"{path}.common.num_workers", 0))
+                         num_workers=_int(common.get("num_workers", 0), f"{path}.common.num_workers", 0)
+                         if kind == "coco" else 0)  # an Imagenet set's num_workers is Vega's (reignition reads in-process)
 
 
 def _aliased(sec: dict, ours: str, path: str) -> tuple[str, Any] | None:
