@@ -51,7 +51,8 @@ def run_spnas(model: nn.Module, train_set: CocoDetection, steps: int, batch_size
     # AMP and channels_last only apply on CUDA; turned off so both sides do the same fp32 work.
     cfg = TrainConfig(iters=steps, batch_size=batch_size, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                       warmup_iters=WARMUP_ITERS, warmup_factor=WARMUP_FACTOR, workers=workers,
-                      amp=False, channels_last=False, eval_every=1, checkpoint_every=0)
+                      amp=False, channels_last=False, eval_every=1, checkpoint_every=0,
+                      lr_scaling="none")  # the reference loop runs at LR as it is
     _sync(device)
     t = time.perf_counter()
     out = train(model, train_set, None, cfg, ckpt_dir, device=device, resume=False, progress=False)

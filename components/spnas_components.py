@@ -60,7 +60,7 @@ def fine_tune(config: str, step: str, data_uri: str, run_uri: str, overrides: st
     return pods.fine_tune_task(config, step, data_uri, run_uri, overrides, model, metrics)
 
 
-def search_init(config: str, step: str, seeds: list[dict], run_uri: str, overrides: str) -> str:
+def search_init(config: str, step: str, seeds: list[dict], run_uri: str, overrides: str, data_uri: str = "") -> str:
     """Start a serial (SpNasS) or parallel (SpNasP) search from seed records.
 
     Args:
@@ -69,11 +69,13 @@ def search_init(config: str, step: str, seeds: list[dict], run_uri: str, overrid
         seeds: the previous phase's records (weights by URI).
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.
+        data_uri: the detection data set (COCO layout); a serial seed derived for another code
+            of the search space is evaluated on it.
 
     Returns the search state (JSON text).
     """
     from spnas.orchestration import pods
-    return pods.search_init(config, step, seeds, run_uri, overrides)
+    return pods.search_init(config, step, seeds, run_uri, overrides, data_uri)
 
 
 def propose(state: str, k: int) -> str:

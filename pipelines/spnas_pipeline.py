@@ -80,7 +80,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
 
     def search(step, seeds, ctx):
         init = light(c.search_init(config=ctx["config"], step=step.name, seeds=seeds, run_uri=ctx["run_uri"],
-                                   overrides=ctx["overrides"]))
+                                   overrides=ctx["overrides"], data_uri=ctx["data_uri"]))
         init.set_display_name(f"{step.name}: start")
         state = init.output
         n = step.search["max_sample"]

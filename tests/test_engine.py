@@ -47,10 +47,59 @@ def test_lr_schedule():
     assert lr_factor(100, 100, cos) == pytest.approx(0, abs=1e-12)
 
 
+def test_lr_schedule_by_epoch_and_vega_schedulers():
+    """Vega's by_epoch: warm-up and milestones in epochs become iterations with the iterations
+    per epoch; milestones in iterations stay; a milestone past the end is never reached."""
+    by_epoch = TrainConfig(epochs=4, warmup_epochs=1, warmup_factor=0.1, milestones=(2, 3), decay_unit="epoch")
+    assert [lr_factor(i, 40, by_epoch, per_epoch=10) for i in (0, 5, 10, 19, 20, 29, 30, 39)] == \
+        pytest.approx([0.1, 0.55, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    by_iter = TrainConfig(iters=50, warmup_iters=0, milestones=(20, 60), decay_unit="iter", gamma=0.5)
+    assert [lr_factor(i, 50, by_iter) for i in (0, 19, 20, 49)] == pytest.approx([1, 1, 0.5, 0.5])
+    # CosineAnnealingLR(T_max=2 epochs, eta_min=0.002) at lr 0.02: periodic, as PyTorch's closed form
+    cos = TrainConfig(iters=100, lr=0.02, warmup_iters=0, schedule="cosine", cosine_t_max=2, eta_min=0.002)
+    assert [lr_factor(i, 100, cos, per_epoch=25) for i in (0, 25, 50, 75)] == pytest.approx([1, 0.55, 0.1, 0.55])
+    constant = TrainConfig(iters=20, warmup_iters=10, warmup_type="constant", warmup_factor=0.25, steps=())
+    assert [lr_factor(i, 20, constant) for i in (0, 9, 10)] == pytest.approx([0.25, 0.25, 1])
+    exp = TrainConfig(iters=20, warmup_iters=10, warmup_type="exp", warmup_factor=0.01, steps=())
+    assert [lr_factor(i, 20, exp) for i in (0, 5, 10)] == pytest.approx([0.01, 0.1, 1])
+    with pytest.raises(ConfigError, match="training setting warmup_epochs counts epochs: the iterations per epoch are needed"):
+        lr_factor(0, 10, TrainConfig(warmup_epochs=1))
+
+
+def test_linear_lr_scaling():
+    """lr is the rate for lr_reference_batch images (torchvision: 0.02 per 16); SGD runs at the
+    effective lr."""
+    assert TrainConfig(lr=0.02, batch_size=4).effective_lr == pytest.approx(0.005)
+    assert TrainConfig(lr=0.02, batch_size=32).effective_lr == pytest.approx(0.04)
+    assert TrainConfig(lr=0.02, batch_size=4, lr_reference_batch=4).effective_lr == pytest.approx(0.02)
+    assert TrainConfig(lr=0.02, batch_size=4, lr_scaling="none").effective_lr == 0.02
+    cfg = TrainConfig.from_dict(TrainConfig(milestones=(2, 3), lr_scaling="none").to_dict())
+    assert cfg.milestones == (2, 3) and cfg.lr_scaling == "none"
+
+
+def test_setup_runs_sgd_at_the_effective_lr_and_counts_epochs(tiny_data):
+    """The optimizer starts from the effective lr; warm-up and milestones given in epochs fall at
+    the training set's epochs (16 images at batch 4: 4 iterations each)."""
+    from spnas.training.engine import setup
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.02, warmup_epochs=1, warmup_factor=0.5, milestones=(2,))
+    st = setup(_tiny_model(), load_split(tiny_data, "train", train=True), cfg, torch.device("cpu"))
+    assert (st.per_epoch, st.total) == (4, 12)
+    base = st.optimizer.param_groups[0]["initial_lr"]
+    assert base == pytest.approx(0.005)
+    lrs = [base * st.scheduler.lr_lambdas[0](i) for i in range(12)]
+    assert lrs == pytest.approx([0.0025, 0.003125, 0.00375, 0.004375] + [0.005] * 4 + [0.0005] * 4)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"norm_eval": "yes"}, "training setting norm_eval: must be true, false or 'auto', got 'yes'"),
     ({"norm_eval": 1}, "training setting norm_eval: must be true, false or 'auto', got 1"),
     ({"batch_size": 0}, "training setting batch_size: must be an integer >= 1, got 0"),
+    ({"lr_scaling": "sqrt"}, "training setting lr_scaling: must be one of 'linear', 'none', got 'sqrt'"),
+    ({"lr_reference_batch": 0}, "training setting lr_reference_batch: must be an integer >= 1, got 0"),
+    ({"warmup_type": "cosine"}, "training setting warmup_type: must be one of 'linear', 'constant', 'exp', got 'cosine'"),
+    ({"decay_unit": "step"}, "training setting decay_unit: must be one of 'epoch', 'iter', got 'step'"),
+    ({"milestones": (2, -1)}, r"training setting milestones: must be positive numbers, got \(2, -1\)"),
+    ({"warmup_epochs": -1}, r"training setting warmup_epochs: must be a number in \[0, inf\], got -1"),
     ({"lr": -1.0}, r"training setting lr: must be a number in \(0, inf\], got -1.0"),
     ({"schedule": "poly"}, "training setting schedule: must be one of 'step', 'cosine', got 'poly'"),
     ({"epochs": -1}, "training setting epochs: must be an integer >= 0, got -1"),

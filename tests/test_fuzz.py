@@ -298,7 +298,9 @@ known_keys = st.sampled_from([  # keys of the schema, so that added keys are oft
     "common", "data_root", "img_prefix", "ann_prefix", "batch_size", "milestones", "gamma", "warmup_iters",
     "after_scheduler_config", "models_folder", "pretrained_model_file", "model_desc", "top_k", "hyperparameters",
     "range", "key", "callbacks", "objective_keys", "max_sample", "expend_ratio", "expand_ratio", "seed",
-    "local_base_path", "workers", "device", "amp", "clip_grad_norm", "image_size", "convert_pretrained"])
+    "local_base_path", "workers", "device", "amp", "clip_grad_norm", "image_size", "convert_pretrained", "by_epoch",
+    "lr_scaling", "lr_reference_batch", "grad_clip", "use_amp", "valid_interval", "with_train", "task", "T_max",
+    "eta_min", "warmup_type", "loss", "metric", "train", "data_path"])
 
 
 @st.composite

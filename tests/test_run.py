@@ -222,3 +222,57 @@ def test_serial_plateau_reignites_the_front_inside_the_search(tiny_data, tmp_pat
     assert reignited[0]["id"] in reports["phases"]["serial"]["front"]  # the better reignited model leads
     assert len([r for r in recs if r["round"] >= 0 and r["ops"] != ["reignite"]]) == 6
     assert "control" not in reports and reports["phases"]["serial"]["control"] is None  # general.control=false
+
+
+SEED_SPACE = "serial.search_space={{hyperparameters: [{{key: network.backbone.code, range: {codes}}}]}}"
+
+
+@pytest.mark.slow
+def test_serial_search_space_codes_seed_the_search(tiny_data, tmp_path):
+    """Each code of the serial step's range is a seed: the fine-tuned code is the fine-tuned
+    model itself, another code is derived from its weights by inheritance and evaluated; a code
+    that cannot be derived is a ConfigError naming it, before any file is written."""
+    from spnas.models.desc import normalize_desc
+    from spnas.models.detector import build_detector
+    from spnas.orchestration import phases, steps
+    from spnas.training.architecture import evaluate_architecture
+    from spnas.utils.errors import ConfigError
+    from spnas.utils.fileio import read_json
+    cfg = load_config(DEMO, workdir=tmp_path, overrides=tiny_overrides(tiny_data) + [
+        SEED_SPACE.format(codes="['1-2-2-2', '1-21-2-2', '1-2-2-2-2']")])  # itself, expand, add-stage
+    serial = cfg.step("serial")
+    assert steps.seed_codes(serial) == ("backbone", ("1-2-2-2", "1-21-2-2", "1-2-2-2-2"))
+    desc = normalize_desc({**steps.seed_desc(cfg.step("fine_tune")), "num_classes": 4})
+    torch.manual_seed(0)
+    torch.save(build_detector(desc).state_dict(), tmp_path / "ft.pth")
+    seed = {"desc": desc, "metrics": {"mAP": 12.5, "params": 1, "gflops": 1.0, "latency": 1.0},
+            "weights": str(tmp_path / "ft.pth")}
+    out = tmp_path / "serial"
+    state = read_json(phases.search_init(serial, [seed], out, data=steps.data_source(serial), device="cpu"))
+    recs = state["records"]
+    assert [(r["id"], r["round"], r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"]) for r in recs] == \
+        [(0, -1, "1-2-2-2", [0] * 4), (1, -1, "1-21-2-2", [0] * 4), (2, -1, "1-2-2-2-2", [0] * 5)]
+    assert recs[0]["weights"] == str(tmp_path / "ft.pth") and recs[0]["metrics"]["mAP"] == 12.5
+    assert [r["weights"] for r in recs[1:]] == [str(out / "seed_1.pth"), str(out / "seed_2.pth")]
+    derived = evaluate_architecture(recs[1]["desc"], out / "seed_1.pth", steps.data_source(serial), device="cpu")
+    assert recs[1]["metrics"]["mAP"] == derived["mAP"] and recs[1]["metrics"]["params"] == derived["params"]
+    assert recs[1]["metrics"]["params"] > recs[0]["params"]  # its own measures, not the seed's
+
+    for codes, message in (("['1-2-2-2', '2-2-2-2']", "code '2-2-2-2' cannot be derived from the fine-tuned network "
+                            "'1-2-2-2': child code '2-2-2-2' is not derivable"),
+                           ("['b_1-2-2-2_0-0-0-0', 'r_1-2-2-2_0-0-0-0']", "code 'r_1-2-2-2_0-0-0-0' cannot be derived "
+                            "from the fine-tuned network '1-2-2-2': its backbone.block is 'bottleneck', the seed's 'basic'")):
+        bad = load_config(DEMO, workdir=tmp_path, overrides=tiny_overrides(tiny_data) + [SEED_SPACE.format(codes=codes)])
+        with pytest.raises(ConfigError, match=f"config key serial.search_space: {message}"):
+            phases.search_init(bad.step("serial"), [seed], tmp_path / "bad", data=steps.data_source(serial))
+        assert not (tmp_path / "bad").exists()
+
+
+def test_an_underivable_serial_code_stops_the_run_before_any_training(tiny_data, tmp_path, capsys):
+    argv = ["run", str(DEMO), "--workdir", str(tmp_path), "--quiet"]
+    for o in tiny_overrides(tiny_data) + [SEED_SPACE.format(codes="['1-2-2-2', '11-2-2']")]:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    assert "config key serial.search_space: code '11-2-2' cannot be derived from the fine-tuned network '1-2-2-2'" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "output").exists()

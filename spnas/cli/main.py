@@ -79,7 +79,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace):
     from ..training.schedule import TrainConfig
     kw = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
-              schedule=args.schedule, warmup_iters=args.warmup_iters, clip_grad_norm=args.clip_grad_norm)
+              schedule=args.schedule, warmup_iters=args.warmup_iters, clip_grad_norm=args.clip_grad_norm,
+              lr_scaling=args.lr_scaling)
     if args.iters is not None:
         kw["iters"] = args.iters
     else:
@@ -203,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
     sched.add_argument("--iters", type=int, default=None, help="iterations instead of epochs")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--lr", type=float, default=0.02,
+                   help="learning rate per 16 images with --lr-scaling linear, else as it is (default 0.02)")
+    p.add_argument("--lr-scaling", choices=["linear", "none"], default="linear",
+                   help="linear: SGD runs at lr x batch size / 16 (torchvision's recipe; default); none: at lr")
     p.add_argument("--schedule", choices=["step", "cosine"], default="step")
     p.add_argument("--warmup-iters", type=int, default=100)
     p.add_argument("--clip-grad-norm", type=float, default=None)

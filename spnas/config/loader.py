@@ -17,9 +17,12 @@ A config has a ``pipeline`` list of step names and one section per step::
 A step's role comes from its content: ``SpNasS`` -> serial search, ``SpNasP`` -> parallel
 search, a trainer with ``ReignitionCallback`` -> reignition, the first other train step ->
 fine_tune, later ones -> full train. ``ref: step.section`` copies another section (keys beside
-it override); ``{local_base_path}`` is the run's working directory. Keys of Vega's schema that
-this project does not use are reported once as ignored; a key in neither schema is an error
-naming its path.
+it override) except the keys Vega's refs leave behind (``with_train``, ``callbacks``...);
+``{local_base_path}`` (``general.local_base_path`` or Vega's ``general.task.local_base_path``)
+is the run's working directory. Keys of Vega's schema that this project does not use are
+reported once as ignored (:attr:`RunConfig.ignored`, logged at INFO), settings that are legal
+but surprising once as warnings (:attr:`RunConfig.warnings`); a key in neither schema is an
+error naming its path.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import copy
 import itertools
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,16 @@ from typing import Any
 import yaml
 
 from ..utils.errors import ConfigError, brief
-from .schema import _GENERAL_OURS, _STEP_NAME, MAX_DEPTH, MAX_REF_CHAIN, MAX_VALUES, ROLES
+from .schema import (
+    _GENERAL_OURS,
+    _GENERAL_TASK_OURS,
+    _REF_NOT_MERGED,
+    _STEP_NAME,
+    MAX_DEPTH,
+    MAX_REF_CHAIN,
+    MAX_VALUES,
+    ROLES,
+)
 from .sections import _bool, _check_keys, _err, _int, _mapping, _path_value, _step
 from .types import RunConfig, StepConfig
 
@@ -91,11 +104,14 @@ def _substitute(node: Any, workdir: str) -> Any:
     return node
 
 
-def _resolve_refs(raw: dict) -> dict:
-    """Replace every ``{ref: "step.section[.sub]"}`` mapping by a copy of its target.
+def _resolve_refs(raw: dict, origins: dict[str, tuple[str, frozenset]] | None = None) -> dict:
+    """Replace every ``{ref: "step.section[.sub]"}`` mapping by a copy of its target, less the
+    keys Vega's refs do not copy (:data:`~.schema._REF_NOT_MERGED`: ``with_train``, ``callbacks``...).
 
     Each target is resolved once; a ref cycle, a chain longer than :data:`MAX_REF_CHAIN` or
-    copies adding up to more than :data:`MAX_VALUES` values raise :class:`ConfigError`."""
+    copies adding up to more than :data:`MAX_VALUES` values raise :class:`ConfigError`.
+    ``origins`` (when given) receives, for each section with a ref, ``path -> (ref, the keys
+    copied from it)``, so that a key is reported where it is written (:func:`_written_at`)."""
     done: dict[str, tuple[Any, int]] = {}   # ref -> (resolved target, its number of values)
     copied = [0]
 
@@ -128,12 +144,47 @@ def _resolve_refs(raw: dict) -> dict:
                 if not isinstance(base, dict):
                     raise _err(f"{path}.ref", f"{brief(ref)} is not a mapping")
                 rest = {k: v for k, v in node.items() if k != "ref"}
+                base = {k: v for k, v in base.items() if k not in _REF_NOT_MERGED}  # as Vega's merge_reference
+                if origins is not None:
+                    origins[path] = (ref, frozenset(base) - frozenset(rest))
                 return {**base, **{k: resolve(v, f"{path}.{k}", chain) for k, v in rest.items()}}
             return {k: resolve(v, f"{path}.{k}" if path else k, chain) for k, v in node.items()}
         if isinstance(node, list):
             return [resolve(v, f"{path}[{i}]", chain) for i, v in enumerate(node)]
         return node
     return resolve(raw, "")
+
+
+def _written_at(item: str, origins: dict[str, tuple[str, frozenset]]) -> str:
+    """An ignored key's report with the key path where the config writes it: a key that a
+    ``ref:`` copied is reported once, at its source, not again at every section that refs it."""
+    nodes = sorted(origins, key=len, reverse=True)
+    for _ in range(MAX_REF_CHAIN + 1):
+        for node in nodes:
+            ref, copied = origins[node]
+            if item.startswith(node + "."):
+                rest = item[len(node) + 1:]
+                if re.split(r"[.\[: ]", rest, maxsplit=1)[0] in copied:
+                    item = f"{ref}.{rest}"
+                    break
+        else:
+            return item
+    return item
+
+
+def _report_once(ignored: list[str], origins: dict[str, tuple[str, frozenset]]) -> list[str]:
+    """The ignored items, each once: a Vega key a ref copied is reported at its source; a key a
+    step's role has no use for (``"<path> (not used: <why>)"``) at the step, unless the section
+    it was copied from is reported for that key already."""
+    unused_at = {item.partition(" (not used: ")[0] for item in ignored if " (not used: " in item}
+    out = []
+    for item in ignored:
+        path, marked, _ = item.partition(" (not used: ")
+        if not marked:
+            out.append(_written_at(item, origins))
+        elif _written_at(path, origins) == path or _written_at(path, origins) not in unused_at:
+            out.append(item)
+    return list(dict.fromkeys(out))
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
@@ -178,13 +229,19 @@ def load_config(source: str | os.PathLike | dict, workdir: str | os.PathLike | N
     raw = apply_overrides(raw, overrides)  # a deep copy: shared anchors stay shared, cycles are kept
     _check_shape(raw, name)
     general = _mapping(raw.get("general"), "general")
-    base = _path_value(general.get("local_base_path", "runs/spnas"), "general.local_base_path")
+    task = _mapping(general.get("task"), "general.task")
+    if "local_base_path" in general and "local_base_path" in task and general["local_base_path"] != task["local_base_path"]:
+        raise _err("general.task.local_base_path", "contradicts general.local_base_path (they are the same setting)")
+    base_key = "general.task.local_base_path" if "local_base_path" in task else "general.local_base_path"
+    base = _path_value(general.get("local_base_path", task.get("local_base_path", "runs/spnas")), base_key)
     try:
         wd = str(Path(workdir if workdir else base).resolve())
     except (OSError, ValueError, RuntimeError) as exc:
-        raise _err("general.local_base_path", f"{brief(str(workdir or base))} cannot be resolved: {exc}") from None
-    raw = _substitute(_resolve_refs(raw), wd)
+        raise _err(base_key, f"{brief(str(workdir or base))} cannot be resolved: {exc}") from None
+    origins: dict[str, tuple[str, frozenset]] = {}
+    raw = _substitute(_resolve_refs(raw, origins), wd)
     ignored: list[str] = []
+    warnings: list[str] = []
     pipeline = raw.get("pipeline")
     if not isinstance(pipeline, list) or not pipeline or not all(isinstance(p, str) for p in pipeline):
         raise _err("pipeline", f"must be a non-empty list of step names, got {brief(pipeline)}")
@@ -201,6 +258,8 @@ def load_config(source: str | os.PathLike | dict, workdir: str | os.PathLike | N
             ignored.append(f"{key} (a section not in the pipeline)")
     general = _mapping(raw.get("general"), "general")
     _check_keys(general, "general", _GENERAL_OURS, "general", ignored)
+    _check_keys(_mapping(general.get("task"), "general.task"), "general.task", _GENERAL_TASK_OURS, "general.task",
+                ignored)
     seed = _int(general.get("seed", 0), "general.seed", 0)
     if seed >= 2**63:  # torch.manual_seed and the search's generator take a 64-bit seed
         raise _err("general.seed", f"must be below 2**63, got {brief(seed)}")
@@ -216,14 +275,22 @@ def load_config(source: str | os.PathLike | dict, workdir: str | os.PathLike | N
     for name_ in pipeline:
         if name_ not in raw:
             raise _err(name_, "is listed in pipeline but has no section")
-        steps.append(_step(name_, _mapping(raw[name_], name_), seed, seen_roles, defaults, ignored))
+        steps.append(_step(name_, _mapping(raw[name_], name_), seed, seen_roles, defaults, ignored, warnings))
         seen_roles.append(steps[-1].role)
     if len(set(seen_roles)) != len(seen_roles):
         raise _err("pipeline", f"steps {pipeline} have repeated roles {seen_roles}")
     order = [ROLES.index(r) for r in seen_roles]
     if order != sorted(order):
         raise _err("pipeline", f"steps must run in the order {' -> '.join(ROLES)}; got roles {seen_roles}")
+    ignored = _report_once(ignored, origins)
     for item in dict.fromkeys(ignored):
-        log.info("config %s: %s is not used by this project; ignored", name, item)
+        path, marked, why = item.partition(" (not used: ")  # a key this step's role has no use for
+        if marked:
+            log.info("config %s: %s is not used: %s; ignored", name, path, why.removesuffix(")"))
+        else:
+            log.info("config %s: %s is not used by this project; ignored", name, item)
+    for item in dict.fromkeys(warnings):
+        log.warning("config %s: %s", name, item)
     return RunConfig(workdir=wd, seed=seed, workers=workers, device=None if device == "auto" else device, control=control,
-                     steps=tuple(steps), ignored=tuple(dict.fromkeys(ignored)), source=name)
+                     steps=tuple(steps), ignored=tuple(dict.fromkeys(ignored)), source=name,
+                     warnings=tuple(dict.fromkeys(warnings)))

@@ -57,9 +57,10 @@ class RunConfig:
     workers: int
     device: str | None
     steps: tuple[StepConfig, ...]
-    ignored: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()      # Vega keys (and keys of a role) not used, each logged once
     source: str = "<dict>"
     control: bool = True
+    warnings: tuple[str, ...] = ()     # legal but surprising settings, each logged once as a warning
 
     def step(self, role: str) -> StepConfig | None:
         return next((s for s in self.steps if s.role == role), None)

@@ -72,6 +72,9 @@ class Runner:
         self.reports: dict[str, Any] = {"config": config.source, "workdir": config.workdir, "seed": config.seed,
                                         "phases": {}}
         self.timing: dict[str, float] = {}
+        ft, serial = config.step("fine_tune"), config.step("serial")
+        if ft is not None and serial is not None:  # a code the search cannot start from fails now, not hours in
+            phases.check_seed_codes(serial, [steps.seed_desc(ft)])
         self._claim_workdir()
 
     def _claim_workdir(self) -> None:
@@ -154,7 +157,8 @@ class Runner:
             state_path = str(out / rounds.STATE_FILE)
             _say(f"{step.name}: continuing the search state {state_path}")
         else:
-            state_path = phases.search_init(step, steps.search_seeds(seeds), out)
+            state_path = phases.search_init(step, steps.search_seeds(seeds), out, data=steps.data_source(step),
+                                            device=self.config.device)
         devices = _devices(self.config, self.workers)
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         data = steps.data_source(step)
@@ -199,7 +203,7 @@ class Runner:
         state = read_json(state_path)
         ctrl = self._phase_control(step, records(state), data, out) if self.config.control else None
         paths = rounds.search_report(state_path, out, f"{step.name} ({step.search['algorithm']})", control=ctrl)
-        n_codes = max(1, len(steps.neck_codes(step)))
+        n_codes = max(1, len(steps.seed_codes(step)[1]))
         origins = [{"seed": i, "from": f"{s.get('phase', 'previous step')}/{s['id']}"}
                    for i, s in enumerate(x for x in seeds for _ in range(n_codes))]
         recs = records(state)

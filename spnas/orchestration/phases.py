@@ -29,7 +29,8 @@ from ..data.source import CocoSource
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.convert import convert_torchvision, unwrap_state_dict
 from ..models.desc import normalize_desc
-from ..models.inherit import inherit_weights, swap_trainable
+from ..models.encoding import looks_like_arch
+from ..models.inherit import align_blocks, inherit_weights, swap_trainable
 from ..search import SearchSettings, new_state
 from ..search.records import Candidate, Result
 from ..storage import local_path
@@ -37,7 +38,7 @@ from ..training.architecture import evaluate_architecture, train_architecture
 from ..training.evaluation import METRIC_NAMES
 from ..training.reignite import reignite
 from ..training.schedule import TrainConfig
-from ..utils.errors import PhaseError
+from ..utils.errors import ConfigError, InheritanceError, PhaseError, SpnasError
 from ..utils.faults import failpoint
 from ..utils.fileio import atomic_write_json, read_json
 from . import steps
@@ -111,31 +112,91 @@ def fine_tune(step: StepConfig, data: CocoSource, out_dir: str | Path, *, device
 
 # ----------------------------------------------------------------------------- search
 
-def search_init(step: StepConfig, seeds: Sequence[Mapping[str, Any]], out_dir: str | Path) -> str:
+def _with_code(step: StepConfig, desc: Mapping[str, Any], part: str, code: Any) -> dict[str, Any]:
+    """``desc`` with its ``part`` (backbone or neck) code replaced by ``code``, normalised; a
+    code the description cannot take raises :class:`ConfigError` naming it."""
+    d = normalize_desc(desc)
+    seed_code = d["backbone"]["code"]
+    d[part]["code"] = list(code) if part == "neck" else code
+    if part == "backbone":
+        if looks_like_arch(code):  # Vega's one-string form names the block and the neck code too
+            d["backbone"].pop("block")
+            d["neck"].pop("code")
+        elif not any(d["neck"]["code"]):  # a plain neck: as many zeros as the code has stages
+            d["neck"].pop("code")
+    try:
+        return normalize_desc(d)
+    except SpnasError as exc:
+        raise ConfigError(f"config key {step.name}.search_space: code {code!r} does not fit the seed "
+                          f"{seed_code!r}: {exc}") from None
+
+
+def check_seed_codes(step: StepConfig, seed_descs: Sequence[Mapping[str, Any]]) -> None:
+    """Raise :class:`ConfigError` naming the first code of a serial step's search space that
+    cannot be derived by inheritance (expand, swap, add-stage; same block type and width) from
+    one of ``seed_descs``. Needs descriptions only: ``spnas run`` calls it before any training."""
+    part, codes = steps.seed_codes(step)
+    if part != "backbone":
+        return
+    for seed in seed_descs:
+        parent = normalize_desc(seed)
+        for code in codes:
+            child = _with_code(step, parent, part, code)
+            try:
+                for key in ("block", "base_channels"):
+                    if parent["backbone"][key] != child["backbone"][key]:
+                        raise InheritanceError(f"its backbone.{key} is {child['backbone'][key]!r}, the seed's "
+                                               f"{parent['backbone'][key]!r}")
+                align_blocks(parent["backbone"]["code"], child["backbone"]["code"])
+            except InheritanceError as exc:
+                raise ConfigError(f"config key {step.name}.search_space: code {code!r} cannot be derived from the "
+                                  f"fine-tuned network {parent['backbone']['code']!r}: {exc}") from None
+
+
+def search_init(step: StepConfig, seeds: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
+                data: CocoSource | None = None, device: str | None = None) -> str:
     """Start the step's search (SpNasS or SpNasP) from ``seeds`` (``[{"desc", "metrics",
-    "weights"}]``) and write ``state.json``; returns its path. A parallel search's neck codes
-    (:func:`steps.neck_codes`) replace the seeds' all-zero codes: each seed's weights are
-    inherited onto every code (new connections start at zero: same function, same metrics)."""
+    "weights"}]``) and write ``state.json``; returns its path.
+
+    The codes of the step's search space (:func:`steps.seed_codes`) replace the seeds' own, each
+    code a seed per incoming seed, in the order seeds x codes:
+
+    * a parallel search's neck codes: the seed's weights are inherited onto every code (new
+      connections start at zero: same function, same metrics);
+    * a serial search's backbone codes: the seed's own code is the seed itself; every other code
+      is derived from the seed's weights by inheritance and evaluated on ``data`` (its network
+      computes something else, so it gets its own metrics). All codes are checked first
+      (:func:`check_seed_codes`): one that cannot be derived raises :class:`ConfigError` naming it
+      before any work."""
     settings = SearchSettings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in step.search.items()})
     seeds = [dict(x) for x in seeds]
-    codes = steps.neck_codes(step)
+    part, codes = steps.seed_codes(step)
+    out = Path(out_dir)
     if codes:
+        check_seed_codes(step, [x["desc"] for x in seeds])
         expanded = []
         for seed in seeds:
             for code in codes:
-                d = normalize_desc(seed["desc"])
-                d["neck"]["code"] = list(code)
-                d = normalize_desc(d)
-                if d != normalize_desc(seed["desc"]):
-                    state, _ = inherit_weights(seed["desc"], load_checkpoint(local_path(seed["weights"])), d)
-                    weights = Path(out_dir) / f"seed_{len(expanded)}.pth"
-                    save_checkpoint(weights, state)
-                    expanded.append({**seed, "desc": d, "weights": str(weights)})
-                else:
+                d = _with_code(step, seed["desc"], part, code)
+                if d == normalize_desc(seed["desc"]):
                     expanded.append({**seed, "desc": d})
+                    continue
+                state, _ = inherit_weights(seed["desc"], load_checkpoint(local_path(seed["weights"])), d)
+                weights = out / f"seed_{len(expanded)}.pth"
+                save_checkpoint(weights, state)
+                metrics = seed["metrics"]
+                if part == "backbone":
+                    if data is None:
+                        raise PhaseError(f"{step.name}: the seed derived for code {code!r} must be evaluated, and no "
+                                         "data set was given")
+                    metrics = _metrics(evaluate_architecture(d, weights, data, device=device,
+                                                             batch_size=step.trainer.batch_size))
+                    log.info("%s: seed %d (code %s) derived from %s: mAP %.2f", step.name, len(expanded), code,
+                             normalize_desc(seed["desc"])["backbone"]["code"], metrics.get("mAP") or 0)
+                expanded.append({**seed, "desc": d, "weights": str(weights), "metrics": metrics})
         seeds = expanded
-        log.info("%s starts from the neck codes of the search space: %s", step.name, list(codes))
-    path = Path(out_dir) / STATE_FILE
+        log.info("%s starts from the %s codes of the search space: %s", step.name, part, list(codes))
+    path = out / STATE_FILE
     atomic_write_json(path, new_state(settings, seeds))
     return str(path)
 

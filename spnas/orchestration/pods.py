@@ -271,14 +271,16 @@ def fine_tune(config_text: str, step_name: str, data_uri: str, run_uri: str, mod
 
 
 def search_init(config_text: str, step_name: str, seeds: Sequence[Mapping[str, Any]], run_uri: str,
-                overrides: Sequence[str] | str = ()) -> str:
+                overrides: Sequence[str] | str = (), data_uri: str = "") -> str:
     """The search state of ``step_name`` started from ``seeds`` (records with weight URIs);
-    seeds re-made for the search space's neck codes are published."""
+    seeds re-made for the search space's codes are published. A serial seed derived for another
+    backbone code is evaluated on ``data_uri`` (else the config's data set)."""
     from . import phases
-    _, step = load_step(config_text, step_name, overrides)
+    cfg, step = load_step(config_text, step_name, overrides)
     seeds = steps.search_seeds([plain(dict(s)) for s in seeds])
     with tempfile.TemporaryDirectory(prefix="spnas-init-") as tmp:
-        path = phases.search_init(step, seeds, tmp)
+        data = steps.data_source(step, data_uri or None) if data_uri or step.dataset.data_root else None
+        path = phases.search_init(step, seeds, tmp, data=data, device=cfg.device)
         state = json.loads(Path(path).read_text())
         for rec in state["records"]:
             w = rec.get("weights")

@@ -1,9 +1,9 @@
 """The one step-to-phase mapping: what each config step hands to its phase function.
 
 ``spnas run`` (:mod:`.local`) and the Kubeflow pod functions (:mod:`.pods`) both ask this module
-which description a fine_tune starts from, which seeds a search starts from, which models a
-reignition or a full train takes, with which settings, and when a search round must stop. So the
-two orchestrators cannot drift. No torch here.
+which description a fine_tune starts from, which seeds a search starts from (and the search
+space codes they are expanded to), which models a reignition or a full train takes, with which
+settings, and when a search round must stop. So the two orchestrators cannot drift. No torch here.
 """
 from __future__ import annotations
 
@@ -51,9 +51,21 @@ def search_seeds(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{"desc": r["desc"], "metrics": r["metrics"], "weights": r["weights"]} for r in records]
 
 
+def seed_codes(step: StepConfig) -> tuple[str, tuple]:
+    """The codes of a search step's search space that its seeds are expanded to, each code one
+    seed per incoming seed: ``("backbone", codes)`` for a serial search, ``("neck", codes)`` for
+    a parallel one, ``("", ())`` when the step names none (the seeds pass as they are)."""
+    if step.codes and step.role == "serial":
+        return "backbone", tuple(step.codes)
+    if step.codes and step.role == "parallel":
+        return "neck", tuple(step.codes)
+    return "", ()
+
+
 def neck_codes(step: StepConfig) -> tuple:
     """Parallel search: the search space's neck codes the seeds are expanded to (else none)."""
-    return tuple(step.codes) if step.role == "parallel" else ()
+    part, codes = seed_codes(step)
+    return codes if part == "neck" else ()
 
 
 def by_map(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

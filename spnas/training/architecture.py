@@ -2,8 +2,8 @@
 training of the search phases).
 
 Writes a candidate's files into ``out_dir``: ``desc_<id>.json`` (the model description),
-``performance_<id>.json`` (metrics, params, GFLOPs, timing) and ``model_<id>.pth`` (the weights
-with the best validation mAP), all atomically. Training state lives in ``out_dir/train_<id>/``
+``performance_<id>.json`` (the final model's metrics, params, GFLOPs, effective lr, timing) and
+``model_<id>.pth`` (the final weights), all atomically. Training state lives in ``out_dir/train_<id>/``
 so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.coco import CocoDetection
 from ..data.source import CocoSource
-from ..models.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ..models.checkpoint import load_weights, save_checkpoint
 from ..models.cost import count_params, forward_cost
 from ..models.desc import normalize_desc
 from ..models.detector import build_detector
@@ -62,9 +62,11 @@ def train_architecture(desc: Mapping[str, Any] | None, data: CocoSource, out_dir
     Args:
         desc: the model description (its class count is replaced by the data set's).
         data: the detection data set (``train`` and ``val`` splits).
-        out_dir: receives ``desc_<id>.json``, ``performance_<id>.json`` (metrics, cost, timing,
-            history) and ``model_<id>.pth`` (the weights with the best validation mAP), all
-            written atomically; training state lives in ``train_<id>/`` so an interrupted run resumes.
+        out_dir: receives ``desc_<id>.json``, ``performance_<id>.json`` (the final evaluation's
+            metrics, cost, effective lr, timing, and the per-epoch validation history for
+            information) and ``model_<id>.pth`` (the final weights; no epoch is picked on the
+            validation set), all written atomically; training state lives in ``train_<id>/`` so
+            an interrupted run resumes.
         cfg: the schedule.
         arch_id: the id in the file names.
         init: weights to start from: a file or a state dict (see ``load_weights``).
@@ -83,16 +85,16 @@ def train_architecture(desc: Mapping[str, Any] | None, data: CocoSource, out_dir
     atomic_write_json(out / f"desc_{arch_id}.json", d)
     result = train(model, train_set, val_set, cfg, out / f"train_{arch_id}", device=device, resume=resume,
                    progress=progress, trainable=trainable)
-    best_path = out / f"train_{arch_id}" / "best.pth"
-    final = result["history"][-1] if result["history"] else None
-    if result["best"]["metrics"] is not None and best_path.is_file():
-        state, metrics = load_checkpoint(best_path), dict(result["best"]["metrics"])
-    else:
-        state, metrics = model.state_dict(), dict(final or {})
-    metrics.pop("iteration", None)
-    save_checkpoint(out / f"model_{arch_id}.pth", {k: v.detach().cpu() for k, v in state.items()})
-    perf = {**metrics, **model_cost(model, d, device), "best_iteration": result["best"]["iteration"], "iters": result["iters"],
-            "images": result["images"], "train_seconds": round(result["seconds"], 2),
+    # the final model and its final evaluation: picking the best epoch on val and reporting
+    # that same val mAP would be optimistic; the per-epoch history stays, for information
+    final = result["history"][-1] if result["history"] else {}
+    if final.get("iteration") != result["iters"]:
+        raise SpnasError(f"architecture {arch_id}: the training's last evaluation is at iteration "
+                         f"{final.get('iteration')}, not at its end ({result['iters']})")
+    metrics = {k: v for k, v in final.items() if k != "iteration"}
+    save_checkpoint(out / f"model_{arch_id}.pth", {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    perf = {**metrics, **model_cost(model, d, device), "iters": result["iters"], "images": result["images"],
+            "effective_lr": cfg.effective_lr, "train_seconds": round(result["seconds"], 2),
             "images_per_second": round(result["images_this_call"] / result["seconds"], 2) if result["seconds"] > 0 else None,
             "init": loaded, "trainable": result["trainable"], "norm_eval": result["norm_eval"], "history": result["history"]}
     atomic_write_json(out / f"performance_{arch_id}.json", perf)

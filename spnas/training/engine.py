@@ -72,10 +72,10 @@ def setup(model: nn.Module, train_set: CocoDetection, cfg: TrainConfig, dev: tor
     params = [p for n, p in model.named_parameters() if p.requires_grad and (trainable is None or trainable(n))]
     if not params:
         raise SpnasError("no trainable parameters: check freeze_swap_keys / the model description")
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=cfg.effective_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.iters if cfg.iters is not None else cfg.epochs * per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, cfg, per_epoch))
     fp16 = dev.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     freeze = cfg.freeze_norm_stats and (cfg.norm_eval is True or statistics_estimated(model))

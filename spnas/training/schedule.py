@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..utils import checks
+from ..utils.errors import ConfigError
+
+#: Warm-up curves (Vega's WarmupScheduler ``warmup_type``) and lr scaling rules.
+WARMUP_TYPES = ("linear", "constant", "exp")
+LR_SCALINGS = ("linear", "none")
 
 #: ``norm_eval: auto`` freezes BatchNorm statistics below this per-process batch size.
 NORM_EVAL_BATCH = 16
@@ -17,9 +22,21 @@ class TrainConfig:
     """A training schedule, validated on creation (an impossible value raises
     :class:`~spnas.utils.errors.ConfigError` naming the setting).
 
-    ``iters`` (when set) overrides ``epochs``; ``steps`` are fractions of the total iterations
-    where the learning rate is multiplied by ``gamma`` (step schedule); ``warmup_iters`` of linear
-    warm-up from ``warmup_factor`` x lr. ``amp``/``channels_last`` apply on CUDA only.
+    ``iters`` (when set) overrides ``epochs``. The learning rate:
+
+    * ``lr`` is the rate for ``lr_reference_batch`` images when ``lr_scaling`` is ``linear``
+      (the default, torchvision's recipe: 0.02 per 16 images); SGD runs at
+      :attr:`effective_lr` = ``lr * batch_size / lr_reference_batch``. ``none`` uses ``lr`` as it is.
+    * warm-up from ``warmup_factor`` x lr over ``warmup_iters`` iterations, or ``warmup_epochs``
+      epochs when set (Vega's ``by_epoch: true``); ``warmup_type`` linear, constant or exp.
+    * then the decay: ``schedule`` ``step`` multiplies by ``gamma`` at each of ``milestones``
+      (absolute, counted in ``decay_unit``: epochs or iterations) or, without milestones, at the
+      fractions ``steps`` of the total; ``cosine`` anneals to ``eta_min`` (an lr at the
+      configured scale, scaled like ``lr``) with period ``cosine_t_max`` (in ``decay_unit``;
+      default the whole training). A milestone at or past the end is never reached.
+
+    Epoch counts become iterations with the iterations per epoch of the training data, at train
+    time (:func:`lr_factor`). ``amp``/``channels_last`` apply on CUDA only.
     ``norm_eval`` (True, False or ``"auto"``: on when ``batch_size`` is below
     :data:`NORM_EVAL_BATCH` and the model's statistics are already estimated, see
     :func:`spnas.training.engine.statistics_estimated`) keeps every BatchNorm in eval mode during
@@ -33,10 +50,18 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 100
+    warmup_epochs: float | None = None
     warmup_factor: float = 0.001
+    warmup_type: str = "linear"
     schedule: str = "step"
     steps: tuple[float, ...] = (0.667, 0.889)
+    milestones: tuple[float, ...] | None = None
+    decay_unit: str = "epoch"
     gamma: float = 0.1
+    cosine_t_max: float | None = None
+    eta_min: float = 0.0
+    lr_scaling: str = "linear"
+    lr_reference_batch: int = 16
     clip_grad_norm: float | None = None
     amp: bool = True
     channels_last: bool = True
@@ -55,13 +80,37 @@ class TrainConfig:
             self.iters = checks.integer(self.iters, where("iters"), 0)
         self.batch_size = checks.integer(self.batch_size, where("batch_size"), 1)
         self.lr = checks.number(self.lr, where("lr"), 0, open_lo=True)
+        self.warmup_iters = checks.integer(self.warmup_iters, where("warmup_iters"), 0)
+        if self.warmup_epochs is not None:
+            self.warmup_epochs = checks.number(self.warmup_epochs, where("warmup_epochs"), 0)
+        self.warmup_factor = checks.number(self.warmup_factor, where("warmup_factor"), 0, 1)
+        self.warmup_type = checks.one_of(self.warmup_type, where("warmup_type"), WARMUP_TYPES)
         self.schedule = checks.one_of(self.schedule, where("schedule"), ("step", "cosine"))
         steps = tuple(self.steps)
         if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1 for s in steps):
             raise checks.fail(where("steps"), "fractions in (0, 1]", steps)
         self.steps = steps
+        if self.milestones is not None:
+            ms = tuple(self.milestones)
+            if any(isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < math.inf for m in ms):
+                raise checks.fail(where("milestones"), "positive numbers", ms)
+            self.milestones = ms
+        self.decay_unit = checks.one_of(self.decay_unit, where("decay_unit"), ("epoch", "iter"))
+        if self.cosine_t_max is not None:
+            self.cosine_t_max = checks.number(self.cosine_t_max, where("cosine_t_max"), 0, open_lo=True)
+        self.eta_min = checks.number(self.eta_min, where("eta_min"), 0)
+        self.lr_scaling = checks.one_of(self.lr_scaling, where("lr_scaling"), LR_SCALINGS)
+        self.lr_reference_batch = checks.integer(self.lr_reference_batch, where("lr_reference_batch"), 1)
         if not isinstance(self.norm_eval, bool) and self.norm_eval != "auto":
             raise checks.fail(where("norm_eval"), "true, false or 'auto'", self.norm_eval)
+
+    @property
+    def effective_lr(self) -> float:
+        """The rate SGD runs at: ``lr * batch_size / lr_reference_batch`` with linear scaling,
+        else ``lr`` (the global batch is the batch size: one process trains)."""
+        if self.lr_scaling == "linear":
+            return self.lr * self.batch_size / self.lr_reference_batch
+        return self.lr
 
     @property
     def freeze_norm_stats(self) -> bool:
@@ -70,7 +119,7 @@ class TrainConfig:
         return self.batch_size < NORM_EVAL_BATCH if self.norm_eval == "auto" else bool(self.norm_eval)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (``steps`` as a list); ``TrainConfig.from_dict(d)`` restores it."""
+        """JSON-friendly form (tuples as lists); ``TrainConfig.from_dict(d)`` restores it."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
@@ -79,22 +128,64 @@ class TrainConfig:
         if isinstance(d, TrainConfig):
             return d
         d = dict(d)
-        if "steps" in d:
-            d["steps"] = tuple(d["steps"])
+        for key in ("steps", "milestones"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
-def lr_factor(it: int, total: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier at iteration ``it`` of ``total``."""
-    warm = min(cfg.warmup_iters, max(total - 1, 0))
-    f = 1.0
-    if it < warm:
-        a = it / warm
-        f = cfg.warmup_factor * (1 - a) + a
-    if cfg.schedule == "cosine":
-        f *= 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))
+@dataclass(frozen=True)
+class IterationPlan:
+    """A schedule's positions in iterations: ``warmup`` iterations of warm-up, the step
+    decay's ``boundaries`` (iteration indices from which one more ``gamma`` applies) and the
+    cosine period ``t_max``."""
+
+    warmup: int
+    boundaries: tuple[int, ...]
+    t_max: float
+
+
+def iteration_plan(cfg: TrainConfig, total: int, per_epoch: int | None = None) -> IterationPlan:
+    """Where ``cfg``'s warm-up and decay fall in a training of ``total`` iterations with
+    ``per_epoch`` iterations per epoch (needed when a length is given in epochs)."""
+    def iters_of(epochs: float, what: str) -> int:
+        if per_epoch is None:
+            raise ConfigError(f"training setting {what} counts epochs: the iterations per epoch are needed")
+        return round(epochs * per_epoch)
+
+    warm = cfg.warmup_iters if cfg.warmup_epochs is None else iters_of(cfg.warmup_epochs, "warmup_epochs")
+    warm = min(warm, max(total - 1, 0))
+    if cfg.milestones is None:
+        bounds = tuple(int(s * total) for s in cfg.steps)
+    elif cfg.decay_unit == "epoch":
+        bounds = tuple(iters_of(m, "milestones") for m in cfg.milestones)
     else:
-        f *= cfg.gamma ** sum(it >= int(s * total) for s in cfg.steps)
+        bounds = tuple(round(m) for m in cfg.milestones)
+    if cfg.cosine_t_max is None:
+        t_max = float(max(total, 1))
+    else:
+        t_max = float(iters_of(cfg.cosine_t_max, "cosine_t_max")) if cfg.decay_unit == "epoch" else cfg.cosine_t_max
+    return IterationPlan(warm, bounds, max(t_max, 1.0))
+
+
+def lr_factor(it: int, total: int, cfg: TrainConfig, per_epoch: int | None = None) -> float:
+    """Learning-rate multiplier (of :attr:`TrainConfig.effective_lr`) at iteration ``it`` of
+    ``total``; ``per_epoch`` (iterations per epoch) converts lengths given in epochs."""
+    plan = iteration_plan(cfg, total, per_epoch)
+    f = 1.0
+    if it < plan.warmup:
+        a = it / plan.warmup
+        if cfg.warmup_type == "linear":
+            f = cfg.warmup_factor * (1 - a) + a
+        elif cfg.warmup_type == "constant":
+            f = cfg.warmup_factor
+        else:  # exp, as Vega's WarmupScheduler: ratio ** (1 - it / warmup)
+            f = cfg.warmup_factor ** (1 - a)
+    if cfg.schedule == "cosine":
+        floor = min(cfg.eta_min / cfg.lr, 1.0)
+        f *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(it, total) / plan.t_max))
+    else:
+        f *= cfg.gamma ** sum(it >= b for b in plan.boundaries)
     return f
 
 
