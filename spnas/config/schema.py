@@ -27,7 +27,7 @@ _SEARCH_KEYS = {"type", "max_sample", "objective_keys", "num_mutate", "add_stage
                 "expand_ratio", "max_stages", "min_stages", "min_blocks", "max_blocks", "max_per_stage", "max_params",
                 "max_gflops", "flops_size", "max_redraws", "candidates_per_round", "seed"}
 _TRAINER_KEYS = {"type", "epochs", "iters", "with_train", "optimizer", "lr_scheduler", "callbacks", "clip_grad_norm",
-                 "amp", "eval_every", "checkpoint_every", "image_size"}
+                 "amp", "eval_every", "checkpoint_every", "image_size", "recalibrate_images", "head_iters"}
 _DATASET_KEYS = {"type", "common", "train", "val", "test"}
 _DATASET_COMMON = {"data_root", "data_path", "batch_size", "img_prefix", "ann_prefix", "num_workers"}
 _MODEL_KEYS = {"pretrained_model_file", "model_desc", "models_folder"}

@@ -96,8 +96,9 @@ def _dataset(sec: Any, path: str, ignored: list[str]) -> DatasetConfig:
                          num_workers=_int(common.get("num_workers", 0), f"{path}.common.num_workers", 0))
 
 
-def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str]) -> tuple[TrainConfig, bool, int]:
-    """-> (TrainConfig, is_reignition, image_size)."""
+def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str]
+             ) -> tuple[TrainConfig, bool, dict[str, Any]]:
+    """-> (TrainConfig, is_reignition, the reignition keys as StepConfig fields)."""
     sec = _mapping(sec, path)
     _check_keys(sec, path, _TRAINER_KEYS, "trainer", ignored)
     callbacks = sec.get("callbacks") or []
@@ -137,9 +138,11 @@ def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str]
     for key in ("eval_every", "checkpoint_every"):
         if key in sec:
             kw[key] = _int(sec[key], f"{path}.{key}", 0)
-    image_size = _int(sec.get("image_size", 64), f"{path}.image_size", 16)
+    extra = {"image_size": None if sec.get("image_size") is None else _int(sec["image_size"], f"{path}.image_size", 16),
+             "recalibrate_images": _int(sec.get("recalibrate_images", 64), f"{path}.recalibrate_images", 0),
+             "head_iters": _int(sec.get("head_iters", 0), f"{path}.head_iters", 0)}
     try:
-        return TrainConfig(**kw), reignition, image_size
+        return TrainConfig(**kw), reignition, extra
     except SpnasError as exc:
         raise _err(path, str(exc)) from None
 
@@ -255,7 +258,7 @@ def _step(name: str, sec: dict, seed: int, roles_before: list[str], defaults: di
     if dataset.kind == "coco":
         defaults.setdefault("dataset", dataset)
     trainer_sec = sec["trainer"] if "trainer" in sec else defaults.get("trainer_raw", {})
-    trainer, reignition, image_size = _trainer(trainer_sec, f"{name}.trainer", dataset.batch_size, seed, ignored)
+    trainer, reignition, extra = _trainer(trainer_sec, f"{name}.trainer", dataset.batch_size, seed, ignored)
     if "trainer" in sec and not reignition:
         defaults.setdefault("trainer_raw", copy.deepcopy(sec["trainer"]))
     search = None
@@ -301,7 +304,7 @@ def _step(name: str, sec: dict, seed: int, roles_before: list[str], defaults: di
                       pretrained_model_file=pretrained, models_folder=folder,
                       convert_pretrained=_bool(convert, f"{name}.model.model_desc.convert_pretrained"),
                       freeze_swap_keys=_bool(freeze, f"{name}.model.model_desc.freeze_swap_keys"),
-                      search=search, codes=codes, top_k=top_k, image_size=image_size)
+                      search=search, codes=codes, top_k=top_k, **extra)
 
 
 def _merge(base: dict, over: dict) -> dict:
