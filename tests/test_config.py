@@ -46,10 +46,10 @@ def test_demo_config_loads_with_refs_and_overrides(tmp_path):
     cfg = load_config(DEMO, workdir=tmp_path, overrides=["serial.search_algorithm.max_sample=6", "general.seed=3"])
     serial = cfg.step("serial")
     assert serial.search["max_sample"] == 6 and serial.search["seed"] == 3 and cfg.seed == 3
-    assert serial.trainer.epochs == 1 and serial.trainer.lr == 0.02 and serial.trainer.warmup_iters == 20
-    assert serial.trainer.effective_lr == 0.005  # 0.02 per 16 images at batch 4
+    assert serial.trainer.epochs == 1 and serial.trainer.lr == 0.08 and serial.trainer.warmup_iters == 20
+    assert serial.trainer.effective_lr == 0.02 and serial.trainer.schedule == "cosine"  # 0.08 per 16 images at batch 4
     ft = cfg.step("fine_tune").trainer
-    assert (ft.milestones, ft.decay_unit, ft.weight_decay, ft.warmup_iters) == ((2,), "epoch", 1e-4, 50)
+    assert (ft.schedule, ft.milestones, ft.weight_decay, ft.warmup_iters) == ("cosine", None, 1e-4, 50)
     assert cfg.step("parallel").trainer.epochs == 1  # ref: serial.trainer, itself a ref
     assert cfg.step("full_train").trainer.epochs == 4 and cfg.step("full_train").trainer.milestones == (3,)
     assert cfg.step("reignition").top_k == 2
@@ -72,7 +72,7 @@ def _bad(tmp_path, mutate):
     (lambda r: r["fine_tune"]["trainer"]["optimizer"].update(type="Adam"), "fine_tune.trainer.optimizer.type: 'Adam'"),
     (lambda r: r["fine_tune"]["trainer"]["optimizer"]["params"].update(lr=0), "fine_tune.trainer.optimizer.params.lr"),
     (lambda r: r["fine_tune"]["trainer"]["lr_scheduler"].update(type="PolyLR"), "lr_scheduler.type: 'PolyLR' is not supported"),
-    (lambda r: r["fine_tune"]["trainer"]["lr_scheduler"]["params"]["after_scheduler_config"]["params"].update(milestones=[0]),
+    (lambda r: r["fully_train"]["trainer"]["lr_scheduler"]["params"]["after_scheduler_config"]["params"].update(milestones=[0]),
      "after_scheduler_config.params.milestones: must be a list of positive numbers, got \\[0\\]"),
     (lambda r: r["fine_tune"]["trainer"]["lr_scheduler"]["params"]["after_scheduler_config"].update(type="WarmupScheduler"),
      "after_scheduler_config.type: 'WarmupScheduler' is not supported: MultiStepLR or CosineAnnealingLR"),
@@ -304,7 +304,7 @@ def test_dataset_split_batch_size_and_workers_are_used(tmp_path):
     cfg = load_config(raw, workdir=tmp_path)
     assert cfg.step("fine_tune").dataset.batch_size == 8
     assert (cfg.step("serial").trainer.batch_size, cfg.step("serial").trainer.workers) == (8, 2)
-    assert cfg.step("serial").trainer.effective_lr == 0.01
+    assert cfg.step("serial").trainer.effective_lr == 0.04  # 0.08 per 16 images at batch 8
 
 
 def test_general_task_local_base_path_is_the_workdir(tmp_path):
@@ -360,6 +360,7 @@ def test_every_accepted_key_of_ours_is_honoured():
                              "seed": 11, "max_memory_mb": 9000, "max_latency_ms": 250, "memory_batch": 8,
                              "reignition_patience": 2, "max_reignitions": 3, "max_swap_shift": 3, "width_ratio": 0.25}
     assert (serial.trainer.norm_eval, ft.trainer.norm_eval) == (False, "auto")
+    assert (re_.recalibrate_images, re_.head_iters) == (32, 10)
     assert (re_.role, re_.top_k, re_.image_size, re_.dataset.kind, re_.dataset.data_root) == \
         ("reignition", 1, 96, "imagenet", "/data/imagenet")
     assert (re_.trainer.epochs, re_.trainer.lr, re_.trainer.batch_size) == (3, 0.1, 128)

@@ -46,6 +46,69 @@ def test_demo_data_is_deterministic_and_prefix_stable(tmp_path):
     assert (big / "train2017" / "000000000010.jpg").read_bytes() == (a / "train2017" / "000000000010.jpg").read_bytes()
 
 
+def _digests(root):
+    """(annotation files, images) sha256 of a data set."""
+    ann, img = hashlib.sha256(), hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h = ann if p.suffix == ".json" else img
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return ann.hexdigest(), img.hexdigest()
+
+
+def test_easy_demo_data_is_unchanged(tmp_path):
+    """The default demo set is byte for byte what it was before the hard variant existed (the
+    pins were made with that code). The images are JPEG bytes: a Pillow with another libjpeg
+    may change them, the annotations never."""
+    assert _digests(demo(tmp_path / "a", train=3, val=2, size=96)) == (
+        "025022ae302b192bbfd738a3cfb5a1ff9620741899bd055cbaa7166de4ad5b9a",
+        "612b4aeb9b287c52d974dae88cb66f147b2edcc9895ca87a64d21e75caa54f1b")
+    assert _digests(demo(tmp_path / "b", train=2, val=1, classes=8, seed=5)) == (
+        "6152fc368ca93d26070a0a3f110c4fbd884c04a92f7f6d215834250860b53653",
+        "7bbc6b18406ce7e38ffde6ddccc2d052d1c55153cee099ddca65e24046303d96")
+
+
+def test_hard_demo_data_is_deterministic_and_differs_from_the_easy_set(tmp_path):
+    a = write_demo_dataset(tmp_path / "a", train=4, val=2, size=96, seed=3, hard=True)
+    b = write_demo_dataset(tmp_path / "b", train=4, val=2, size=96, seed=3, hard=True)
+    c = write_demo_dataset(tmp_path / "c", train=4, val=2, size=96, seed=4, hard=True)
+    easy = write_demo_dataset(tmp_path / "e", train=4, val=2, size=96, seed=3, classes=8)
+    assert _digests(a) == _digests(b)
+    assert _digests(c)[1] != _digests(a)[1] != _digests(easy)[1]
+    big = write_demo_dataset(tmp_path / "big", train=6, val=2, size=96, seed=3, hard=True)
+    for i in (1, 4):  # image i depends only on (seed, split, i)
+        assert (big / "train2017" / f"{i:012d}.jpg").read_bytes() == (a / "train2017" / f"{i:012d}.jpg").read_bytes()
+
+
+def test_hard_demo_data_content(tmp_path):
+    """COCO-valid, all 8 classes, 1-10 objects per image, every longer box side within the
+    documented range and spread across it, occlusion present, and an info that says so."""
+    from spnas.data.demo import HARD_BOX_SIDE, HARD_OBJECTS
+    size = 128
+    root = write_demo_dataset(tmp_path / "h", train=40, val=4, size=size, hard=True)
+    assert load_split(root, "train", train=True).num_classes == 9
+    assert len(load_split(root, "val", train=False)) == 4
+    ann = load_ann(root)
+    assert [c["name"] for c in ann["categories"]] == ["circle", "square", "triangle", "cross", "diamond", "ring",
+                                                      "hexagon", "bar"]
+    sides, per_image = [], {}
+    for a in ann["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= size and y + h <= size
+        sides.append(max(w, h) / size)
+        per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
+    assert set(per_image) == set(range(1, 41))
+    assert min(per_image.values()) >= 1 and max(per_image.values()) <= HARD_OBJECTS[1]
+    assert len({a["category_id"] for a in ann["annotations"]}) == 8
+    assert HARD_BOX_SIDE[0] <= min(sides) and max(sides) <= HARD_BOX_SIDE[1]
+    assert min(sides) < 0.07 and max(sides) > 0.4  # spread over the range, small objects included
+    info = ann["info"]
+    assert info["variant"] == "hard" and info["box_side"]["range"] == list(HARD_BOX_SIDE)
+    assert info["occlusion"]["objects"] == len(ann["annotations"]) and info["occlusion"]["objects_partly_covered"] > 0
+    assert load_ann(demo(tmp_path / "e", train=1, val=1))["info"] == {"description": "spnas demo scenes (seed 0)"}
+
+
 def test_demo_data_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"--classes: must be an integer in \[1, 8\], got 9"):
         write_demo_dataset(tmp_path, classes=9)

@@ -71,8 +71,8 @@ def _load_desc(args: argparse.Namespace) -> dict:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from ..data.demo import write_demo_dataset
     out = write_demo_dataset(args.out_dir, train=args.train, val=args.val, size=args.size, classes=args.classes,
-                             seed=args.seed, progress=True)
-    print(f"demo data (COCO layout) written to {out}")
+                             seed=args.seed, progress=True, hard=args.hard)
+    print(f"{'hard ' if args.hard else ''}demo data (COCO layout) written to {out}")
     return 0
 
 
@@ -116,11 +116,14 @@ def cmd_reignite(args: argparse.Namespace) -> int:
     from ..training.reignite import reignite
     from ..training.schedule import ReignitionSettings
     settings = ReignitionSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                  image_size=args.image_size, seed=args.seed)
-    perf = reignite(_load_desc(args), args.weights, args.out, settings, folder=args.data,
-                    detection=CocoSource(args.from_detection) if args.from_detection else None,
+                                  image_size=args.image_size, seed=args.seed,
+                                  recalibrate_images=args.recalibrate_images, head_iters=args.head_iters,
+                                  detection_batch_size=args.detection_batch_size)
+    detection = CocoSource(args.from_detection, args.img_prefix, args.ann_prefix) if args.from_detection else None
+    perf = reignite(_load_desc(args), args.weights, args.out, settings, folder=args.data, detection=detection,
                     arch_id=args.id, device=args.device, progress=True)
-    print(f"{args.out}: reignited backbone, top-1 {perf['top1_train']:.1f}% (train) on {perf['source']}")
+    print(f"{args.out}: reignited backbone, top-1 {perf['top1_train']:.1f}% (train) on {perf['source']}, "
+          f"BN recalibrated on {perf['recalibrated']} detection image(s), {perf['head_iters']} head iteration(s)")
     return 0
 
 
@@ -193,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=240, help="training images (default 240)")
     p.add_argument("--val", type=int, default=60, help="validation images (default 60)")
     p.add_argument("--size", type=int, default=160, help="image side in pixels (default 160)")
-    p.add_argument("--classes", type=int, default=3, help="object classes, at most 8 (default 3)")
+    p.add_argument("--classes", type=int, default=None, help="object classes, at most 8 (default 3; 8 with --hard)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hard", action="store_true",
+                   help="the harder set: 8 classes, 2-10 objects of 4-50%% of the image side, occlusion, "
+                        "unannotated distractors, colour jitter and lighting (see the annotation files' info)")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("train", help="train and evaluate one architecture on a COCO-layout data set")
@@ -236,13 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
                                         "head), then put it back into the detector")
     _arch_args(p)
     p.add_argument("--weights", required=True, help="detector weights (model_<id>.pth)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", default=None, help="folder-per-class classification set")
-    src.add_argument("--from-detection", default=None, help="detection data root to cut object crops from")
+    p.add_argument("--data", default=None, help="folder-per-class classification set (default: object crops of "
+                                                "--from-detection)")
+    p.add_argument("--from-detection", default=None, metavar="DATA_ROOT",
+                   help="detection data root: object crops to train on when --data is not given, and the images "
+                        "the BN statistics are recalibrated on (and the heads fine-tuned on)")
+    p.add_argument("--img-prefix", default="2017", help="detection image folder/annotation suffix (default 2017)")
+    p.add_argument("--ann-prefix", default="instances", help="detection annotation file prefix (default instances)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05, help="classification lr, also the head fine-tune's (default 0.05)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="classifier input side (default 224 for --data, 64 for object crops)")
+    p.add_argument("--recalibrate-images", type=int, default=64,
+                   help="detection images the BN statistics are recalibrated on; 0: off (default 64)")
+    p.add_argument("--head-iters", type=int, default=0,
+                   help="iterations of FPN + heads fine-tune with the backbone frozen (default 0)")
+    p.add_argument("--detection-batch-size", type=int, default=4,
+                   help="batch of the recalibration and head fine-tune (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--id", default="0")

@@ -158,9 +158,9 @@ def _aliased(sec: dict, ours: str, path: str) -> tuple[str, Any] | None:
 
 
 def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str],
-             warnings: list[str] | None = None, workers: int = 0) -> tuple[TrainConfig, bool, int]:
-    """-> (TrainConfig, is_reignition, image_size). ``batch_size`` and ``workers`` (data loader
-    processes) come from the step's dataset."""
+             warnings: list[str] | None = None, workers: int = 0) -> tuple[TrainConfig, bool, dict[str, Any]]:
+    """-> (TrainConfig, is_reignition, the reignition keys as StepConfig fields). ``batch_size``
+    and ``workers`` (data loader processes) come from the step's dataset."""
     warnings = [] if warnings is None else warnings
     sec = _mapping(sec, path)
     _check_keys(sec, path, _TRAINER_KEYS, "trainer", ignored)
@@ -210,9 +210,11 @@ def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str]
         kw["checkpoint_every"] = _int(sec["checkpoint_every"], f"{path}.checkpoint_every", 0)
     if "norm_eval" in sec:
         kw["norm_eval"] = _norm_eval(sec["norm_eval"], f"{path}.norm_eval")
-    image_size = _int(sec.get("image_size", 64), f"{path}.image_size", 16)
+    extra = {"image_size": None if sec.get("image_size") is None else _int(sec["image_size"], f"{path}.image_size", 16),
+             "recalibrate_images": _int(sec.get("recalibrate_images", 64), f"{path}.recalibrate_images", 0),
+             "head_iters": _int(sec.get("head_iters", 0), f"{path}.head_iters", 0)}
     try:
-        return TrainConfig(**kw), reignition, image_size
+        return TrainConfig(**kw), reignition, extra
     except SpnasError as exc:
         raise _err(path, str(exc)) from None
 
@@ -353,6 +355,8 @@ _UNUSED_BY_ROLE = {
     "freeze_swap_keys": "only a search step trains its candidates",
     "top_k": "only a reignition or full train step chooses models",
     "image_size": "only a reignition step crops images",
+    "recalibrate_images": "only a reignition step recalibrates BatchNorm statistics",
+    "head_iters": "only a reignition step fine-tunes the heads of a reignited detector",
 }
 
 
@@ -377,11 +381,11 @@ def _step(name: str, sec: dict, seed: int, roles_before: list[str], defaults: di
     if dataset.kind == "coco":
         defaults.setdefault("dataset", dataset)
     if "trainer" in sec:
-        trainer, reignition, image_size = _trainer(sec["trainer"], f"{name}.trainer", dataset.batch_size, seed,
+        trainer, reignition, extra = _trainer(sec["trainer"], f"{name}.trainer", dataset.batch_size, seed,
                                                    ignored, warnings, dataset.num_workers)
     else:  # the first train step's trainer, less what a ref does not copy; its keys were reported there
         inherited = {k: v for k, v in defaults.get("trainer_raw", {}).items() if k not in _REF_NOT_MERGED}
-        trainer, reignition, image_size = _trainer(inherited, f"{name}.trainer", dataset.batch_size, seed, [],
+        trainer, reignition, extra = _trainer(inherited, f"{name}.trainer", dataset.batch_size, seed, [],
                                                    warnings, dataset.num_workers)
     if "trainer" in sec and not reignition:
         defaults.setdefault("trainer_raw", copy.deepcopy(sec["trainer"]))
@@ -441,13 +445,14 @@ def _step(name: str, sec: dict, seed: int, roles_before: list[str], defaults: di
         ignored.append(_unused(f"{name}.model.model_desc.freeze_swap_keys", "freeze_swap_keys"))
     if top_k is not None and role not in ("reignition", "full_train"):
         ignored.append(_unused(f"{name}.top_k", "top_k"))
-    if "image_size" in _mapping(sec.get("trainer"), f"{name}.trainer") and role != "reignition":
-        ignored.append(_unused(f"{name}.trainer.image_size", "image_size"))
+    for key in ("image_size", "recalibrate_images", "head_iters"):
+        if key in _mapping(sec.get("trainer"), f"{name}.trainer") and role != "reignition":
+            ignored.append(_unused(f"{name}.trainer.{key}", key))
     return StepConfig(name=name, role=role, dataset=dataset, trainer=trainer, model_desc=merged,
                       pretrained_model_file=pretrained, models_folder=folder,
                       convert_pretrained=_bool(convert, f"{name}.model.model_desc.convert_pretrained"),
                       freeze_swap_keys=_bool(freeze, f"{name}.model.model_desc.freeze_swap_keys"),
-                      search=search, codes=codes, top_k=top_k, image_size=image_size)
+                      search=search, codes=codes, top_k=top_k, **extra)
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -44,7 +44,9 @@ class StepConfig:
     search: dict | None = None          # SearchSettings keyword arguments
     codes: tuple = ()                      # search_space ranges (backbone codes or neck codes)
     top_k: int | None = None
-    image_size: int = 64                   # reignition crop size
+    image_size: int | None = None          # reignition input size (None: 224 folder, 64 object crops)
+    recalibrate_images: int = 64           # reignition: detection images for BN recalibration (0 = off)
+    head_iters: int = 0                    # reignition: FPN + heads fine-tune iterations (0 = off)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,15 @@ Each class is a shape with its own colour family and size range (circle, square,
 cross, diamond, ring, hexagon, bar) drawn 1-4 times per image on a textured background.
 Image ``i`` of a split depends only on ``(seed, split, i)``, so a larger set starts with the
 images of a smaller one.
+
+``hard=True`` writes a harder set in the same layout (all 8 classes by default), where backbone
+capacity matters: 2-10 objects per image whose size (the longer box side) spreads log-uniformly
+from 4 % to 50 % of the image side (:data:`HARD_BOX_SIDE`), partial occlusion (objects and
+distractors drawn later may cover up to half of an earlier object's box; boxes stay the full
+object), 3-8 unannotated distractors per image (stars, irregular blobs, scribbles, checker
+patches, in any colour, class colours included), stronger colour jitter and a random lighting
+per image. Its annotation files' ``info`` lists all of this. The default (easy) set is
+unchanged by this option, byte for byte.
 """
 from __future__ import annotations
 
@@ -45,6 +54,17 @@ SHAPES = (
     ShapeClass("bar", (120, 70, 30), (0.24, 0.44)),
 )
 SPLIT_IDS = {"train": 1, "val": 2}
+
+#: Hard set: range of the longer box side of an object, as a fraction of the image side. The
+#: drawn size is log-uniform in [0.05, 0.5]; rotated triangles fill 84 % of it at least.
+HARD_BOX_SIDE = (0.04, 0.5)
+HARD_DRAWN_SIZE = (0.05, 0.5)
+HARD_OBJECTS = (2, 10)
+HARD_DISTRACTORS = (3, 8)
+HARD_DISTRACTOR_KINDS = ("star", "blob", "scribble", "checker")
+#: Largest share of an object's box that anything drawn after it may cover.
+HARD_MAX_COVER = 0.5
+HARD_COLOUR_JITTER = 35.0
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
@@ -142,23 +162,139 @@ def render_scene(seed: int, split: str, index: int, size: int, classes: int, max
     return img, objects
 
 
+def _cover(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """The share of box ``b`` that box ``a`` covers."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (b[2] - b[0]) * (b[3] - b[1])
+    return ix * iy / area if area > 0 else 0.0
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Any colour, or (half the time) a jittered class colour, so that colour alone names no class."""
+    if rng.random() < 0.5:
+        base = SHAPES[int(rng.integers(0, len(SHAPES)))].rgb
+        return tuple(int(np.clip(v + rng.normal(0, HARD_COLOUR_JITTER), 0, 255)) for v in base)
+    return tuple(int(v) for v in rng.integers(0, 256, size=3))
+
+
+def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, kind: str, cx: float, cy: float,
+                r: float) -> None:
+    """Draw one unannotated distractor (no class's shape) of radius about ``r`` at ``(cx, cy)``."""
+    colour = _random_colour(rng)
+    if kind == "star":
+        rot = float(rng.uniform(0, 2 * math.pi))
+        pts = [(cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(rot + math.pi * k / 5),
+                cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(rot + math.pi * k / 5)) for k in range(10)]
+        draw.polygon(pts, fill=colour)
+    elif kind == "blob":
+        n = int(rng.integers(7, 11))
+        radii = rng.uniform(0.5, 1.0, size=n) * r
+        pts = [(cx + radii[k] * math.cos(2 * math.pi * k / n), cy + radii[k] * math.sin(2 * math.pi * k / n))
+               for k in range(n)]
+        draw.polygon(pts, fill=colour)
+    elif kind == "scribble":
+        pts = [(cx + float(rng.uniform(-r, r)), cy + float(rng.uniform(-r, r))) for _ in range(int(rng.integers(3, 6)))]
+        draw.line(pts, fill=colour, width=max(1, int(r * float(rng.uniform(0.08, 0.2)))))
+    else:  # checker: a small checkerboard patch of two colours
+        other = _random_colour(rng)
+        cells = int(rng.integers(3, 6))
+        step = 2 * r / cells
+        for i in range(cells):
+            for j in range(cells):
+                x0, y0 = cx - r + i * step, cy - r + j * step
+                draw.rectangle((x0, y0, x0 + step, y0 + step), fill=colour if (i + j) % 2 else other)
+
+
+def render_hard_scene(seed: int, split: str, index: int, size: int, classes: int
+                      ) -> tuple[Image.Image, list[tuple[int, list[float]]], int]:
+    """One scene of the hard set (see the module docstring): the image, its objects as
+    ``(class_index, [x, y, w, h])`` and how many of them something drawn later partly covers."""
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], index, 1])  # 1: the hard set's own stream
+    img = _background(rng, size)
+    draw = ImageDraw.Draw(img)
+    n_distract = int(rng.integers(HARD_DISTRACTORS[0], HARD_DISTRACTORS[1] + 1))
+    n_behind = int(rng.integers(0, n_distract + 1))  # the rest is drawn over the objects
+    kinds = [HARD_DISTRACTOR_KINDS[int(k)] for k in rng.integers(0, len(HARD_DISTRACTOR_KINDS), size=n_distract)]
+    for kind in kinds[:n_behind]:
+        r = float(rng.uniform(0.05, 0.35)) * size / 2
+        _distractor(draw, rng, kind, float(rng.uniform(0, size)), float(rng.uniform(0, size)), r)
+    lo, hi = math.log(HARD_DRAWN_SIZE[0]), math.log(HARD_DRAWN_SIZE[1])
+    boxes: list[tuple[float, float, float, float]] = []
+    objects: list[tuple[int, list[float]]] = []
+    covered: set[int] = set()
+
+    def fits(probe: tuple[float, ...]) -> bool:
+        return all(_cover(probe, b) <= HARD_MAX_COVER for b in boxes)
+    for _ in range(int(rng.integers(HARD_OBJECTS[0], HARD_OBJECTS[1] + 1))):
+        c = int(rng.integers(0, classes))
+        cls = SHAPES[c]
+        for _attempt in range(30):  # bounded placement retries
+            r = math.exp(rng.uniform(lo, hi)) * size / 2
+            cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+            probe = (cx - r, cy - r, cx + r, cy + r)
+            if fits(probe):
+                break
+        else:
+            continue
+        colour = tuple(int(np.clip(v + rng.normal(0, HARD_COLOUR_JITTER), 0, 255)) for v in cls.rgb)
+        box = _draw(draw, cls, cx, cy, r, colour, rng)
+        covered.update(i for i, b in enumerate(boxes) if _cover(box, b) > 0)
+        boxes.append(box)
+        x0, y0, x1, y1 = box
+        objects.append((c, [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]))
+    for kind in kinds[n_behind:]:
+        for _attempt in range(30):
+            r = float(rng.uniform(0.05, 0.15)) * size / 2
+            cx, cy = float(rng.uniform(0, size)), float(rng.uniform(0, size))
+            if fits((cx - r, cy - r, cx + r, cy + r)):
+                _distractor(draw, rng, kind, cx, cy, r)
+                covered.update(i for i, b in enumerate(boxes) if _cover((cx - r, cy - r, cx + r, cy + r), b) > 0)
+                break
+    gain, offset = rng.uniform(0.75, 1.25), rng.uniform(-20, 20)
+    img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) * gain + offset, 0, 255).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(radius=0.6))
+    return img, objects, len(covered)
+
+
+def hard_info(seed: int, classes: int, occluded: int, objects: int) -> dict:
+    """What a hard set's annotation file says about itself (its ``info``)."""
+    return {"description": f"spnas demo scenes, hard variant (seed {seed})", "variant": "hard",
+            "classes": [s.name for s in SHAPES[:classes]],
+            "objects_per_image": list(HARD_OBJECTS),
+            "box_side": {"range": list(HARD_BOX_SIDE), "of": "image side", "measure": "longer box side",
+                         "drawn_size": list(HARD_DRAWN_SIZE), "distribution": "log-uniform"},
+            "distractors_per_image": list(HARD_DISTRACTORS), "distractor_kinds": list(HARD_DISTRACTOR_KINDS),
+            "distractors_annotated": False,
+            "occlusion": {"max_cover_of_a_box": HARD_MAX_COVER, "boxes": "full object extent",
+                          "objects_partly_covered": occluded, "objects": objects},
+            "colour_jitter_std": HARD_COLOUR_JITTER, "lighting": {"gain": [0.75, 1.25], "offset": [-20, 20]}}
+
+
 def write_demo_dataset(out: str | Path, train: int = 240, val: int = 60, size: int = 160,
-                       classes: int = 3, seed: int = 0, progress: bool = False) -> Path:
+                       classes: int | None = None, seed: int = 0, progress: bool = False, hard: bool = False) -> Path:
     """Write the demo set in COCO layout under ``out`` and return ``out``. Category ids are
-    ``1..classes``; image and annotation ids start at 1."""
+    ``1..classes`` (default 3, or all 8 for the ``hard`` set); image and annotation ids start
+    at 1."""
     for name, v, lo in (("train", train, 1), ("val", val, 1), ("size", size, 64)):
         checks.integer(v, f"demo-data --{name}", lo)
+    checks.boolean(hard, "demo-data --hard")
+    classes = (len(SHAPES) if hard else 3) if classes is None else classes
     checks.integer(classes, "demo-data --classes", 1, len(SHAPES))
     out = Path(out)
     categories = [{"id": i + 1, "name": SHAPES[i].name, "supercategory": "shape"} for i in range(classes)]
     for split, count in (("train", train), ("val", val)):
-        images, annotations = [], []
+        images, annotations, occluded = [], [], 0
         it = range(count)
         if progress:
             from tqdm import tqdm
             it = tqdm(it, desc=f"demo {split}", unit="img")
         for i in it:
-            img, objects = render_scene(seed, split, i, size, classes)
+            if hard:
+                img, objects, n_covered = render_hard_scene(seed, split, i, size, classes)
+                occluded += n_covered
+            else:
+                img, objects = render_scene(seed, split, i, size, classes)
             file_name = f"{i + 1:012d}.jpg"
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=92)
@@ -167,8 +303,9 @@ def write_demo_dataset(out: str | Path, train: int = 240, val: int = 60, size: i
             for c, (x, y, w, h) in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": c + 1,
                                     "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0})
+        info = hard_info(seed, classes, occluded, len(annotations)) if hard else \
+            {"description": f"spnas demo scenes (seed {seed})"}
         atomic_write_json(out / "annotations" / f"instances_{split}2017.json",
-                          {"info": {"description": f"spnas demo scenes (seed {seed})"},
-                           "images": images, "annotations": annotations, "categories": categories})
+                          {"info": info, "images": images, "annotations": annotations, "categories": categories})
         log.info("wrote %d %s images with %d objects to %s", count, split, len(annotations), out)
     return out

@@ -40,7 +40,7 @@ from ..training.reignite import reignite
 from ..training.schedule import TrainConfig
 from ..utils.errors import ConfigError, InheritanceError, PhaseError, SpnasError
 from ..utils.faults import failpoint
-from ..utils.fileio import atomic_write_json, read_json
+from ..utils.fileio import atomic_write_bytes, atomic_write_json, read_json
 from . import steps
 from .reports import write_output_csv
 from .rounds import STATE_FILE
@@ -258,25 +258,57 @@ def _each_model(models: Sequence[Mapping[str, Any]], out: Path, resume: bool,
     return done
 
 
+def _map(metrics: Mapping[str, Any]) -> float:
+    """A metrics dict's mAP, None (undefined) counting as -1."""
+    value = metrics.get("mAP")
+    return -1.0 if value is None else float(value)
+
+
 def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: str | Path, *,
                detection: CocoSource, seed: int, device: str | None = None, progress: bool = False,
                resume: bool = False) -> list[dict[str, Any]]:
-    """Re-train each model's backbone as a classifier (the step's ``Imagenet`` folder, or object
-    crops of ``detection``), then evaluate the detector with the new backbone. ``models`` are
-    records ``{"id", "desc", "weights"}``; returns records with the new weights and metrics."""
+    """Reignite each model and keep the better of before/after on validation mAP.
+
+    ``models`` are records ``{"id", "desc", "weights"}``. For each, the detector is evaluated
+    as it comes ("before"), then its backbone is re-trained as a classifier (the step's
+    ``Imagenet`` folder, or object crops of ``detection``), put back, its BN statistics
+    recalibrated on ``detection`` (and its FPN + heads fine-tuned when the step asks), and
+    evaluated again ("after"), both with the same evaluation. ``model_<id>.pth`` is the kept
+    one (after, unless its mAP is lower than before's; the re-trained weights are then kept as
+    ``reignited_<id>.pth``). Returns records whose metrics and weights are the kept model's;
+    ``record["reignition"]`` holds the classification figures, ``before``/``after`` metrics,
+    ``kept`` (``"after"``/``"before"``) and ``reason``."""
     out = Path(out_dir)
     settings = steps.reignition_settings(step, seed)
     folder = steps.classification_folder(step)
 
     def work(m: Mapping[str, Any]) -> dict[str, Any]:
-        perf = reignite(m["desc"], local_path(m["weights"]), out, settings, folder=local_path(folder) if folder else None,
-                        detection=None if folder else detection, arch_id=m["id"], device=device, progress=progress)
-        weights = out / f"model_{m['id']}.pth"
-        metrics = evaluate_architecture(m["desc"], weights, detection, device=device)
-        atomic_write_json(out / f"performance_{m['id']}.json", {**perf, **metrics})
-        # reignition trains the backbone as a classifier: counted apart, not in the detector's lineage
-        return {**_record(m["id"], metrics, normalize_desc(m["desc"]), weights, m["id"], reignition=perf),
-                "iters": None, "images": None, "seconds": None, "lineage_iters": m.get("lineage_iters")}
+        arch_id, weights_in = m["id"], local_path(m["weights"])
+        before = evaluate_architecture(m["desc"], weights_in, detection, device=device)
+        perf = reignite(m["desc"], weights_in, out, settings, folder=local_path(folder) if folder else None,
+                        detection=detection, arch_id=arch_id, device=device, progress=progress)
+        weights = out / f"model_{arch_id}.pth"
+        after = evaluate_architecture(m["desc"], weights, detection, device=device)
+        adapted = f"BN recalibrated on {perf['recalibrated']} image(s), {perf['head_iters']} head iteration(s)"
+        if _map(after) >= _map(before):
+            kept, reason = "after", f"mAP after reignition {_map(after):.2f} >= {_map(before):.2f} before ({adapted})"
+        else:
+            kept, reason = "before", f"mAP after reignition {_map(after):.2f} < {_map(before):.2f} before ({adapted})"
+            (out / f"reignited_{arch_id}.pth").unlink(missing_ok=True)
+            weights.rename(out / f"reignited_{arch_id}.pth")
+            atomic_write_bytes(weights, Path(weights_in).read_bytes())
+        log.info("reignition of %s: kept the model %s reignition: %s", arch_id, kept, reason)
+        metrics = after if kept == "after" else before
+        choice = {"before": {k: before.get(k) for k in METRIC_NAMES}, "after": {k: after.get(k) for k in METRIC_NAMES},
+                  "kept": kept, "reason": reason}
+        atomic_write_json(out / f"performance_{arch_id}.json", {**perf, **metrics, **choice})
+        # the classifier's training is counted apart, not in the detector's lineage; a kept head
+        # fine-tune trained the detector and is
+        heads = perf["head_iters"] if kept == "after" else 0
+        lineage = m.get("lineage_iters")
+        return {**_record(arch_id, metrics, normalize_desc(m["desc"]), weights, arch_id, reignition={**perf, **choice}),
+                "iters": heads or None, "images": None, "seconds": None,
+                "lineage_iters": None if lineage is None else lineage + heads}
     return _each_model(models, out, resume, work)
 
 

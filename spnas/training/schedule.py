@@ -191,18 +191,40 @@ def lr_factor(it: int, total: int, cfg: TrainConfig, per_epoch: int | None = Non
 
 @dataclass(frozen=True)
 class ReignitionSettings:
-    """How a backbone is re-trained as a classifier: ``epochs`` (0 = put the backbone back
-    unchanged), ``batch_size``, SGD ``lr`` (cosine decay), square crop ``image_size`` and
-    ``seed`` (split, order and flips)."""
+    """How a backbone is re-trained as a classifier and put back into its detector.
+
+    Classification: ``epochs`` (0 = put the backbone back unchanged), ``batch_size``, SGD ``lr``
+    (cosine decay), square input ``image_size`` (None = the source's default: 224 for a
+    classification folder, 64 for object crops of a detection set) and ``seed`` (split, order,
+    flips, samples). Back in the detector: BatchNorm statistics recalibrated on
+    ``recalibrate_images`` detection training images (0 = off) in batches of
+    ``detection_batch_size``, then ``head_iters`` iterations of FPN + heads fine-tuned with the
+    backbone frozen (0 = off), at ``lr``.
+
+    Two choices that keep the detector's features (measured on the demo; not config keys):
+    the linear head is first fitted alone on the backbone's features for ``probe_iters`` L-BFGS
+    iterations (0 = off), and with ``freeze_bn_stats`` the backbone's BatchNorms keep the
+    detector's statistics (eval mode) while the classifier trains."""
 
     epochs: int = 2
     batch_size: int = 32
     lr: float = 0.05
-    image_size: int = 64
+    image_size: int | None = None
     seed: int = 0
+    recalibrate_images: int = 64
+    head_iters: int = 0
+    detection_batch_size: int = 4
+    probe_iters: int = 100
+    freeze_bn_stats: bool = True
 
     def __post_init__(self) -> None:
         checks.integer(self.epochs, "reignition epochs", 0)
         checks.integer(self.batch_size, "reignition batch_size", 1)
         checks.number(self.lr, "reignition lr", 0, open_lo=True)
-        checks.integer(self.image_size, "reignition image_size", 16)
+        if self.image_size is not None:
+            checks.integer(self.image_size, "reignition image_size", 16)
+        checks.integer(self.recalibrate_images, "reignition recalibrate_images", 0)
+        checks.integer(self.head_iters, "reignition head_iters", 0)
+        checks.integer(self.detection_batch_size, "reignition detection_batch_size", 1)
+        checks.integer(self.probe_iters, "reignition probe_iters", 0)
+        checks.boolean(self.freeze_bn_stats, "reignition freeze_bn_stats")
