@@ -87,7 +87,7 @@ def random_parent_search(step: Any, seed_rec: dict, data: Any, out: Path, candid
     try:
         path = phases.search_init(dataclasses.replace(step, search={**step.search, "max_sample": candidates}),
                                   [{"desc": seed_rec["desc"], "metrics": seed_rec["metrics"],
-                                    "weights": seed_rec["weights"], "lineage_iters": 0}], out)
+                                    "weights": seed_rec["weights"], "lineage_iters": 0}], out, data=data, device=device)
         while True:
             cands = rounds.search_propose(path)
             if not cands:

@@ -22,7 +22,6 @@ def tiny_overrides(data_root) -> list[str]:
             "fine_tune.model.model_desc.min_size=96", "fine_tune.model.model_desc.max_size=96",
             "fine_tune.model.model_desc.backbone.base_channels=8", "fine_tune.trainer.epochs=1",
             "fine_tune.trainer.lr_scheduler.params.warmup_iters=2",
-            "fine_tune.trainer.lr_scheduler.params.after_scheduler_config.params.milestones=[1]",
             "serial.search_algorithm.max_sample=2", "serial.search_algorithm.flops_size=96",
             "parallel.search_algorithm.max_sample=2", "parallel.search_algorithm.flops_size=96",
             "reignition.top_k=1", "fully_train.trainer.epochs=1",
