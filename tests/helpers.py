@@ -18,7 +18,7 @@ DEMO = ROOT / "configs" / "demo.yml"
 
 def tiny_overrides(data_root) -> list[str]:
     """``--set`` overrides that shrink configs/demo.yml to a run of seconds on ``data_root``."""
-    return [f"fine_tune.dataset.common.data_root={data_root}",
+    return [f"fine_tune.dataset.common.data_root={data_root}", "general.workers=1",
             "fine_tune.model.model_desc.min_size=96", "fine_tune.model.model_desc.max_size=96",
             "fine_tune.model.model_desc.backbone.base_channels=8", "fine_tune.trainer.epochs=1",
             "fine_tune.trainer.lr_scheduler.params.warmup_iters=2",
