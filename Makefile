@@ -27,7 +27,7 @@ DEMO_RUN  ?= runs/demo
 
 STORE_DIR ?= runs/objectstore
 
-demo: install ## the main job: all five SP-NAS phases on demo data read from and published to a local S3 store (~4 min)
+demo: install ## the main job: all five SP-NAS phases and their controls on demo data read from and published to a local S3 store (~14 min)
 	test -f $(DEMO_DATA)/annotations/instances_val2017.json || $(BIN)/spnas demo-data $(DEMO_DATA)
 	test -n "$(DEMO_RUN)" && rm -rf "$(DEMO_RUN)/output"  # a fresh demo each time (spnas run --resume continues an interrupted one)
 	$(BIN)/spnas objectstore start --dir $(STORE_DIR)
