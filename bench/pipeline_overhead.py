@@ -1,7 +1,7 @@
 """The tiny SP-NAS config run through kfp.local (the compiled pipeline YAML, SubprocessRunner,
 use_venv=False) versus ``spnas run`` of the same config, side by side in one process.
 
-Prints both wall times, the ratio kfp.local / spnas run (goal <= 1.2) and the overhead per
+Prints both wall times, the ratio kfp.local / spnas run (goal <= 2.0) and the overhead per
 pipeline task. Both sides train the same candidates on the same generated data.
 
     python bench/pipeline_overhead.py [--quick]
@@ -68,7 +68,7 @@ def main() -> None:
     print(f"spnas run (2 workers)            {t_run:8.1f} s")
     print(f"kfp.local, compiled pipeline     {t_kfp:8.1f} s")
     print(f"overhead per pipeline task       {(t_kfp - t_run) / max(tasks, 1):8.2f} s")
-    print(f"ratio kfp.local / spnas run      {t_kfp / t_run:8.3f}  (goal <= 1.2)")
+    print(f"ratio kfp.local / spnas run      {t_kfp / t_run:8.3f}  (goal <= 2.0)")
 
 
 if __name__ == "__main__":

@@ -362,6 +362,7 @@ override = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, **FUZZ)
 @given(st.lists(half(valid_override, override), min_size=1, max_size=2))
 def test_fuzz_set_overrides(cfg_dir, overrides):

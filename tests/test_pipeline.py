@@ -105,6 +105,7 @@ def test_dag_shape(compiled):
     assert all(v["emptyDirMounts"][0]["mountPath"] == "/dev/shm" for v in heavy)
 
 
+@pytest.mark.slow
 def test_image_is_an_argument_not_an_environment_variable(tmp_path):
     """Two compiles with different images in one process each get their own image."""
     a = _compile(DEMO, tmp_path / "a.yaml", image="registry.example.com/spnas:dev", parallelism=2)

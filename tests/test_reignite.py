@@ -73,6 +73,7 @@ def test_reignition_with_recalibration_keeps_90_percent_of_the_map(trained, data
     assert f"reignition of 0: kept the model {re_['kept']} reignition" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_worse_after_keeps_before_with_its_weights_and_says_why(trained, data, tmp_path, caplog, monkeypatch):
     """Sabotage the reignition (its backbone zeroed after training): the record keeps "before",
     model_<id>.pth holds the input weights byte for byte, the re-trained ones are kept aside."""

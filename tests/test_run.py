@@ -119,6 +119,7 @@ def _check_lineage(reports):
             {r["id"]: r for r in ph["records"] if r["id"] in ph["front"]}
 
 
+@pytest.mark.slow
 def test_failed_candidate_is_recorded_and_all_failed_stops(tiny_data, tmp_path, monkeypatch):
     import spnas.orchestration.local as run_mod
     from spnas.orchestration import phases

@@ -297,6 +297,7 @@ def test_flops_inverse_sampling_frequencies():
 
 # ----------------------------------------------------------------------------- search runs
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 3])
 def test_serial_search_sanity(seed):
     s = serial_settings(max_sample=22, candidates_per_round=4, expand_ratio=0.5, seed=seed)
@@ -327,6 +328,7 @@ def test_serial_search_sanity(seed):
     assert propose(state)[1] == []
 
 
+@pytest.mark.slow
 def test_parallel_search_sanity():
     s = parallel_settings(max_sample=24, objective_keys=("mAP", "flops"), seed=0)
     assert s.objective_keys == ("mAP", "gflops")
@@ -472,6 +474,7 @@ def test_json_round_trip_mid_search_gives_identical_proposals():
     assert records(a) == records(b)
 
 
+@pytest.mark.slow
 def test_same_seed_same_proposals_different_seed_different():
     def codes(seed: int, alg: str) -> list:
         if alg == "SpNasS":
