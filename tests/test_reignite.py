@@ -16,7 +16,7 @@ from spnas.data.source import CocoSource
 from spnas.models.checkpoint import load_checkpoint
 from spnas.models.detector import build_detector
 from spnas.orchestration import phases
-from spnas.training.adapt import batch_norms, recalibrate_bn
+from spnas.training.adapt import batch_norms, finetune_heads, recalibrate_bn
 from spnas.training.schedule import ReignitionSettings
 from spnas.utils.errors import DataError
 
@@ -185,6 +185,26 @@ def test_recalibration_changes_bn_statistics_and_nothing_else(data, rand_norms):
     recalibrate_bn(again, ds, 8, seed=3, batch_size=4)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in after.items())
     assert recalibrate_bn(again, ds, 0) == 0  # 0 images: off
+
+
+def test_head_fine_tune_trains_only_outside_the_backbone_body(data, rand_norms):
+    """head_iters through the training engine: exactly that many iterations; the serial
+    backbone's weights and every BatchNorm statistic stay equal; FPN and heads change; the model
+    ends in eval mode; 0 iterations is off."""
+    torch.manual_seed(0)
+    det = rand_norms(build_detector(TINY))
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    ds = CocoSource(str(data)).load("train", train=True, seed=0)
+    assert finetune_heads(det, ds, 3, 0.01, seed=0, batch_size=4) == 3
+    after = det.state_dict()
+    for k, v in after.items():
+        if k.startswith("backbone.body.") or _is_bn_stat(k):
+            assert torch.equal(v, before[k]), k
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("backbone.fpn.") for k in changed) and any(k.startswith("roi_heads.") for k in changed)
+    assert any(k.startswith("rpn.") for k in changed)
+    assert not det.training
+    assert finetune_heads(det, ds, 0, 0.01) == 0
 
 
 def test_reignition_honours_the_data_set_file_prefixes(data, tmp_path):

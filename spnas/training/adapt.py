@@ -10,15 +10,16 @@ and its BN statistics).
 from __future__ import annotations
 
 import logging
-import math
+import tempfile
 
 import torch
 from torch import nn
 
-from ..data.coco import CocoDetection, make_loader
+from ..data.coco import CocoDetection
 from ..utils import checks
-from ..utils.errors import NonFiniteLossError, SpnasError
 from .device import device_of
+from .engine import train
+from .schedule import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,54 +76,23 @@ def recalibrate_bn(detector: nn.Module, dataset: CocoDetection, images: int, *, 
 
 
 def finetune_heads(detector: nn.Module, dataset: CocoDetection, iters: int, lr: float, *, seed: int = 0,
-                   batch_size: int = 4, device: str | torch.device | None = None) -> list[float]:
+                   batch_size: int = 4, device: str | torch.device | None = None) -> int:
     """Train ``detector`` for ``iters`` iterations on ``dataset`` (a training split) with every
-    parameter outside ``backbone.body`` trainable and the serial backbone frozen: its weights
-    take no step and its BatchNorms stay in eval mode (their statistics do not move). SGD with
-    momentum 0.9, weight decay 1e-4 and a cosine decay from ``lr``; data order and the heads'
-    sampling depend only on ``seed``. Returns the loss of each iteration; the model is left in
-    eval mode."""
+    parameter outside ``backbone.body`` trainable and the serial backbone frozen, through the
+    training engine (:func:`~spnas.training.engine.train` with its ``trainable`` predicate):
+    SGD with momentum 0.9, weight decay 1e-4, a cosine decay from ``lr`` (no warm-up, no lr
+    scaling) and every BatchNorm's statistics frozen (``norm_eval``). Data order and the heads'
+    sampling depend only on ``seed``. Returns the number of iterations trained; the model is left
+    in eval mode."""
     iters = checks.integer(iters, "head_iters", 0)
     lr = checks.number(lr, "head fine-tune lr", 0, open_lo=True)
     if iters == 0:
-        return []
-    dev = device_of(device)
-    body = detector.backbone.body
-    params = [p for n, p in detector.named_parameters() if not n.startswith(BODY_PREFIX) and p.requires_grad]
-    if not params:
-        raise SpnasError("head fine-tune: the detector has no trainable parameter outside backbone.body")
-    frozen = [(p, p.requires_grad) for p in body.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / iters)))
-    losses: list[float] = []
-    detector.to(dev)
-    try:
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)
-            epoch = 0
-            while len(losses) < iters:
-                detector.train()
-                body.eval()
-                for images, targets in make_loader(dataset, batch_size, shuffle=True, seed=seed, epoch=epoch):
-                    loss_terms = detector([im.to(dev) for im in images],
-                                          [{"boxes": t["boxes"].to(dev), "labels": t["labels"].to(dev)} for t in targets])
-                    loss = sum(loss_terms.values())
-                    if not math.isfinite(loss.item()):
-                        raise NonFiniteLossError(f"non-finite head fine-tune loss at step {len(losses)}: {loss.item()}")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    losses.append(loss.item())
-                    if len(losses) == iters:
-                        break
-                epoch += 1
-    finally:
-        for p, requires in frozen:
-            p.requires_grad_(requires)
-        detector.eval()
-    log.info("FPN and heads fine-tuned for %d iteration(s) with the backbone frozen: loss %.3f -> %.3f",
-             iters, losses[0], losses[-1])
-    return losses
+        return 0
+    cfg = TrainConfig(iters=iters, batch_size=batch_size, lr=lr, lr_scaling="none", warmup_iters=0,
+                      schedule="cosine", seed=seed, norm_eval=True, eval_every=0)
+    with tempfile.TemporaryDirectory(prefix="spnas-heads-") as tmp:
+        result = train(detector, dataset, None, cfg, tmp, device=device, resume=False,
+                       trainable=lambda name: not name.startswith(BODY_PREFIX))
+    detector.eval()
+    log.info("FPN and heads fine-tuned for %d iteration(s) with the backbone frozen", result["iters"])
+    return int(result["iters"])

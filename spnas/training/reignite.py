@@ -164,9 +164,9 @@ def reignite(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping, out_
         perf["recalibrated"] = recalibrate_bn(detector, detection.load("train", train=False),
                                               settings.recalibrate_images, seed=seed,
                                               batch_size=settings.detection_batch_size, device=dev)
-        perf["head_iters"] = len(finetune_heads(detector, detection.load("train", train=True, seed=seed),
-                                                settings.head_iters, lr, seed=seed,
-                                                batch_size=settings.detection_batch_size, device=dev))
+        perf["head_iters"] = finetune_heads(detector, detection.load("train", train=True, seed=seed),
+                                            settings.head_iters, lr, seed=seed,
+                                            batch_size=settings.detection_batch_size, device=dev)
     elif settings.recalibrate_images or settings.head_iters:
         log.warning("reignition of %s: no detection data set given, so the BatchNorm statistics are not "
                     "recalibrated and the heads not fine-tuned", arch_id)
