@@ -8,7 +8,9 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 import spnas
 from spnas import build_detector, convert_resnet, normalize_desc
 from spnas.models.backbone import SerialBackbone
+from spnas.models.cost import count_params
 from spnas.models.detector import build_backbone, build_classifier
+from spnas.utils.errors import DescError
 
 R50 = "111-2111-211111-211"
 
@@ -175,6 +177,34 @@ def test_detector_keywords_are_torchvisions_own():
     own = {p for p in inspect.signature(FasterRCNN.__init__).parameters if p not in {"self", "backbone", "num_classes",
                                                                                      "kwargs"}}
     assert own | {"size_divisible", "fixed_size"} == DETECTOR_KWARGS
+
+
+@pytest.mark.parametrize("width", [256, 512])
+def test_box_head_width_keeps_torchvisions_names(width):
+    """``representation_size`` narrows fc6/fc7 and the predictor's input; every state-dict name
+    stays torchvision's, and the parameter count drops by exactly the head's difference."""
+    base = {"num_classes": 5, "backbone": {"code": "1-2-2-2", "block": "basic", "base_channels": 8},
+            "neck": {"out_channels": 32}}
+    wide, narrow = build_detector(base), build_detector({**base, "representation_size": width})
+    assert list(narrow.state_dict()) == list(wide.state_dict())
+    sd = narrow.state_dict()
+    assert sd["roi_heads.box_head.fc6.weight"].shape == (width, 32 * 7 * 7)
+    assert sd["roi_heads.box_head.fc7.weight"].shape == (width, width)
+    assert sd["roi_heads.box_predictor.cls_score.weight"].shape == (5, width)
+    assert sd["roi_heads.box_predictor.bbox_pred.weight"].shape == (20, width)
+
+    def head(w):
+        return (32 * 49 + 1) * w + (w + 1) * w + (w + 1) * 5 + (w + 1) * 20
+    assert count_params(wide)["heads"] - count_params(narrow)["heads"] == head(1024) - head(width)
+    explicit = build_detector({**base, "representation_size": 1024})
+    assert [v.shape for v in explicit.state_dict().values()] == [v.shape for v in wide.state_dict().values()]
+    narrow.eval()(torch.rand(1, 3, 64, 64))  # runs end to end
+
+
+@pytest.mark.parametrize("value", [0, "512", 1.5, True])
+def test_box_head_width_must_be_a_positive_integer(value):
+    with pytest.raises(DescError, match="model desc representation_size: must be an integer >= 1"):
+        normalize_desc({"representation_size": value})
 
 
 def test_frozen_bn_option():

@@ -24,6 +24,18 @@ def test_phase_control_plan_follows_the_best_lineage_back_to_its_seed():
     assert steps.phase_control_plan(records[:2] + [records[4]]) is None  # no candidate succeeded
 
 
+def test_search_seeds_carry_their_lineage_into_the_next_search(tmp_path):
+    """A parallel search seeded by reignited serial candidates starts their lineage where the
+    serial search left it, so the final control trains as long as the whole lineage."""
+    from spnas.search.settings import SearchSettings
+    from spnas.search.state import new_state
+    seeds = steps.search_seeds([rec(2, 0, 0, 45, lineage=60), rec(0, None, -1, 40, lineage=0),
+                                rec(7, None, -1, 41, lineage=None)])
+    assert [s["lineage_iters"] for s in seeds] == [60, 0, 0]
+    state = new_state(SearchSettings(algorithm="SpNasP", max_sample=2, flops_size=64), seeds)
+    assert [r["lineage_iters"] for r in state["records"]] == [60, 0, 0]
+
+
 @pytest.mark.parametrize("searched, control, winner, why", [
     ((50.0, 5e6, 1.0), (48.0, 4e6, 0.8), "searched", "neither dominates"),   # better mAP, costs more: mAP decides
     ((47.0, 5e6, 1.0), (48.0, 4e6, 0.8), "control", "the control dominates"),

@@ -111,6 +111,9 @@ def _check_lineage(reports):
                 continue
             if name in ("serial", "parallel") and r["round"] >= 0:
                 assert r["lineage_iters"] == recs[r["parent"]]["lineage_iters"] + r["iters"] and r["iters"] > 0
+            elif name in ("serial", "parallel"):  # a seed: the previous phase's record with its weights
+                source = [p for p in prev.values() if p["weights"] == r["weights"]]
+                assert len(source) == 1 and r["lineage_iters"] == source[0]["lineage_iters"], (name, r["id"])
             elif name == "fully_train":
                 assert r["lineage_iters"] == prev[r["id"]]["lineage_iters"] + r["iters"]
             elif name == "reignition":

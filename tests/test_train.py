@@ -28,7 +28,7 @@ def _perf(out, arch_id="0"):
 
 @pytest.mark.slow
 def test_demo_schedule_learns_and_is_reproducible(demo_root, tmp_path):
-    """One epoch of the demo schedule learns (AP50 60.5 measured; chance is about 0); the same
+    """One epoch of the demo schedule learns (AP50 72.2 measured with the 512-wide box head; chance is about 0); the same
     short training twice gives identical weights and metrics. The metrics are the final model's
     (its weights are model_0.pth) and the effective lr is recorded."""
     def train(name, *schedule):
@@ -39,7 +39,7 @@ def test_demo_schedule_learns_and_is_reproducible(demo_root, tmp_path):
     runs = [train("a", "--epochs", "1")]
     a = _perf(runs[0])
     assert a["AP50"] >= AP50_THRESHOLD, a
-    assert a["params"] == 4_793_075 and a["iters"] == 60 and a["effective_lr"] == 0.02
+    assert a["params"] == 2_389_747 and a["iters"] == 60 and a["effective_lr"] == 0.02
     assert {k: a[k] for k in ("mAP", "AP50")} == {k: a["history"][-1][k] for k in ("mAP", "AP50")}
     assert a["history"][-1]["iteration"] == 60 and "best_iteration" not in a
     desc = json.loads((runs[0] / "desc_0.json").read_text())

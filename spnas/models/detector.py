@@ -12,11 +12,12 @@ from typing import Any
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..utils.errors import DescError
 from .backbone import SerialBackbone, SerialClassifier
-from .desc import DETECTOR_KWARGS, normalize_desc
+from .desc import DEFAULT_REPRESENTATION_SIZE, DETECTOR_KWARGS, normalize_desc
 from .neck import ParallelFPN
 
 
@@ -49,16 +50,24 @@ def build_detector(desc: Mapping[str, Any] | None = None) -> nn.Module:
 
     Missing keys take the defaults of :data:`DEFAULT_DESC`; other ``FasterRCNN`` keyword
     arguments (``min_size``, ``max_size``, ``box_score_thresh``...) pass through.
+    ``representation_size`` sets the width of the RoI box head (``roi_heads.box_head.fc6/fc7``
+    and the predictor's input, torchvision's module names at every width).
     """
     d = normalize_desc(desc)
     backbone = build_backbone(d)
     kwargs = {k: v for k, v in d.items() if k in DETECTOR_KWARGS}
     n_levels = len(d["neck"]["code"])
+    pool = MultiScaleRoIAlign(backbone.featmap_names, output_size=7, sampling_ratio=2)
+    width = d.get("representation_size", DEFAULT_REPRESENTATION_SIZE)
+    head: dict[str, Any] = {"num_classes": d["num_classes"]}
+    if width != DEFAULT_REPRESENTATION_SIZE:  # torchvision builds the same head itself at 1024
+        resolution = pool.output_size[0]
+        head = {"num_classes": None,
+                "box_head": TwoMLPHead(backbone.out_channels * resolution ** 2, width),
+                "box_predictor": FastRCNNPredictor(width, d["num_classes"])}
     try:
         return FasterRCNN(
-            backbone, num_classes=d["num_classes"],
-            rpn_anchor_generator=anchor_generator(n_levels + 1),
-            box_roi_pool=MultiScaleRoIAlign(backbone.featmap_names, output_size=7, sampling_ratio=2),
-            **kwargs)
+            backbone, rpn_anchor_generator=anchor_generator(n_levels + 1), box_roi_pool=pool,
+            **head, **kwargs)
     except (TypeError, ValueError) as exc:  # a bad pass-through keyword argument
         raise DescError(f"model desc keyword arguments {sorted(kwargs)} rejected by FasterRCNN: {exc}") from exc

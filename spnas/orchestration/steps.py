@@ -47,8 +47,10 @@ def seed_desc(step: StepConfig) -> dict[str, Any]:
 
 
 def search_seeds(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The seeds a search starts from: the previous phase's records, reduced to what a seed is."""
-    return [{"desc": r["desc"], "metrics": r["metrics"], "weights": r["weights"]} for r in records]
+    """The seeds a search starts from: the previous phase's records, reduced to what a seed is
+    (its lineage included: the equal-budget controls count every iteration since fine_tune)."""
+    return [{"desc": r["desc"], "metrics": r["metrics"], "weights": r["weights"],
+             "lineage_iters": r.get("lineage_iters") or 0} for r in records]
 
 
 def seed_codes(step: StepConfig) -> tuple[str, tuple]:
