@@ -32,6 +32,26 @@ def prepare(config: str, seed: int, candidate_epochs: int, full_epochs: int) -> 
     return json.dumps(pods.prepare(config, seed, candidate_epochs, full_epochs))
 
 
+def preflight(config: str, overrides: str, data_uri: str, run_uri: str, expected: str) -> str:
+    """Refuse in seconds a run that cannot succeed, before any pod trains: the image's spnas
+    version, the config's shape against the compiled DAG, the data set's COCO layout, a writable
+    results prefix.
+
+    Args:
+        config: the run config text.
+        overrides: JSON list of config overrides (from prepare).
+        data_uri: the detection data set (COCO layout).
+        run_uri: this run's prefix (a marker is written there and deleted).
+        expected: what the pipeline was compiled for (spnas version and DAG shape, JSON).
+
+    Returns what was checked (JSON text).
+    """
+    import json
+
+    from spnas.orchestration import pods
+    return json.dumps(pods.preflight(config, overrides, data_uri, run_uri, expected))
+
+
 def run_prefix(results_uri: str, job_id: str) -> str:
     """Where this run publishes its files.
 
@@ -305,7 +325,7 @@ def publish(config: str, serial_front: list[dict], parallel_front: list[dict], b
                        {"serial": serial_control, "parallel": parallel_control}, run_uri, report.path, overrides)
 
 
-_FUNCTIONS = (prepare, run_prefix, fine_tune, search_init, propose, candidates, train_candidate, update,
+_FUNCTIONS = (prepare, preflight, run_prefix, fine_tune, search_init, propose, candidates, train_candidate, update,
               search_front, choose, reignite, collect, full_train, finish, reignite_if_plateau, phase_control, final_control,
               publish)
 

@@ -23,15 +23,44 @@ DEFAULT_IMAGE = "ghcr.io/spnas-kfp/spnas:0.1.0"
 SECRET = "spnas-s3"   # keys: endpoint, accesskey, secretkey
 
 
+#: Requests and limits of the light tasks (bookkeeping, plots, reports: no training).
+LIGHT_RESOURCES = {"cpu_request": "500m", "cpu_limit": "1", "memory_request": "1Gi", "memory_limit": "2Gi"}
+#: Task time limits in seconds (Kubernetes activeDeadlineSeconds per pod): light tasks, one
+#: search candidate / reignition / phase control, and the long trainings (fine_tune, full train
+#: and its control).
+TIMEOUTS = {"light": 1800, "candidate": 24 * 3600, "long": 7 * 24 * 3600}
+#: How long Argo keeps retrying a failed task, counted from its first start: long enough for a
+#: multi-day training preempted near its end (Argo's default window, 1 h, is shorter than one epoch).
+HEAVY_RETRY_WINDOW = "259200s"   # 72 h
+LIGHT_RETRY_WINDOW = "3600s"
+
+
+def check_image(image: str, require_digest: bool) -> str:
+    """``image``, refused when ``require_digest`` and it is not pinned by ``@sha256:`` digest (a
+    mutable tag can change under a scheduled retraining)."""
+    if require_digest and "@sha256:" not in image:
+        raise SystemExit(f"--image {image!r} is not pinned by digest (name@sha256:...); "
+                         "pass the digest or drop --require-digest")
+    return image
+
+
 def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parallelism: int = 4,
-                   retries: int = 2, secret: "str | None" = SECRET, caching: bool = False):
+                   retries: int = 2, secret: "str | None" = SECRET, caching: bool = False,
+                   timeouts: "dict[str, int] | None" = None, shm_size: str = "2Gi",
+                   image_pull_secret: "str | None" = None, require_digest: bool = False):
     """Return the ``@dsl.pipeline`` function for ``config_path`` (read now, embedded as text),
-    every component running on ``image``."""
+    every component running on ``image``.
+
+    Every task gets requests and limits, a retry policy (heavy tasks: a 72 h window) and a time
+    limit (``timeouts`` overrides :data:`TIMEOUTS` per kind); training pods mount a memory-backed
+    ``/dev/shm`` of ``shm_size`` and take the run's node selector and tolerations."""
     from kfp import dsl, kubernetes
 
     from components.spnas_components import build_components
     from spnas.config import load_config
-    c = build_components(image)
+    from spnas.orchestration.pods import compiled_contract
+    c = build_components(check_image(image, require_digest))
+    limits = {**TIMEOUTS, **(timeouts or {})}
 
     raw = yaml.safe_load(Path(config_path).read_text())
     cfg = load_config(raw, workdir="/tmp/spnas")
@@ -45,36 +74,53 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     # the config's own spelling (not made absolute), so the compiled file is the same anywhere
     data_default = str(((raw.get(roles["fine_tune"].name) or {}).get("dataset") or {}).get("common", {}).get("data_root", ""))
 
-    def heavy(task, cpu, memory, accelerator, gpus):
-        """Training pods: resources, retries, object-store secret, shared memory for loaders."""
-        task.set_cpu_request(cpu).set_memory_request(memory).set_retry(retries, backoff_duration="60s")
+    def heavy(task, cpu, memory, accelerator, gpus, kind="candidate"):
+        """Training pods: requests = limits (an OOM stays in its pod), a long retry window, a time
+        limit, the run's node selector and tolerations, shared memory for the data loaders."""
+        task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
         task.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
-        task.set_caching_options(caching)
-        light(task)
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        _common(task, kind)
+        task.set_retry(retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration=HEAVY_RETRY_WINDOW)
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=shm_size)
+        kubernetes.add_node_selector_json(task, node_selector_json=ctx_params["node_selector"])
+        kubernetes.add_toleration_json(task, toleration_json=ctx_params["tolerations"])
         return task
 
     def light(task):
+        """Bookkeeping pods: small requests and limits, retries within an hour, a short time limit."""
+        task.set_cpu_request(LIGHT_RESOURCES["cpu_request"]).set_cpu_limit(LIGHT_RESOURCES["cpu_limit"])
+        task.set_memory_request(LIGHT_RESOURCES["memory_request"]).set_memory_limit(LIGHT_RESOURCES["memory_limit"])
+        _common(task, "light")
+        task.set_retry(retries, backoff_duration="10s", backoff_factor=2.0, backoff_max_duration=LIGHT_RETRY_WINDOW)
+        return task
+
+    def _common(task, kind):
         task.set_caching_options(caching)
+        kubernetes.set_timeout(task, int(limits[kind]))
+        if image_pull_secret:
+            kubernetes.set_image_pull_secrets(task, [image_pull_secret])
         if secret:
             kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={
                 "endpoint": "SPNAS_S3_ENDPOINT", "accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"})
-        return task
 
-    def resource_inputs(ctx):
+    ctx_params: dict = {}
+
+    def resource_inputs(res):
         """The resource parameters as inputs too: a task inside a ParallelFor resolves pipeline
         parameters used in its resource requests only when it takes them as inputs (kfp.local)."""
-        return {"accelerator_type": ctx["res"]["accelerator"], "gpus_per_task": ctx["res"]["gpus"],
-                "cpu_per_task": ctx["res"]["cpu"], "memory_per_task": ctx["res"]["memory"]}
+        return {"accelerator_type": res["accelerator"], "gpus_per_task": res["gpus"],
+                "cpu_per_task": res["cpu"], "memory_per_task": res["memory"]}
 
-    def fan_out(step, front, component, ctx, loop_name):
-        """The step's top-k models of ``front``, one ``component`` pod each (``parallelism`` at once)."""
+    def fan_out(step, front, component, ctx, loop_name, res, kind):
+        """The step's top-k models of ``front``, one ``component`` pod each (``parallelism`` at once)
+        with resources ``res`` and time limit ``kind``."""
         chosen = light(c.choose(config=ctx["config"], step=step.name, front=front, run_uri=ctx["run_uri"],
                                 overrides=ctx["overrides"]))
         chosen.set_display_name(f"{step.name}: choose models")
         with dsl.ParallelFor(chosen.output, parallelism=parallelism, name=loop_name) as item:
             task = heavy(component(config=ctx["config"], step=step.name, item=item, data_uri=ctx["data_uri"],
-                                   **resource_inputs(ctx)), **ctx["res"])
+                                   **resource_inputs(res)), **res, kind=kind)
             task.set_display_name(step.name)
         return dsl.Collected(task.outputs["Output"])
 
@@ -94,7 +140,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                 # inside the loop only pipeline parameters and the item: kfp.local resolves other
                 # tasks' outputs to the loop item there (run prefix and overrides ride on the item)
                 train = heavy(c.train_candidate(config=ctx["config"], step=step.name, candidate=cand,
-                                                data_uri=ctx["data_uri"], **resource_inputs(ctx)), **ctx["res"])
+                                                data_uri=ctx["data_uri"], **resource_inputs(ctx["res"])), **ctx["res"])
                 train.set_display_name(f"{step.name} round {r}: train candidate")
             upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"]), step=step.name))
             upd.set_display_name(f"{step.name} round {r}: update")
@@ -102,7 +148,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
             if step.role == "serial" and step.search.get("reignition_patience") and r + 1 < math.ceil(n / k):
                 re_ = heavy(c.reignite_if_plateau(config=ctx["config"], step=step.name, state=state,
                                                   data_uri=ctx["data_uri"], run_uri=ctx["run_uri"],
-                                                  overrides=ctx["overrides"], **resource_inputs(ctx)), **ctx["res"])
+                                                  overrides=ctx["overrides"], **resource_inputs(ctx["res"])), **ctx["res"])
                 re_.set_display_name(f"{step.name} round {r}: reignite if the front stopped improving")
                 state = re_.output
         front = light(c.search_front(state=state, run_uri=ctx["run_uri"], step=step.name))
@@ -110,46 +156,61 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         if not cfg.control:
             return front, {}
         ctrl = heavy(c.phase_control(config=ctx["config"], step=step.name, state=state, data_uri=ctx["data_uri"],
-                                     run_uri=ctx["run_uri"], overrides=ctx["overrides"], **resource_inputs(ctx)),
+                                     run_uri=ctx["run_uri"], overrides=ctx["overrides"], **resource_inputs(ctx["res"])),
                      **ctx["res"])
         ctrl.set_display_name(f"{step.name}: equal-budget control")
         return front, ctrl.outputs["Output"]
+
+    contract = compiled_contract(Path(config_path).read_text())
 
     @dsl.pipeline(name="spnas", description="SP-NAS: serial-to-parallel detection backbone search "
                   f"(config {Path(config_path).name})")
     def spnas_pipeline(data_uri: str = data_default, results_uri: str = "minio://mlpipeline/spnas-runs",
                        seed: int = cfg.seed, candidate_epochs: int = -1, full_epochs: int = -1,
                        accelerator_type: str = "nvidia.com/gpu", gpus_per_task: int = 0,
-                       cpu_per_task: str = "2", memory_per_task: str = "8G", config: str = text):
+                       cpu_per_task: str = "2", memory_per_task: str = "8G",
+                       full_train_gpus: int = 0, full_train_cpu: str = "4", full_train_memory: str = "16G",
+                       node_selector: dict = {}, tolerations: list = [],  # noqa: B006 (kfp pipeline defaults)
+                       config: str = text):
+        ctx_params.update(node_selector=node_selector, tolerations=tolerations)
         prep = light(c.prepare(config=config, seed=seed, candidate_epochs=candidate_epochs, full_epochs=full_epochs))
         prep.set_display_name("validate config")
         prefix = light(c.run_prefix(results_uri=results_uri, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
         prefix.set_display_name("run prefix")
+        pre = light(c.preflight(config=config, overrides=prep.output, data_uri=data_uri, run_uri=prefix.output,
+                                expected=contract))
+        pre.set_display_name("preflight: image, config shape, data set, results prefix")
+        # a refusal is deterministic and storage hiccups are retried inside the task: one retry
+        # at once covers a lost pod without repeating a refusal for minutes
+        pre.set_retry(1, backoff_duration="0s", backoff_max_duration=LIGHT_RETRY_WINDOW)
         # single-output tasks only: kfp.local mis-resolves named outputs used inside a ParallelFor
         ctx = {"config": config, "data_uri": data_uri, "run_uri": prefix.output, "overrides": prep.output,
                "res": {"cpu": cpu_per_task, "memory": memory_per_task, "accelerator": accelerator_type,
                        "gpus": gpus_per_task}}
+        full = {"cpu": full_train_cpu, "memory": full_train_memory, "accelerator": accelerator_type,
+                "gpus": full_train_gpus}
         ft = heavy(c.fine_tune(config=config, step=roles["fine_tune"].name, data_uri=data_uri,
-                               run_uri=ctx["run_uri"], overrides=ctx["overrides"]), **ctx["res"])
-        ft.set_display_name("fine_tune")
+                               run_uri=ctx["run_uri"], overrides=ctx["overrides"]), **full, kind="long")
+        ft.set_display_name("fine_tune").after(pre)
         serial_front, serial_control = search(roles["serial"], ft.outputs["Output"], ctx)
         seeds = serial_front.outputs["Output"]
         if "reignition" in roles and roles["reignition"].top_k != 0:
             step = roles["reignition"]
-            done = light(c.collect(records=fan_out(step, seeds, c.reignite, ctx, "reignition"),
+            done = light(c.collect(records=fan_out(step, seeds, c.reignite, ctx, "reignition", ctx["res"], "candidate"),
                                    run_uri=ctx["run_uri"], step=step.name))
             done.set_display_name(f"{step.name}: collect")
             seeds = done.output
         parallel_front, parallel_control = search(roles["parallel"], seeds, ctx)
         step = roles["full_train"]
-        best = light(c.finish(records=fan_out(step, parallel_front.outputs["Output"], c.full_train, ctx, "full-train"),
+        best = light(c.finish(records=fan_out(step, parallel_front.outputs["Output"], c.full_train, ctx, "full-train",
+                                              full, "long"),
                               run_uri=ctx["run_uri"], step=step.name))
         best.set_display_name("full train: best model")
         controls = {}
         if cfg.control:
             final = heavy(c.final_control(config=config, step=step.name, fine_tuned=ft.outputs["Output"], best=best.output,
                                           data_uri=data_uri, run_uri=ctx["run_uri"], overrides=ctx["overrides"],
-                                          **resource_inputs(ctx)), **ctx["res"])
+                                          **resource_inputs(full)), **full, kind="long")
             final.set_display_name("full train: equal-budget control")
             controls = final.outputs["Output"]
         pub = light(c.publish(config=config, serial_front=serial_front.outputs["Output"],

@@ -2,6 +2,7 @@
 kfp.local run of the compiled YAML, and component bodies with real artifact objects."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,82 @@ def test_dag_shape(compiled):
     assert all(v["emptyDirMounts"][0]["mountPath"] == "/dev/shm" for v in heavy)
 
 
+def _container_tasks(spec):
+    """(dag name, task name, task) of every task that runs a container, in every DAG."""
+    dags = {"root": spec["root"]["dag"]} | {n: c["dag"] for n, c in spec["components"].items() if "dag" in c}
+    execs = {n: c.get("executorLabel") for n, c in spec["components"].items()}
+    return [(d, n, t) for d, dag in dags.items() for n, t in dag["tasks"].items()
+            if execs.get(t["componentRef"]["name"])]
+
+
+HEAVY = ("fine-tune", "train-candidate", "reignite", "full-train", "control")
+LONG = ("fine-tune", "full-train", "final-control")
+
+
+def test_every_task_has_requests_limits_retries_and_a_time_limit(compiled):
+    """What a shared cluster needs of every pod: requests and limits (an OOM stays in its pod),
+    a retry policy (training: a window of at least 24 h), a time limit; training pods take the
+    run's node selector and tolerations and a bounded /dev/shm; the long trainings take the full
+    train's resources."""
+    from pipelines.spnas_pipeline import HEAVY_RETRY_WINDOW, TIMEOUTS
+    _, docs = compiled
+    spec, k8s = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    execs = spec["deploymentSpec"]["executors"]
+    assert len(execs) == 34
+    for name, e in execs.items():
+        res = e["container"]["resources"]
+        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(res), name
+        heavy = any(h in name for h in HEAVY)
+        plat = k8s[name]
+        assert int(plat["activeDeadlineSeconds"]) == TIMEOUTS["long" if any(h in name for h in LONG) else
+                                                              "candidate" if heavy else "light"], name
+        if heavy:
+            params = "full_train" if any(h in name for h in LONG) else "per_task"
+            want = "{{$.inputs.parameters['pipelinechannel--%s']}}"
+            assert res["resourceMemoryLimit"] == res["resourceMemoryRequest"] == want % (
+                "full_train_memory" if params == "full_train" else "memory_per_task"), name
+            assert res["resourceCpuLimit"] == want % ("full_train_cpu" if params == "full_train" else "cpu_per_task")
+            # the pipeline parameter itself at the root, its channel inside a ParallelFor
+            assert plat["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] in {
+                "node_selector", "pipelinechannel--node_selector"}, name
+            [tol] = plat["tolerations"]
+            assert tol["tolerationJson"]["componentInputParameter"] in {"tolerations", "pipelinechannel--tolerations"}
+            assert plat["emptyDirMounts"][0]["sizeLimit"] == "2Gi"
+        else:
+            assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("1", "2Gi"), name
+            assert "nodeSelector" not in plat and "emptyDirMounts" not in plat
+    tasks = _container_tasks(spec)
+    assert len(tasks) == 34
+    for dag, name, t in tasks:
+        policy = t.get("retryPolicy")
+        assert policy and policy["maxRetryCount"] == (1 if name == "preflight" else 2), (dag, name)
+        window = int(policy["backoffMaxDuration"].rstrip("s"))
+        ex = spec["components"][t["componentRef"]["name"]]["executorLabel"]
+        if any(h in ex for h in HEAVY):
+            assert window == int(HEAVY_RETRY_WINDOW.rstrip("s")) >= 24 * 3600, (dag, name)
+        else:
+            assert window == 3600, (dag, name)
+
+
+def test_preflight_runs_before_any_training_and_carries_the_compiled_contract(compiled):
+    from spnas.orchestration.pods import compiled_contract
+    _, docs = compiled
+    tasks = docs[0]["root"]["dag"]["tasks"]
+    assert "preflight" in tasks["fine-tune"]["dependentTasks"]
+    assert set(tasks["preflight"]["dependentTasks"]) == {"prepare", "run-prefix"}
+    expected = tasks["preflight"]["inputs"]["parameters"]["expected"]["runtimeValue"]["constant"]
+    assert json.loads(expected) == json.loads(compiled_contract(DEMO.read_text()))
+    assert json.loads(expected)["shape"]["serial.search_algorithm.max_sample"] == 4
+
+
+def test_image_digest_can_be_required(tmp_path):
+    from pipelines.spnas_pipeline import check_image
+    with pytest.raises(SystemExit, match="not pinned by digest"):
+        check_image("ghcr.io/spnas-kfp/spnas:0.1.0", require_digest=True)
+    pinned = "ghcr.io/spnas-kfp/spnas@sha256:" + "0" * 64
+    assert check_image(pinned, require_digest=True) == pinned
+
+
 @pytest.mark.slow
 def test_image_is_an_argument_not_an_environment_variable(tmp_path):
     """Two compiles with different images in one process each get their own image."""
@@ -202,6 +279,43 @@ def test_compiled_yaml_runs_under_kfp_local_and_agrees_with_spnas_run(tiny_data,
         want = [(r["id"], r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], r["metrics"]["mAP"])
                 for r in local["phases"][step]["records"]]
         assert got == want, step
+
+
+def test_preflight_refuses_under_kfp_local_in_seconds_before_any_training(tiny_data, tmp_path, capfd):
+    """The compiled pipeline under kfp.local: a missing data set, and a config parameter whose
+    max_sample differs from the compiled one, each stop the run at preflight (the fourth task)
+    within seconds; no training task starts."""
+    import builtins
+    import time
+
+    import kfp.local
+    from kfp.components import load_component_from_file
+    package = tmp_path / "tiny_pipeline.yaml"
+    config = _tiny_config(tmp_path, tiny_data)
+    _compile(config, package, parallelism=2)
+    pipeline = load_component_from_file(str(package))
+    bigger = json.dumps(yaml.safe_load(_tiny_config(tmp_path, tiny_data, ["serial.search_algorithm.max_sample=4"])
+                                       .read_text()))
+    cases = {"missing": ({"data_uri": str(tmp_path / "no-such-data")}, "image folder .*no-such-data/train2017/ is missing"),
+             "shape": ({"data_uri": str(tiny_data), "config": bigger},
+                       "config key serial.search_algorithm.max_sample is 4 at run time but the pipeline was compiled "
+                       "for 2")}
+    for case, (args, message) in cases.items():
+        root = tmp_path / f"root-{case}"
+        kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+        saved, t0 = builtins.print, time.monotonic()
+        try:
+            with pytest.raises(RuntimeError, match="preflight"):
+                pipeline(results_uri=str(tmp_path / f"results-{case}"), seed=0, **args)
+        finally:
+            builtins.print = saved
+        elapsed = time.monotonic() - t0
+        out = capfd.readouterr()
+        assert re.search(message, out.out + out.err), case
+        started = {p.name for p in next(root.iterdir()).iterdir()}  # the tasks that wrote outputs
+        assert started <= {"preflight", "prepare", "run-prefix"}, (case, started)
+        assert not (tmp_path / f"results-{case}").exists() or not any((tmp_path / f"results-{case}").rglob("*.pth"))
+        assert elapsed < 30, (case, elapsed)  # 3 light tasks, the refusal tried twice
 
 
 def test_component_bodies_with_real_artifacts(tiny_data, tmp_path):

@@ -6,6 +6,7 @@ the whole module, and is always stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import os
@@ -45,9 +46,10 @@ def _start(d: Path, **kw) -> dict:
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("objectstore")
     creds = {"access_key": "AKSPNAS" + secrets.token_hex(6).upper(), "secret_key": "sk" + secrets.token_hex(16)}
+    reader = ("AKREAD" + secrets.token_hex(6).upper(), "sk" + secrets.token_hex(16))  # may read and list only
     try:
-        info = _start(d, buckets=[BUCKET], **creds)
-        yield {**info, "dir": d, "env": objectstore.env(d), **creds}
+        info = _start(d, buckets=[BUCKET], readers=dict([reader]), **creds)
+        yield {**info, "dir": d, "env": objectstore.env(d), "reader": reader, **creds}
     finally:
         res = objectstore.stop(d, grace=5)
         assert not objectstore.status(d, probe=False)["running"], res
@@ -248,6 +250,57 @@ def test_missing_bucket_and_key_name_the_uri(s3env, tmp_path):
     with pytest.raises(StorageError, match="s3://no-such-bucket/p/.*does not exist"):
         storage.upload(tmp_path, "s3://no-such-bucket/p/")
     assert not storage.exists("s3://no-such-bucket/p")
+
+
+def test_write_check_leaves_nothing_and_names_what_refused(s3env, server, tmp_path, monkeypatch):
+    marker = storage.check_writable(f"s3://{BUCKET}/results/run-1")
+    assert marker.startswith(f"s3://{BUCKET}/results/run-1/.spnas-write-check-")
+    assert storage.list_objects(f"s3://{BUCKET}/results/") == []  # written and deleted
+    local = storage.check_writable(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir() and not Path(local).exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="results location .*file/sub' is not writable"):
+        storage.check_writable(str(tmp_path / "file" / "sub"))
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        storage.check_writable("minio://no-such-bucket/spnas")
+    # a read-only identity (as a Kubeflow profile outside its own prefix): reading works, writing is denied
+    monkeypatch.setenv(storage.ENV_ACCESS_KEY, server["reader"][0])
+    monkeypatch.setenv(storage.ENV_SECRET_KEY, server["reader"][1])
+    assert storage.list_objects(f"s3://{BUCKET}/results/") == []
+    with pytest.raises(StorageError, match=f"access denied at {server['endpoint']}.*upload s3://{BUCKET}/shared/"):
+        storage.check_writable(f"s3://{BUCKET}/shared")
+
+
+def test_preflight_against_the_store(s3env, server, tmp_path, monkeypatch):
+    """The pipeline's preflight with the data set and the results prefix in the object store:
+    passes on a complete COCO layout and a writable prefix; otherwise lists every problem, each
+    naming its URI, within seconds."""
+    from helpers import DEMO, demo
+
+    from spnas.data.source import CocoSource
+    from spnas.orchestration import pods
+    from spnas.utils.errors import PreflightError
+    data = demo(tmp_path / "demo", train=2, val=2, size=64)
+    storage.upload(data, f"minio://{BUCKET}/datasets/pf")
+    assert CocoSource(f"minio://{BUCKET}/datasets/pf").missing() == []
+    text = DEMO.read_text()
+    expected = pods.compiled_contract(text)
+    t0 = time.monotonic()
+    got = pods.preflight(text, "[]", f"minio://{BUCKET}/datasets/pf", f"minio://{BUCKET}/runs/r1", expected)
+    assert got["data"] == f"minio://{BUCKET}/datasets/pf" and got["version"] == json.loads(expected)["version"]
+    assert storage.list_objects(f"minio://{BUCKET}/runs/") == []
+    with pytest.raises(PreflightError) as err:
+        pods.preflight(text, "[]", f"minio://{BUCKET}/datasets/none", "minio://no-such-bucket/r1", expected)
+    problems = str(err.value).splitlines()[1:]
+    assert len(problems) == 5, problems
+    assert f"annotation file minio://{BUCKET}/datasets/none/annotations/instances_val2017.json is missing" in str(err.value)
+    assert "bucket 'no-such-bucket' does not exist" in problems[-1]
+    monkeypatch.setenv(storage.ENV_ACCESS_KEY, server["reader"][0])
+    monkeypatch.setenv(storage.ENV_SECRET_KEY, server["reader"][1])
+    with pytest.raises(PreflightError, match="access denied") as err:
+        pods.preflight(text, "[]", f"minio://{BUCKET}/datasets/pf", f"minio://{BUCKET}/private/other", expected)
+    assert len(str(err.value).splitlines()) == 2  # the data set is readable: only the results prefix is refused
+    assert time.monotonic() - t0 < 30
 
 
 def _fetch_in_child(uri: str, cache: str, expected: dict, q) -> None:

@@ -23,6 +23,34 @@ class CocoSource:
         from .coco import load_split
         return load_split(self.root, split, train, seed, self.img_prefix, self.ann_prefix)
 
+    def layout(self) -> list[tuple[str, bool]]:
+        """The locations the COCO layout needs, as ``(path or URI, is_folder)``: per split
+        (train, val) its annotation file and its image folder."""
+        root = self.root.rstrip("/")
+        out = []
+        for split in ("train", "val"):
+            out.append((f"{root}/annotations/{self.ann_prefix}_{split}{self.img_prefix}.json", False))
+            out.append((f"{root}/{split}{self.img_prefix}/", True))
+        return out
+
+    def missing(self) -> list[str]:
+        """What the layout lacks, one message per location (empty: complete). Reads no data:
+        one existence check per file or folder (an object store answers from its index)."""
+        from pathlib import Path
+
+        from ..storage import exists, is_uri
+        out = []
+        for loc, folder in self.layout():
+            if is_uri(loc):
+                found = exists(loc)
+            else:
+                p = Path(loc)
+                found = p.is_dir() and any(p.iterdir()) if folder else p.is_file()
+            if not found:
+                out.append(f"{'image folder' if folder else 'annotation file'} {loc} is missing"
+                           + (" or empty" if folder else ""))
+        return out
+
     def local(self) -> CocoSource:
         """The same source with a URI root replaced by its local (cached) copy."""
         from ..storage import is_uri, local_path

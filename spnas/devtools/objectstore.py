@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -326,7 +326,7 @@ def status(data_dir: str | os.PathLike[str], probe: bool = True) -> dict[str, An
 
 def start(data_dir: str | os.PathLike[str], port: int | None = None, access_key: str | None = None,
           secret_key: str | None = None, *, buckets: Sequence[str] = (), ready_timeout: float = 60.0,
-          weed: str | None = None) -> dict[str, Any]:
+          weed: str | None = None, readers: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Start (or find running) the object store of ``data_dir``; returns :func:`status`'s dict
     plus ``already_running`` and ``seconds``.
 
@@ -334,7 +334,8 @@ def start(data_dir: str | os.PathLike[str], port: int | None = None, access_key:
     starts reuse them, and a different ``port`` is refused. Ready = ``list_buckets()`` succeeds
     and every volume on disk is registered again, within ``ready_timeout`` seconds (else the
     server is stopped and :class:`StorageError` shows the log's tail). ``buckets`` are created
-    when missing."""
+    when missing. ``readers`` (access key -> secret key) are extra identities that may read and
+    list but not write (tests of a read-only results prefix); they take effect on a fresh start."""
     d = Path(data_dir).expanduser().resolve()
     d.mkdir(parents=True, exist_ok=True)
     weed_dir = d / WEED_DIR
@@ -364,7 +365,9 @@ def start(data_dir: str | os.PathLike[str], port: int | None = None, access_key:
         ak, sk = _credentials(d, access_key, secret_key)
         _write_private(d / CREDENTIALS_FILE, {"access_key": ak, "secret_key": sk})
         identities = {"identities": [{"name": "spnas", "credentials": [{"accessKey": ak, "secretKey": sk}],
-                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]
+                      + [{"name": f"reader-{i}", "credentials": [{"accessKey": k, "secretKey": v}],
+                          "actions": ["Read", "List"]} for i, (k, v) in enumerate(sorted((readers or {}).items()))]}
         _write_private(d / IDENTITIES_FILE, identities)
         weed_dir.mkdir(exist_ok=True)
         cmd = _command(weed or weed_binary(), weed_dir, d / IDENTITIES_FILE, p)

@@ -18,20 +18,22 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .. import __version__
 from ..config import load_config
 from ..config.types import RunConfig, StepConfig
 from ..search import front
 from ..search import propose as _propose
 from ..search import update as _update
 from ..search.records import result_of
-from ..storage import is_uri, upload
-from ..utils.errors import ConfigError
+from ..storage import check_writable, is_uri, upload
+from ..utils.errors import ConfigError, PreflightError, SpnasError
 from ..utils.fileio import atomic_write_json
 from . import steps
 from .reports import control_summary, report_markdown, write_output_csv
@@ -144,6 +146,53 @@ def prepare(config_text: str, seed: int, candidate_epochs: int, full_epochs: int
             overrides.append(f"{s.name}.trainer.epochs={int(full_epochs)}")
     load_config(raw, workdir=tempfile.gettempdir(), overrides=overrides)
     return overrides
+
+
+def compiled_contract(config_text: str) -> str:
+    """What a pipeline compiled from ``config_text`` expects at run time (JSON text): this
+    package's version and the DAG's shape (:func:`~.steps.pipeline_shape`). The pipeline embeds
+    it as the preflight task's ``expected`` input."""
+    return json.dumps({"version": __version__, "shape": steps.pipeline_shape(load_run(config_text))}, sort_keys=True)
+
+
+def preflight(config_text: str, overrides: Sequence[str] | str, data_uri: str, run_uri: str, expected: str) -> dict:
+    """Refuse a run that cannot succeed, before any pod trains: the image's package version is
+    the compiled one, the run's config has the compiled DAG's shape, the detection data set has
+    the COCO layout (annotation files and non-empty image folders for train and val, checked by
+    existence only) and the run's results prefix takes a file (a marker written and deleted).
+
+    Returns ``{"data": root, "results": run_uri, "version", "seconds"}``; raises
+    :class:`PreflightError` listing every problem found."""
+    t0 = time.monotonic()
+    want = json.loads(expected)
+    problems: list[str] = []
+    if want.get("version") != __version__:
+        problems.append(f"the image runs spnas {__version__} but the pipeline was compiled with spnas "
+                        f"{want.get('version')}: rebuild the image or recompile the pipeline")
+    try:
+        cfg = load_run(config_text, overrides)
+    except ConfigError as exc:
+        raise PreflightError(f"preflight refused the run: {exc}") from None
+    problems += steps.shape_mismatch(want.get("shape") or {}, steps.pipeline_shape(cfg))
+    if any(p.startswith("config key") for p in problems):
+        problems.append("the pipeline's rounds and tasks are fixed when it is compiled: recompile it from this "
+                        "config (make compile CONFIG=...) instead of changing the config parameter")
+    ft = cfg.step("fine_tune") or cfg.steps[0]
+    source = steps.detection_source(cfg, ft, data_uri or None)
+    try:
+        problems += [f"data set: {m}" for m in source.missing()]
+    except SpnasError as exc:  # an unreachable store, bad credentials, a missing bucket
+        problems.append(f"data set {source.root}: {exc}")
+    try:
+        check_writable(run_uri)
+    except SpnasError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise PreflightError("preflight refused the run:\n  - " + "\n  - ".join(problems))
+    seconds = round(time.monotonic() - t0, 3)
+    log.info("preflight passed in %.2f s: data %s, results %s writable, spnas %s", seconds, source.root, run_uri,
+             __version__)
+    return {"data": source.root, "results": run_uri, "version": __version__, "seconds": seconds}
 
 
 def run_prefix(results_uri: str, job_id: str) -> str:

@@ -197,3 +197,31 @@ def winner(searched: Mapping[str, Any], control: Mapping[str, Any], keys: Sequen
     if b["mAP"] > a["mAP"]:
         return "control", f"neither dominates on {', '.join(keys)}; the control has the higher mAP"
     return "searched", f"neither dominates on {', '.join(keys)}; the searched model has the higher (or equal) mAP"
+
+
+def pipeline_shape(config: RunConfig) -> dict[str, Any]:
+    """What the Kubeflow pipeline's compiled DAG fixes from the config (its rounds are unrolled,
+    its tasks named after the steps), keyed by the config key that sets it. A run whose config
+    gives another shape must be refused: the DAG would silently truncate or skip work."""
+    shape: dict[str, Any] = {"pipeline": [[s.name, s.role] for s in config.steps], "general.control": config.control}
+    for s in config.steps:
+        if s.role in ("serial", "parallel"):
+            search = s.search or {}
+            shape[f"{s.name}.search_algorithm.max_sample"] = search.get("max_sample")
+            shape[f"{s.name}.search_algorithm.candidates_per_round"] = search.get("candidates_per_round", 4)
+            if s.role == "serial":
+                shape[f"{s.name}.search_algorithm.reignition_patience"] = \
+                    "set" if search.get("reignition_patience") else "not set"
+        if s.role == "reignition":
+            shape[f"{s.name}.top_k"] = "0" if s.top_k == 0 else "not 0"
+    return shape
+
+
+def shape_mismatch(compiled: Mapping[str, Any], runtime: Mapping[str, Any]) -> list[str]:
+    """One message per key whose run-time value differs from the compiled one."""
+    out = []
+    for key in sorted(set(compiled) | set(runtime)):
+        a, b = runtime.get(key), compiled.get(key)
+        if a != b:
+            out.append(f"config key {key} is {a!r} at run time but the pipeline was compiled for {b!r}")
+    return out

@@ -19,6 +19,7 @@ from .client import (
                      ObjectInfo,
                      RetryPolicy,
                      Store,
+                     check_writable,
                      exists,
                      list_objects,
                      upload,
@@ -26,6 +27,6 @@ from .client import (
 from .uri import SCHEMES, is_uri, make_uri, parse_uri
 
 __all__ = ["StorageError", "FetchStats", "fetch", "local_path", "totals", "default_cache_dir", "Store",
-           "RetryPolicy", "ObjectInfo", "upload", "exists", "list_objects", "is_uri", "parse_uri", "make_uri",
+           "RetryPolicy", "ObjectInfo", "upload", "check_writable", "exists", "list_objects", "is_uri", "parse_uri", "make_uri",
            "SCHEMES", "ENV_CACHE", "ENV_ENDPOINT", "ENV_ACCESS_KEY", "ENV_SECRET_KEY", "ENV_REGION",
            "ENV_SESSION_TOKEN", "ENV_RETRIES", "ENV_RETRY_DELAY"]

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import io
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..utils.errors import StorageError
-from .uri import make_uri, parse_uri, scheme_of
+from .uri import is_uri, make_uri, parse_uri, scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +293,17 @@ class Store:
         res = self.call("upload", uri, lambda: self.client.fput_object(bucket, key, str(path)))
         return (res.etag or "").strip('"')
 
+    def put_bytes(self, bucket: str, key: str, data: bytes, uri: str = "") -> str:
+        """Upload ``data`` as one object; returns the new ETag."""
+        uri = uri or make_uri("s3", bucket, key)
+        res = self.call("upload", uri, lambda: self.client.put_object(bucket, key, io.BytesIO(data), len(data)))
+        return (res.etag or "").strip('"')
+
+    def remove(self, bucket: str, key: str, uri: str = "") -> None:
+        """Delete one object (a missing one is no error, as in S3)."""
+        uri = uri or make_uri("s3", bucket, key)
+        self.call("delete", uri, lambda: self.client.remove_object(bucket, key))
+
 
 def open_store(store: Store | None) -> tuple[Store, bool]:
     """(store, owned): a new store from the environment when none is given."""
@@ -376,6 +389,37 @@ def list_objects(uri: str, *, store: Store | None = None) -> list[str]:
         if key and not key.endswith("/"):
             found = [o for o in found if o.key == key or o.key.startswith(key + "/")]
         return [make_uri(scheme, bucket, o.key) for o in found]
+    finally:
+        if owned:
+            st.close()
+
+
+def check_writable(location: str, *, store: Store | None = None) -> str:
+    """Prove that ``location`` (a URI prefix or a local folder) takes new files: write a small
+    marker object under it and delete it again. Returns the marker's URI or path. Raises
+    :class:`StorageError` naming the location (a missing bucket, access denied, a path that is
+    not a folder)."""
+    name = f".spnas-write-check-{secrets.token_hex(6)}"
+    if not is_uri(location):
+        folder = Path(location)
+        marker = folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            marker.write_bytes(b"spnas")
+            marker.unlink()
+        except OSError as exc:
+            raise StorageError(f"results location {location!r} is not writable: {exc.strerror or exc}") from None
+        return str(marker)
+    bucket, key = parse_uri(location)
+    target = make_uri(scheme_of(location), bucket, (key.rstrip("/") + "/" if key else "") + name)
+    st, owned = open_store(store)
+    try:
+        if not st.bucket_exists(bucket, location):
+            raise StorageError(f"results location {location}: bucket {bucket!r} does not exist at {st.endpoint}")
+        _, marker_key = parse_uri(target)
+        st.put_bytes(bucket, marker_key, b"spnas", target)
+        st.remove(bucket, marker_key, target)
+        return target
     finally:
         if owned:
             st.close()

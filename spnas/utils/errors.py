@@ -64,3 +64,8 @@ def brief(value: object, limit: int = 200) -> str:
     except ValueError:  # an int beyond Python's digit limit cannot even be shown
         return f"<{type(value).__name__} too large to show>"
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class PreflightError(SpnasError):
+    """A pipeline run refused before any training: every problem found, each naming its key,
+    URI or version."""
