@@ -223,9 +223,10 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
 
 
 def compile_pipeline(config_path: "str | Path", output: "str | Path", image: str = DEFAULT_IMAGE,
-                     parallelism: int = 4) -> Path:
+                     parallelism: int = 4, **options) -> Path:
+    """Compile the pipeline of ``config_path`` to ``output``; ``options`` go to :func:`build_pipeline`."""
     from kfp import compiler
-    func = build_pipeline(config_path, image=image, parallelism=parallelism)
+    func = build_pipeline(config_path, image=image, parallelism=parallelism, **options)
     compiler.Compiler().compile(func, str(output))
     return Path(output)
 
@@ -235,9 +236,21 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.yml")
     ap.add_argument("--output", default="pipelines/spnas_pipeline.yaml")
     ap.add_argument("--image", default=os.environ.get("IMAGE", DEFAULT_IMAGE), help="component image")
+    ap.add_argument("--require-digest", action="store_true", help="refuse an image not pinned by @sha256: digest")
+    ap.add_argument("--image-pull-secret", default=None, help="secret for a private registry (in the profile namespace)")
     ap.add_argument("--parallelism", type=int, default=4, help="candidate pods per round at once")
+    ap.add_argument("--shm-size", default="2Gi", help="size limit of each training pod's memory-backed /dev/shm")
+    for kind, seconds in TIMEOUTS.items():
+        ap.add_argument(f"--timeout-{kind}", type=int, default=seconds, metavar="SECONDS",
+                        help=f"time limit of a {kind} task (default {seconds})")
     args = ap.parse_args()
-    print(compile_pipeline(args.config, args.output, args.image, args.parallelism))
+    timeouts = {kind: getattr(args, f"timeout_{kind}") for kind in TIMEOUTS}
+    bad = [f"--timeout-{k} {v}" for k, v in timeouts.items() if v < 60]
+    if bad:
+        raise SystemExit(f"{', '.join(bad)}: a time limit must be at least 60 seconds")
+    print(compile_pipeline(args.config, args.output, args.image, args.parallelism, timeouts=timeouts,
+                           shm_size=args.shm_size, image_pull_secret=args.image_pull_secret,
+                           require_digest=args.require_digest))
 
 
 if __name__ == "__main__":

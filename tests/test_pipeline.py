@@ -15,11 +15,11 @@ COMPILED = ROOT / "pipelines" / "spnas_pipeline.yaml"
 IMAGE = "ghcr.io/spnas-kfp/spnas:0.1.0"
 
 
-def _compile(config, output, image=IMAGE, parallelism=4):
+def _compile(config, output, image=IMAGE, parallelism=4, **options):
     """Compile in this process (the image is an argument of the component factory, not an
     environment variable read at import, so several compiles in one process each get theirs)."""
     from pipelines.spnas_pipeline import compile_pipeline
-    compile_pipeline(config, output, image=image, parallelism=parallelism)
+    compile_pipeline(config, output, image=image, parallelism=parallelism, **options)
     return list(yaml.safe_load_all(Path(output).read_text()))
 
 
@@ -174,12 +174,22 @@ def test_preflight_runs_before_any_training_and_carries_the_compiled_contract(co
     assert json.loads(expected)["shape"]["serial.search_algorithm.max_sample"] == 4
 
 
-def test_image_digest_can_be_required(tmp_path):
+def test_compile_options_digest_pull_secret_time_limits_shm(tmp_path):
     from pipelines.spnas_pipeline import check_image
     with pytest.raises(SystemExit, match="not pinned by digest"):
         check_image("ghcr.io/spnas-kfp/spnas:0.1.0", require_digest=True)
     pinned = "ghcr.io/spnas-kfp/spnas@sha256:" + "0" * 64
     assert check_image(pinned, require_digest=True) == pinned
+    docs = _compile(DEMO, tmp_path / "p.yaml", image=pinned, timeouts={"candidate": 7200}, shm_size="8Gi",
+                    image_pull_secret="regcred", require_digest=True)
+    k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()} == {pinned}
+    assert all(v["imagePullSecret"] == [{"secretName": "regcred", "secretNameParameter":
+                                         {"runtimeValue": {"constant": "regcred"}}}] for v in k8s.values())
+    assert {k: v["activeDeadlineSeconds"] for k, v in k8s.items() if "train-candidate" in k} == \
+        {f"exec-train-candidate{s}": "7200" for s in ("", "-2", "-3", "-4")}
+    assert k8s["exec-fine-tune"]["activeDeadlineSeconds"] == str(7 * 24 * 3600)
+    assert k8s["exec-full-train"]["emptyDirMounts"][0]["sizeLimit"] == "8Gi"
 
 
 @pytest.mark.slow
