@@ -92,21 +92,26 @@ def search_init(config: str, step: str, seeds: list[dict], run_uri: str, overrid
         data_uri: the detection data set (COCO layout); a serial seed derived for another code
             of the search space is evaluated on it.
 
-    Returns the search state (JSON text).
+    Returns the search state's URI (stored under the run's prefix: the state grows with every
+    candidate, so tasks pass it by reference).
     """
     from spnas.orchestration import pods
     return pods.search_init(config, step, seeds, run_uri, overrides, data_uri)
 
 
-def propose(state: str, k: int) -> str:
+def propose(state: str, k: int, run_uri: str, step: str) -> str:
     """One round: the new state and its candidates (each names its parent's weights by URI).
 
     Args:
-        state: the search state (JSON text).
+        state: the search state's URI.
         k: candidates in this round.
+        run_uri: this run's prefix (the proposal is stored under it).
+        step: the search step's name.
+
+    Returns the proposal's URI.
     """
     from spnas.orchestration import pods
-    return pods.propose(state, k)
+    return pods.propose(state, k, run_uri, step)
 
 
 def candidates(proposal: str, run_uri: str, overrides: str) -> list[dict]:
@@ -141,23 +146,26 @@ def train_candidate(config: str, step: str, candidate: dict, data_uri: str, acce
                                       "cpu": cpu_per_task, "memory": memory_per_task})
 
 
-def update(proposal: str, results: list[dict], step: str) -> str:
+def update(proposal: str, results: list[dict], step: str, run_uri: str) -> str:
     """Record a round's results in the search state (a round whose candidates all failed stops).
 
     Args:
-        proposal: propose's output.
+        proposal: propose's output (the proposal's URI).
         results: the round's training results.
         step: the search step's name.
+        run_uri: this run's prefix (the new state is stored under it).
+
+    Returns the new state's URI.
     """
     from spnas.orchestration import pods
-    return pods.update(proposal, results, step)
+    return pods.update(proposal, results, step, run_uri)
 
 
 def search_front(state: str, run_uri: str, step: str, plot: Output[HTML]) -> list[dict]:
     """Publish state, output.csv and the Pareto plot; return the Pareto front.
 
     Args:
-        state: the final search state.
+        state: the final search state's URI.
         run_uri: this run's prefix.
         step: the search step's name.
     """
@@ -247,7 +255,7 @@ def reignite_if_plateau(config: str, step: str, state: str, data_uri: str, run_u
     Args:
         config: the run config text.
         step: the serial step's name.
-        state: the search state after the round's update.
+        state: the search state's URI after the round's update.
         data_uri: the detection data set.
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.
@@ -266,7 +274,7 @@ def phase_control(config: str, step: str, state: str, data_uri: str, run_uri: st
     Args:
         config: the run config text.
         step: the search step's name.
-        state: the search's final state.
+        state: the search's final state (URI).
         data_uri: the detection data set.
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.

@@ -132,7 +132,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         n = step.search["max_sample"]
         k = step.search.get("candidates_per_round", 4)
         for r in range(math.ceil(n / k)):
-            prop = light(c.propose(state=state, k=k)).set_display_name(f"{step.name} round {r}: propose")
+            prop = light(c.propose(state=state, k=k, run_uri=ctx["run_uri"], step=step.name))
+            prop.set_display_name(f"{step.name} round {r}: propose")
             items = light(c.candidates(proposal=prop.output, run_uri=ctx["run_uri"], overrides=ctx["overrides"]))
             items.set_display_name(f"{step.name} round {r}: candidates")
             with dsl.ParallelFor(items.output, parallelism=parallelism,
@@ -142,7 +143,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                 train = heavy(c.train_candidate(config=ctx["config"], step=step.name, candidate=cand,
                                                 data_uri=ctx["data_uri"], **resource_inputs(ctx["res"])), **ctx["res"])
                 train.set_display_name(f"{step.name} round {r}: train candidate")
-            upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"]), step=step.name))
+            upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"]), step=step.name,
+                                 run_uri=ctx["run_uri"]))
             upd.set_display_name(f"{step.name} round {r}: update")
             state = upd.output
             if step.role == "serial" and step.search.get("reignition_patience") and r + 1 < math.ceil(n / k):

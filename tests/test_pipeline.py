@@ -174,6 +174,45 @@ def test_preflight_runs_before_any_training_and_carries_the_compiled_contract(co
     assert json.loads(expected)["shape"]["serial.search_algorithm.max_sample"] == 4
 
 
+def test_search_state_travels_by_reference_and_task_inputs_stay_small(tmp_path):
+    """With a 400-candidate search state (hundreds of KiB, over the 128 KiB a cluster passes in
+    one argv argument), every value one task hands to the next stays under 16 KiB: propose,
+    update and search_init return the URI of a JSON file under ``<run>/<step>/search/``, the
+    round's loop items carry only the round's candidates."""
+    import copy
+
+    from spnas.orchestration import pods
+    from spnas.search.settings import SearchSettings
+    from spnas.search.state import new_state
+    desc = {"num_classes": 3, "backbone": {"code": "11-21-21-21", "block": "basic", "base_channels": 16},
+            "neck": {"out_channels": 32}}
+    st = new_state(SearchSettings("SpNasS", max_sample=404, min_blocks=4, max_blocks=16, max_stages=5, flops_size=128),
+                   [{"desc": desc, "metrics": {"mAP": 35.0}, "weights": "s3://b/model_0.pth"}])
+    seed = st["records"][0]
+    for i in range(1, 401):  # 400 evaluated candidates, children of the seed
+        st["records"].append({**copy.deepcopy(seed), "id": i, "round": (i - 1) // 4, "parent": 0,
+                              "parent_desc": copy.deepcopy(seed["desc"]), "parent_weights": seed["weights"],
+                              "ops": ["expand"], "metrics": {"mAP": 20.0 + (i % 13)}, "weights": f"s3://b/model_{i}.pth",
+                              "iters": 60, "images": 240, "seconds": 30.0, "lineage_iters": 60})
+    st.update(next_id=401, round=100, proposed=400)
+    run = tmp_path / "run"
+    ref = pods._put_state(st, str(run), "serial", "state-100")
+    assert Path(ref).stat().st_size > 128 * 1024  # what would no longer fit in one argument
+    proposal = pods.propose(ref, 4, str(run), "serial")
+    items = pods.candidates(proposal, str(run), '["general.seed=0"]')
+    assert len(items) == 4 and [i["id"] for i in items] == [401, 402, 403, 404]
+    results = [{"id": i["id"], "status": "ok", "metrics": {"mAP": 40.0}, "weights": f"s3://b/model_{i['id']}.pth",
+                "iters": 60, "images": 240, "seconds": 1.0, "lineage_iters": 120, "inherited": 1, "fresh": 0,
+                "trainable": 10} for i in items]
+    new = pods.update(proposal, results, "serial", str(run))
+    assert new == str(run / "serial" / "search" / "state-101.json")
+    assert proposal == str(run / "serial" / "search" / "proposal-100.json")
+    handed_on = {"proposal": proposal, "state": new, "items": json.dumps(items), "results": json.dumps(results)}
+    sizes = {k: len(v.encode()) for k, v in handed_on.items()}
+    assert max(sizes.values()) < 16 * 1024, sizes
+    assert len(pods._state(new)["records"]) == 405 and pods._state(new)["records"][-1]["status"] == "ok"
+
+
 def test_compile_options_digest_pull_secret_time_limits_shm(tmp_path):
     from pipelines.spnas_pipeline import check_image
     with pytest.raises(SystemExit, match="not pinned by digest"):

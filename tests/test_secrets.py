@@ -334,7 +334,7 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
                                         metrics=make(Metrics, "ft-metrics"))
         state = c.search_init.python_func(config=config, step="serial", seeds=seeds, run_uri=run_uri,
                                           overrides=overrides)
-        proposal = c.propose.python_func(state=state, k=1)
+        proposal = c.propose.python_func(state=state, k=1, run_uri=run_uri, step="serial")
         items = c.candidates.python_func(proposal=proposal, run_uri=run_uri, overrides=overrides)
         results = [c.train_candidate.python_func(config=config, step="serial", candidate=item, data_uri=dataset_uri,
                                                  accelerator_type="nvidia.com/gpu", gpus_per_task=0,
@@ -343,7 +343,7 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
                                                  metrics=make(Metrics, f"cand-{i}-metrics"))
                    for i, item in enumerate(items)]
         assert results and all(r["status"] == "ok" for r in results), results
-        state = c.update.python_func(proposal=proposal, results=results, step="serial")
+        state = c.update.python_func(proposal=proposal, results=results, step="serial", run_uri=run_uri)
         front = c.search_front.python_func(state=state, run_uri=run_uri, step="serial",
                                            plot=make(HTML, "serial-plot"))
         chosen = c.choose.python_func(config=config, step="fully_train", front=front, run_uri=run_uri,

@@ -5,7 +5,8 @@ inputs from URIs or paths (``s3://``/``minio://`` through :mod:`spnas.storage`, 
 which is what kfp.local uses), works in a private temporary folder, publishes what it writes
 under the run's prefix ``run_uri/<step>/`` and returns plain JSON-friendly values. What a step
 hands to its phase comes from :mod:`.steps`, the mapping ``spnas run`` uses too. The search state
-travels as JSON text; candidates reference their parent's weights by URI, because a parent is
+travels by reference (a JSON file under ``<run>/<step>/search/``, its URI passed between tasks);
+candidates reference their parent's weights by URI, because a parent is
 only chosen at run time.
 
 Light functions (prepare, propose's bookkeeping, candidates, update, search_front, choose,
@@ -32,8 +33,8 @@ from ..search import front
 from ..search import propose as _propose
 from ..search import update as _update
 from ..search.records import result_of
-from ..storage import check_writable, is_uri, upload
-from ..utils.errors import ConfigError, PreflightError, SpnasError
+from ..storage import check_writable, is_uri, local_path, upload
+from ..utils.errors import ConfigError, PhaseError, PreflightError, SpnasError
 from ..utils.fileio import atomic_write_json
 from . import steps
 from .reports import control_summary, report_markdown, write_output_csv
@@ -65,9 +66,34 @@ def struct(value: Any) -> Any:
     return value
 
 
+#: Where a search keeps its state between tasks: ``<run>/<step>/search/<name>.json``. Tasks pass
+#: the file's URI (or path), never the state itself: the state grows with every candidate, and a
+#: task's inputs travel in argv on a cluster (128 KiB per argument).
+SEARCH_DIR = "search"
+
+
 def _state(state: str | Mapping[str, Any]) -> dict:
-    """Search state from its JSON text (how it travels between pods) or a dict."""
-    return plain(json.loads(state) if isinstance(state, str) else dict(state))
+    """A search state or proposal from its reference (a URI or path of its JSON file, how it
+    travels between pods), its JSON text, or a dict."""
+    if not isinstance(state, str):
+        return plain(dict(state))
+    text = state.strip()
+    if text.startswith("{"):
+        return plain(json.loads(text))
+    path = local_path(text) if is_uri(text) else Path(text)
+    try:
+        return plain(json.loads(Path(path).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise PhaseError(f"search state {text} does not exist") from None
+
+
+def _put_state(obj: Mapping[str, Any], run_uri: str, step_name: str, name: str) -> str:
+    """Store ``obj`` as ``<run>/<step>/search/<name>.json``; returns its reference. Names are
+    fixed by the round, so a retried task rewrites the same file."""
+    with tempfile.TemporaryDirectory(prefix="spnas-state-") as tmp:
+        path = Path(tmp) / f"{name}.json"
+        atomic_write_json(path, obj)
+        return publish(path, run_uri, f"{step_name}/{SEARCH_DIR}")
 
 
 def _item(item: Mapping[str, Any]) -> tuple[dict[str, Any], str, str]:
@@ -200,26 +226,29 @@ def run_prefix(results_uri: str, job_id: str) -> str:
     return f"{results_uri.rstrip('/')}/{job_id}" if job_id else results_uri
 
 
-def propose(state: str | Mapping[str, Any], k: int | None = None) -> str:
-    """One round: JSON text ``{"state": new state, "candidates": [at most k candidates]}``."""
-    new_state, cands = _propose(_state(state), k)
-    return json.dumps({"state": new_state, "candidates": struct(cands)})
+def propose(state: str | Mapping[str, Any], k: int | None, run_uri: str, step_name: str) -> str:
+    """One round: ``{"state": new state, "candidates": [at most k candidates]}`` stored under the
+    run's prefix; returns its reference."""
+    st = _state(state)
+    new_state, cands = _propose(st, k)
+    name = f"proposal-{cands[0]['round']}" if cands else f"proposal-{st['round']}-none"
+    return _put_state({"state": new_state, "candidates": struct(cands)}, run_uri, step_name, name)
 
 
 def candidates(proposal: str, run_uri: str = "", overrides: str | Sequence[str] = "[]") -> list[dict]:
     """The candidates of a proposal (the items a ParallelFor fans out over), each with the run's
     prefix and overrides attached."""
-    return _with_item_keys(json.loads(proposal)["candidates"], run_uri, overrides)
+    return _with_item_keys(_state(proposal)["candidates"], run_uri, overrides)
 
 
-def update(proposal: str, results: Sequence[Mapping[str, Any]], step_name: str) -> str:
+def update(proposal: str, results: Sequence[Mapping[str, Any]], step_name: str, run_uri: str) -> str:
     """Record a round's results in the proposal's state (a round in which every candidate failed
-    stops the search, as in ``spnas run``); returns the new state (JSON text)."""
-    prop = json.loads(proposal)
+    stops the search, as in ``spnas run``); stores the new state, returns its reference."""
+    prop = _state(proposal)
     results = [plain(result_of(r)) for r in results]
-    rounds_ = {c.get("round") for c in prop["candidates"]}
-    steps.check_round(step_name, min(rounds_, default=0), results)
-    return json.dumps(_update(_state(prop["state"]), results))
+    rnd = min({c.get("round") for c in prop["candidates"]}, default=0)
+    steps.check_round(step_name, rnd, results)
+    return _put_state(_update(_state(prop["state"]), results), run_uri, step_name, f"state-{rnd + 1}")
 
 
 def search_front(state: str | Mapping[str, Any], run_uri: str, step_name: str, html_path: str = "") -> list[dict]:
@@ -335,7 +364,7 @@ def search_init(config_text: str, step_name: str, seeds: Sequence[Mapping[str, A
             w = rec.get("weights")
             if w and Path(w).parent == Path(tmp):
                 rec["weights"] = publish(w, run_uri, step_name)
-    return json.dumps(state)
+    return _put_state(state, run_uri, step_name, "state-0")
 
 
 def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
@@ -415,12 +444,13 @@ def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[s
     """After a serial round: when the front's best mAP has not improved for
     ``reignition_patience`` rounds (and fewer than ``max_reignitions`` happened), reignite the
     front (the config's reignition settings, as ``spnas run`` does), publish the weights and add
-    the reignited models to the search; returns the state (JSON text), unchanged otherwise."""
+    the reignited models to the search; returns the state's reference (the same one when nothing
+    changed)."""
     from ..search import add_reignited, front, plateau
     from . import phases
     st = _state(state)
     if not plateau(st):
-        return json.dumps(st)
+        return state if isinstance(state, str) else _put_state(st, run_uri, step_name, f"state-{st['round']}")
     cfg, step = load_step(config_text, step_name, overrides)
     rstep = steps.inner_reignition_step(cfg, step)
     chosen = steps.reignition_choice(rstep, front(st)) or front(st)
@@ -430,7 +460,7 @@ def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[s
                                  seed=cfg.seed, device=cfg.device)
         for r in done:
             r["weights"] = _publish_model(Path(tmp), r["id"], run_uri, f"{step_name}/reignition_{k}")
-    return json.dumps(add_reignited(st, done))
+    return _put_state(add_reignited(st, done), run_uri, step_name, f"state-{st['round']}-reignited-{k}")
 
 
 def phase_control(config_text: str, step_name: str, state: str | Mapping[str, Any], data_uri: str, run_uri: str,
