@@ -56,14 +56,15 @@ bench: install ## run the benchmarks in bench/ (ratios measured side by side)
 compile: install ## compile the Kubeflow pipeline from $(CONFIG) to pipelines/spnas_pipeline.yaml (IMAGE=...)
 	$(BIN)/python -m pipelines.spnas_pipeline --config $(CONFIG) --output pipelines/spnas_pipeline.yaml --image $(IMAGE)
 
+# run, schedule and upload are not echoed: PARAMS may carry --token (prefer KFP_TOKEN)
 run: install ## submit the compiled pipeline to KFP_ENDPOINT (PARAMS="--param data_uri=s3://...")
-	$(BIN)/python -m pipelines.submit run $(PARAMS)
+	@$(BIN)/python -m pipelines.submit run $(PARAMS)
 
 schedule: install ## nightly recurring run on KFP_ENDPOINT (CRON="0 0 2 * * *", PARAMS=...)
-	$(BIN)/python -m pipelines.submit schedule --cron "$(or $(CRON),0 0 2 * * *)" $(PARAMS)
+	@$(BIN)/python -m pipelines.submit schedule --cron "$(or $(CRON),0 0 2 * * *)" $(PARAMS)
 
 upload: install ## upload the compiled pipeline (VERSION=v2 adds a version)
-	$(BIN)/python -m pipelines.submit upload $(if $(VERSION),--version $(VERSION)) $(PARAMS)
+	@$(BIN)/python -m pipelines.submit upload $(if $(VERSION),--version $(VERSION)) $(PARAMS)
 
 image: ## build the component image (needs Docker; IMAGE=...)
 	docker build -f images/Dockerfile -t $(IMAGE) .
