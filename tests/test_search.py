@@ -6,6 +6,7 @@ import json
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -570,19 +571,20 @@ def test_latency_budget_rejects_slow_children(monkeypatch):
     assert all(r["latency"] == pytest.approx(10 * spm.gflops(r["desc"], SIZE)) for r in cands)
 
 
-def test_kfp_update_stops_when_every_candidate_of_a_round_failed():
+def test_kfp_update_stops_when_every_candidate_of_a_round_failed(tmp_path):
     """The Kubeflow update step applies the same rule as ``spnas run``: one success is enough to
     go on; a round with no success stops with every failure listed."""
     from spnas.orchestration import pods as remote
     from spnas.utils.errors import PhaseError
-    proposal = remote.propose(new_state(serial_settings(candidates_per_round=2), [seed_of()]))
-    ids = [c["id"] for c in json.loads(proposal)["candidates"]]
+    run = str(tmp_path / "run")
+    proposal = remote.propose(new_state(serial_settings(candidates_per_round=2), [seed_of()]), None, run, "serial")
+    ids = [c["id"] for c in json.loads(Path(proposal).read_text())["candidates"]]
     failed = [{"id": i, "status": "failed", "error": f"NonFiniteLossError: loss nan at step {i}"} for i in ids]
     with pytest.raises(PhaseError, match="serial round 0: every candidate failed: candidate 1: NonFiniteLossError: "
                                          "loss nan at step 1; candidate 2: NonFiniteLossError: loss nan at step 2"):
-        remote.update(proposal, failed, "serial")
+        remote.update(proposal, failed, "serial", run)
     ok = [{**failed[0], "status": "ok", "error": None, "metrics": {"mAP": 36.0}, "weights": "w1"}, failed[1]]
-    state = json.loads(remote.update(proposal, ok, "serial"))
+    state = json.loads(Path(remote.update(proposal, ok, "serial", run)).read_text())
     assert [r["status"] for r in state["records"]] == ["ok", "ok", "failed"]
 
 
