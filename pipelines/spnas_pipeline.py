@@ -224,12 +224,39 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     return spnas_pipeline
 
 
+#: Largest compiled pipeline accepted. Argo keeps a whole workflow in one Kubernetes object
+#: (etcd's limit: 1.5 MiB) and the KFP backend's workflow repeats each task's spec for its
+#: driver, so the compiled file must stay well below that. A conservative estimate, not
+#: measured on a cluster: see docs/kubeflow.md for the sizes by max_sample.
+MAX_SPEC_BYTES = 700 * 1024
+
+
 def compile_pipeline(config_path: "str | Path", output: "str | Path", image: str = DEFAULT_IMAGE,
-                     parallelism: int = 4, **options) -> Path:
-    """Compile the pipeline of ``config_path`` to ``output``; ``options`` go to :func:`build_pipeline`."""
+                     parallelism: int = 4, max_spec_bytes: int = MAX_SPEC_BYTES, **options) -> Path:
+    """Compile the pipeline of ``config_path`` to ``output``; ``options`` go to :func:`build_pipeline`.
+    A pipeline larger than ``max_spec_bytes`` is refused (and not written), naming the rounds
+    that made it large and the config keys to change."""
+    import tempfile
+
     from kfp import compiler
+
+    from spnas.config import load_config
     func = build_pipeline(config_path, image=image, parallelism=parallelism, **options)
-    compiler.Compiler().compile(func, str(output))
+    with tempfile.TemporaryDirectory(prefix="spnas-compile-") as tmp:
+        staged = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(func, str(staged))
+        size = staged.stat().st_size
+        if size > max_spec_bytes:
+            cfg = load_config(yaml.safe_load(Path(config_path).read_text()), workdir=tmp)
+            rounds = [f"{s.name}: max_sample {s.search['max_sample']} / candidates_per_round "
+                      f"{s.search.get('candidates_per_round', 4)} = "
+                      f"{math.ceil(s.search['max_sample'] / s.search.get('candidates_per_round', 4))} rounds"
+                      for s in cfg.steps if s.role in ("serial", "parallel")]
+            raise SystemExit(f"{config_path}: the compiled pipeline would be {size:,} bytes, over the safe "
+                             f"{max_spec_bytes:,} (Argo keeps a workflow in one Kubernetes object): every round is "
+                             f"unrolled ({'; '.join(rounds)}). Raise candidates_per_round (more candidates per "
+                             "round, fewer rounds) or lower max_sample.")
+        Path(output).write_bytes(staged.read_bytes())
     return Path(output)
 
 
@@ -242,6 +269,8 @@ def main() -> None:
     ap.add_argument("--image-pull-secret", default=None, help="secret for a private registry (in the profile namespace)")
     ap.add_argument("--parallelism", type=int, default=4, help="candidate pods per round at once")
     ap.add_argument("--shm-size", default="2Gi", help="size limit of each training pod's memory-backed /dev/shm")
+    ap.add_argument("--max-spec-bytes", type=int, default=MAX_SPEC_BYTES,
+                    help=f"refuse a compiled pipeline larger than this (default {MAX_SPEC_BYTES})")
     for kind, seconds in TIMEOUTS.items():
         ap.add_argument(f"--timeout-{kind}", type=int, default=seconds, metavar="SECONDS",
                         help=f"time limit of a {kind} task (default {seconds})")
@@ -250,7 +279,7 @@ def main() -> None:
     bad = [f"--timeout-{k} {v}" for k, v in timeouts.items() if v < 60]
     if bad:
         raise SystemExit(f"{', '.join(bad)}: a time limit must be at least 60 seconds")
-    print(compile_pipeline(args.config, args.output, args.image, args.parallelism, timeouts=timeouts,
+    print(compile_pipeline(args.config, args.output, args.image, args.parallelism, args.max_spec_bytes, timeouts=timeouts,
                            shm_size=args.shm_size, image_pull_secret=args.image_pull_secret,
                            require_digest=args.require_digest))
 
