@@ -97,6 +97,55 @@ def test_killed_run_resumes_with_nothing_lost(tiny_data, tiny_run, tmp_path):
     assert not list(out.rglob("train_*"))
 
 
+_POD_FINE_TUNE = """
+import json, logging, sys
+from spnas.orchestration import pods
+logging.basicConfig(level=logging.INFO)
+config, data, run, model = sys.argv[1:5]
+print(json.dumps(pods.fine_tune(open(config).read(), "fine_tune", data, run, model)))
+"""
+
+
+@pytest.mark.slow
+def test_killed_training_pod_resumes_from_its_uploaded_checkpoint(tiny_data, tmp_path):
+    """A training pod (fine_tune's pod function) SIGKILLed mid-training and run again with the
+    same inputs, as Argo retries it, resumes from the checkpoint it copied under the run's prefix
+    and returns the record an uninterrupted pod returns; the copies are gone afterwards."""
+    import yaml
+
+    from spnas.config import apply_overrides
+    raw = apply_overrides(yaml.safe_load(DEMO.read_text()), tiny_overrides(tiny_data) + ["fine_tune.trainer.epochs=2"])
+    config = tmp_path / "tiny.yml"
+    config.write_text(yaml.safe_dump(raw))
+
+    def pod(run, failpoint=None):
+        env = {k: v for k, v in os.environ.items() if k != ENV}
+        if failpoint:
+            env[ENV] = failpoint
+        return subprocess.run([sys.executable, "-c", _POD_FINE_TUNE, str(config), str(tiny_data), str(run),
+                               str(tmp_path / f"{run.name}-model.pth")], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    plain = pod(tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    killed = pod(tmp_path / "retried", "train_iter:6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    kept = tmp_path / "retried" / "fine_tune" / "checkpoints" / "0" / "train_0" / "last.pth"
+    assert kept.is_file()  # copied at the end of epoch 1 (iteration 4 of 8)
+    again = pod(tmp_path / "retried")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "restored the checkpoints of an earlier attempt" in again.stderr
+    assert "at iteration 4/8" in again.stderr
+    a, b = json.loads(plain.stdout.splitlines()[-1]), json.loads(again.stdout.splitlines()[-1])
+    measured = lambda m: {k: v for k, v in m.items() if k != "backbone_latency"}  # noqa: E731 (wall-clock timing)
+    assert measured(b["metrics"]) == measured(a["metrics"]) and b["iters"] == a["iters"] == 8
+    assert b["images"] == a["images"] and b["lineage_iters"] == a["lineage_iters"]
+    import torch
+    wa, wb = (torch.load(tmp_path / f"{n}-model.pth", map_location="cpu") for n in ("plain", "retried"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not (tmp_path / "retried" / "fine_tune" / "checkpoints").exists()
+
+
 def test_workdir_with_a_run_needs_resume_and_the_same_config(tiny_data, tmp_path, monkeypatch):
     from spnas.orchestration import local as run_mod
     cfg = load_config(DEMO, workdir=tmp_path, overrides=tiny_overrides(tiny_data))

@@ -15,12 +15,13 @@ collect, report) import no torch: the heavy ones import the phase functions when
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,9 @@ from ..search import front
 from ..search import propose as _propose
 from ..search import update as _update
 from ..search.records import result_of
-from ..storage import check_writable, is_uri, local_path, upload
+from ..storage import Store, check_writable, exists, is_uri, list_objects, local_path, parse_uri, upload
 from ..utils.errors import ConfigError, PhaseError, PreflightError, SpnasError
-from ..utils.fileio import atomic_write_json
+from ..utils.fileio import atomic_write_bytes, atomic_write_json
 from . import steps
 from .reports import control_summary, report_markdown, write_output_csv
 from .rounds import STATE_FILE
@@ -139,6 +140,50 @@ def publish(local_file: str | Path, run_uri: str, step_name: str) -> str:
         if Path(local_file).resolve() != Path(target).resolve():
             shutil.copyfile(local_file, target)
     return target
+
+
+#: Where a training pod keeps its checkpoints while it trains: ``<run>/<step>/checkpoints/<key>/``.
+CHECKPOINT_DIR = "checkpoints"
+
+
+@contextlib.contextmanager
+def durable(work: Path, run_uri: str, step_name: str, key: str) -> Iterator[bool]:
+    """Make the trainings in the block survive a lost pod: every ``last.pth`` they write under
+    ``work`` is copied to ``<run>/<step>/checkpoints/<key>/`` (same relative path), and what an
+    earlier attempt left there is first restored into ``work`` (yields whether anything was), so
+    a retried task resumes instead of starting over. After the block succeeds the copies are
+    deleted: the finished weights are published once, elsewhere."""
+    from ..training.engine import on_checkpoint
+    remote = "/".join([run_uri.rstrip("/"), step_name, CHECKPOINT_DIR, key])
+    restored = False
+    if is_uri(remote):
+        if exists(remote + "/"):
+            shutil.copytree(local_path(remote + "/"), work, dirs_exist_ok=True)
+            restored = True
+    elif Path(remote).is_dir():
+        shutil.copytree(remote, work, dirs_exist_ok=True)
+        restored = True
+    if restored:
+        log.info("restored the checkpoints of an earlier attempt from %s", remote)
+
+    def keep(path: Path) -> None:
+        rel = path.relative_to(work).as_posix()
+        if is_uri(remote):
+            upload(path, f"{remote}/{rel}")
+        else:
+            atomic_write_bytes(Path(remote) / rel, path.read_bytes())
+
+    with on_checkpoint(keep):
+        yield restored
+    if is_uri(remote):
+        bucket, _ = parse_uri(remote)
+        with Store.from_env() as st:
+            for uri in list_objects(remote + "/", store=st):
+                st.remove(bucket, parse_uri(uri)[1], uri)
+    else:
+        shutil.rmtree(remote, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the checkpoints folder, once no training keeps one there
+            Path(remote).parent.rmdir()
 
 
 def _publish_model(out: Path, arch_id: Any, run_uri: str, step: str, model_path: str | None = None) -> str:
@@ -341,8 +386,8 @@ def fine_tune(config_text: str, step_name: str, data_uri: str, run_uri: str, mod
     """fine_tune on one pod: returns the seed record (weights = its URI under ``run_uri``)."""
     from . import phases
     cfg, step = load_step(config_text, step_name, overrides)
-    with tempfile.TemporaryDirectory(prefix="spnas-ft-") as tmp:
-        res = phases.fine_tune(step, steps.data_source(step, data_uri), tmp, device=cfg.device)
+    with tempfile.TemporaryDirectory(prefix="spnas-ft-") as tmp, durable(Path(tmp), run_uri, step_name, "0") as again:
+        res = phases.fine_tune(step, steps.data_source(step, data_uri), tmp, device=cfg.device, resume=again)
         weights = _publish_model(Path(tmp), 0, run_uri, step_name, model_path)
         publish(Path(tmp) / "output.csv", run_uri, step_name)
     return struct({**res["record"], "weights": weights, "phase": step_name})
@@ -379,10 +424,14 @@ def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], d
     except Exception as exc:  # a bad input must not fail the ParallelFor
         return struct({"id": candidate.get("id"), "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
     with tempfile.TemporaryDirectory(prefix="spnas-cand-") as tmp:
-        result = dict(phases.train_candidate(candidate, step, data, tmp, device=cfg.device))
-        result.pop("traceback", None)
-        if result["status"] == "ok":
-            result["weights"] = _publish_model(Path(tmp), candidate["id"], run_uri, step_name, model_path)
+        try:
+            with durable(Path(tmp), run_uri, step_name, str(candidate.get("id"))) as again:
+                result = dict(phases.train_candidate(candidate, step, data, tmp, device=cfg.device, resume=again))
+                result.pop("traceback", None)
+                if result["status"] == "ok":
+                    result["weights"] = _publish_model(Path(tmp), candidate["id"], run_uri, step_name, model_path)
+        except SpnasError as exc:  # the run's store refused (checkpoints, weights): a failed candidate
+            result = {"id": candidate.get("id"), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     return struct(result)
 
 
@@ -405,8 +454,10 @@ def full_train_one(config_text: str, step_name: str, item: Mapping[str, Any], da
     from . import phases
     model, run_uri, overrides = _item(item)
     cfg, step = load_step(config_text, step_name, overrides)
-    with tempfile.TemporaryDirectory(prefix="spnas-full-") as tmp:
-        rec = phases.full_train([model], step, steps.data_source(step, data_uri), tmp, device=cfg.device)[0]
+    with tempfile.TemporaryDirectory(prefix="spnas-full-") as tmp, \
+            durable(Path(tmp), run_uri, step_name, str(model.get("id"))) as again:
+        rec = phases.full_train([model], step, steps.data_source(step, data_uri), tmp, device=cfg.device,
+                                resume=again)[0]
         rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path)
     return struct({**rec, "phase": step_name})
 
@@ -475,10 +526,11 @@ def phase_control(config_text: str, step_name: str, state: str | Mapping[str, An
     if plan is None:
         return {"status": "skipped", "id": "control"}
     seed = plan["seed"]
-    with tempfile.TemporaryDirectory(prefix="spnas-ctrl-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="spnas-ctrl-") as tmp, \
+            durable(Path(tmp), run_uri, step_name, "control") as again:
         rec = phases.control("control", seed["desc"], seed["weights"], [step.trainer] * plan["generations"],
                              steps.data_source(step, data_uri), tmp, base_lineage=seed.get("lineage_iters") or 0,
-                             device=cfg.device)
+                             device=cfg.device, resume=again)
         rec.update(best=plan["best"]["id"], seed=seed["id"], planned_iters=plan["iters"])
         rec["weights"] = _publish_model(Path(tmp), f"control_{rec['generations'] - 1}", run_uri, step_name, model_path)
     return struct({**rec, "phase": step_name})
@@ -492,10 +544,11 @@ def final_control(config_text: str, step_name: str, fine_tuned: Sequence[Mapping
     from . import phases
     cfg, step = load_step(config_text, step_name, overrides)
     seed, best_ = plain(dict(fine_tuned[0])), plain(dict(best_))
-    with tempfile.TemporaryDirectory(prefix="spnas-final-ctrl-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="spnas-final-ctrl-") as tmp, \
+            durable(Path(tmp), run_uri, step_name, "final_control") as again:
         rec = phases.control("control", steps.seed_architecture(seed), seed["weights"],
                              [steps.final_control_trainer(step, best_["lineage_iters"])],
-                             steps.data_source(step, data_uri), tmp, device=cfg.device)
+                             steps.data_source(step, data_uri), tmp, device=cfg.device, resume=again)
         rec["weights"] = _publish_model(Path(tmp), "control_0", run_uri, step_name, model_path)
     size, batch = int(best_["desc"].get("max_size", 800)), step.trainer.batch_size
     searched, control = (phases.measure_costs(r, size, batch, cfg.device) for r in (best_, rec))

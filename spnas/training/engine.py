@@ -9,10 +9,12 @@ gives the same final weights as an uninterrupted run on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,14 +122,33 @@ def restore(path: Path, st: TrainingState) -> bool:
     return True
 
 
+_checkpoint_listeners: ContextVar[tuple[Callable[[Path], None], ...]] = ContextVar("spnas_checkpoint_listeners",
+                                                                                  default=())
+
+
+@contextlib.contextmanager
+def on_checkpoint(listener: Callable[[Path], None]) -> Iterator[None]:
+    """Inside the block, ``listener(path)`` runs after every ``last.pth`` any training writes
+    (e.g. to copy it off a pod that may be preempted). An exception in the listener stops the
+    training: a checkpoint that cannot be kept must not be believed kept."""
+    token = _checkpoint_listeners.set(_checkpoint_listeners.get() + (listener,))
+    try:
+        yield
+    finally:
+        _checkpoint_listeners.reset(token)
+
+
 def save(path: Path, st: TrainingState, cfg: TrainConfig) -> None:
     """Write ``last.pth``: everything :func:`restore` needs, the schedule (``config``) and
-    whether BatchNorm statistics were frozen (``norm_eval``, resolved)."""
+    whether BatchNorm statistics were frozen (``norm_eval``, resolved); then tell the
+    :func:`on_checkpoint` listeners."""
     save_checkpoint(path, {"model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(),
                            "scheduler": st.scheduler.state_dict(), "scaler": st.scaler.state_dict(),
                            "iteration": st.iteration, "images": st.images, "total": st.total, "history": st.history,
                            "best": st.best, "rng": _rng_state(), "config": cfg.to_dict(),
                            "norm_eval": st.freeze_bn})
+    for listener in _checkpoint_listeners.get():
+        listener(Path(path))
 
 
 def evaluate_and_keep_best(st: TrainingState, val_set: CocoDetection | None, ckpt_dir: Path,
