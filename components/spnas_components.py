@@ -4,13 +4,16 @@
 (``install_kfp_package=False``: the image has kfp). The logic lives in
 :mod:`spnas.orchestration.pods` and is tested without kfp. Large data never travels as an
 artifact: data sets, parents' weights and results are URIs (``s3://``/``minio://``, or paths
-under kfp.local) that the library fetches and caches. A candidate's failure comes back as data,
-so one bad candidate cannot fail a ParallelFor. Importing this module imports no torch.
+under kfp.local) that the library fetches and caches; the data set enters once, as the Dataset
+artifact of ``stage_data`` (its root and version in the metadata, staged in the run's workspace
+when there is one), and every training task takes it with the workspace path. A candidate's
+failure (its training crashed, was killed or ran too long included) comes back as data, so one
+bad candidate cannot fail a ParallelFor. Importing this module imports no torch.
 """
 from types import SimpleNamespace
 
 from kfp import dsl
-from kfp.dsl import HTML, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 DEFAULT_IMAGE = "ghcr.io/spnas-kfp/spnas:0.1.0"
 
@@ -63,24 +66,44 @@ def run_prefix(results_uri: str, job_id: str) -> str:
     return pods.run_prefix(results_uri, job_id)
 
 
-def fine_tune(config: str, step: str, data_uri: str, run_uri: str, overrides: str,
+def stage_data(config: str, overrides: str, data_uri: str, workspace: str, run_uri: str,
+               dataset: Output[Dataset]):
+    """Stage the detection data set once for the whole run and record its version.
+
+    Args:
+        config: the run config text.
+        overrides: JSON list of config overrides (from prepare).
+        data_uri: the detection data set (COCO layout).
+        workspace: the run's workspace path ("" without one: every pod caches on its own).
+        run_uri: this run's prefix (the manifest is published under ``data/``).
+
+    The Dataset artifact holds the summary; its metadata: root, version (hash of every object's
+    key and ETag), objects, bytes, manifest URI, staged folder, objects downloaded.
+    """
+    from spnas.orchestration import pods
+    pods.stage_data_task(config, overrides, data_uri, workspace, run_uri, dataset)
+
+
+def fine_tune(config: str, step: str, dataset: Input[Dataset], workspace: str, run_uri: str, overrides: str,
               model: Output[Model], metrics: Output[Metrics]) -> list[dict]:
     """The seed detector, converted from torchvision when configured, fine-tuned.
 
     Args:
         config: the run config text.
         step: the fine_tune step's name.
-        data_uri: the detection data set (COCO layout).
+        dataset: the run's data set (from stage_data).
+        workspace: the run's workspace path ("" without one).
         run_uri: this run's prefix.
         overrides: JSON list of config overrides (from prepare).
 
     Returns ``[seed record]``: the serial search's seeds.
     """
     from spnas.orchestration import pods
-    return pods.fine_tune_task(config, step, data_uri, run_uri, overrides, model, metrics)
+    return pods.fine_tune_task(config, step, dataset, workspace, run_uri, overrides, model, metrics)
 
 
-def search_init(config: str, step: str, seeds: list[dict], run_uri: str, overrides: str, data_uri: str = "") -> str:
+def search_init(config: str, step: str, seeds: list[dict], run_uri: str, overrides: str, dataset: Input[Dataset],
+                workspace: str) -> str:
     """Start a serial (SpNasS) or parallel (SpNasP) search from seed records.
 
     Args:
@@ -89,14 +112,15 @@ def search_init(config: str, step: str, seeds: list[dict], run_uri: str, overrid
         seeds: the previous phase's records (weights by URI).
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.
-        data_uri: the detection data set (COCO layout); a serial seed derived for another code
+        dataset: the run's data set (from stage_data); a serial seed derived for another code
             of the search space is evaluated on it.
+        workspace: the run's workspace path ("" without one).
 
     Returns the search state's URI (stored under the run's prefix: the state grows with every
     candidate, so tasks pass it by reference).
     """
     from spnas.orchestration import pods
-    return pods.search_init(config, step, seeds, run_uri, overrides, data_uri)
+    return pods.search_init_task(config, step, seeds, run_uri, overrides, dataset, workspace)
 
 
 def propose(state: str, k: int, run_uri: str, step: str) -> str:
@@ -127,23 +151,26 @@ def candidates(proposal: str, run_uri: str, overrides: str) -> list[dict]:
     return pods.candidates(proposal, run_uri, overrides)
 
 
-def train_candidate(config: str, step: str, candidate: dict, data_uri: str, accelerator_type: str,
-                    gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
-                    model: Output[Model], metrics: Output[Metrics]) -> dict:
-    """Inherit the parent's weights, train, evaluate; a failure is returned, never raised.
+def train_candidate(config: str, step: str, candidate: dict, dataset: Input[Dataset], workspace: str,
+                    time_limit: int, accelerator_type: str, gpus_per_task: int, cpu_per_task: str,
+                    memory_per_task: str, model: Output[Model], metrics: Output[Metrics]) -> dict:
+    """Inherit the parent's weights, train, evaluate, in a child process; a failure (a crash or
+    kill of the training, a time limit included) is returned, never raised.
 
     Args:
         config: the run config text.
         step: the search step's name.
         candidate: one candidate of the round.
-        data_uri: the detection data set.
+        dataset: the run's data set (from stage_data).
+        workspace: the run's workspace path ("" without one).
+        time_limit: seconds the training may take (0: no limit) before it is a failed candidate.
         accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests,
             recorded with the model.
     """
     from spnas.orchestration import pods
-    return pods.train_candidate_task(config, step, candidate, data_uri, model, metrics,
+    return pods.train_candidate_task(config, step, candidate, dataset, workspace, model, metrics,
                                      {"accelerator": accelerator_type, "gpus": gpus_per_task,
-                                      "cpu": cpu_per_task, "memory": memory_per_task})
+                                      "cpu": cpu_per_task, "memory": memory_per_task}, time_limit)
 
 
 def update(proposal: str, results: list[dict], step: str, run_uri: str) -> str:
@@ -187,20 +214,21 @@ def choose(config: str, step: str, front: list[dict], run_uri: str, overrides: s
     return pods.choose(config, step, front, run_uri, overrides)
 
 
-def reignite(config: str, step: str, item: dict, data_uri: str, accelerator_type: str, gpus_per_task: int,
-             cpu_per_task: str, memory_per_task: str, model: Output[Model]) -> dict:
+def reignite(config: str, step: str, item: dict, dataset: Input[Dataset], workspace: str, accelerator_type: str,
+             gpus_per_task: int, cpu_per_task: str, memory_per_task: str, model: Output[Model]) -> dict:
     """Re-train one model's backbone as a classifier and put it back.
 
     Args:
         config: the run config text.
         step: the reignition step's name.
         item: one chosen model (from choose).
-        data_uri: the detection data set.
+        dataset: the run's data set (from stage_data).
+        workspace: the run's workspace path ("" without one).
         accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests,
             recorded with the model.
     """
     from spnas.orchestration import pods
-    return pods.reignite_task(config, step, item, data_uri, model,
+    return pods.reignite_task(config, step, item, dataset, workspace, model,
                               {"accelerator": accelerator_type, "gpus": gpus_per_task,
                                "cpu": cpu_per_task, "memory": memory_per_task})
 
@@ -217,20 +245,22 @@ def collect(records: list[dict], run_uri: str, step: str) -> list[dict]:
     return pods.collect(records, run_uri, step)
 
 
-def full_train(config: str, step: str, item: dict, data_uri: str, accelerator_type: str, gpus_per_task: int,
-               cpu_per_task: str, memory_per_task: str, model: Output[Model], metrics: Output[Metrics]) -> dict:
+def full_train(config: str, step: str, item: dict, dataset: Input[Dataset], workspace: str, accelerator_type: str,
+               gpus_per_task: int, cpu_per_task: str, memory_per_task: str, model: Output[Model],
+               metrics: Output[Metrics]) -> dict:
     """Train one chosen model with the full schedule.
 
     Args:
         config: the run config text.
         step: the full train step's name.
         item: one chosen model (from choose).
-        data_uri: the detection data set.
+        dataset: the run's data set (from stage_data).
+        workspace: the run's workspace path ("" without one).
         accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests,
             recorded with the model.
     """
     from spnas.orchestration import pods
-    return pods.full_train_task(config, step, item, data_uri, model, metrics,
+    return pods.full_train_task(config, step, item, dataset, workspace, model, metrics,
                                 {"accelerator": accelerator_type, "gpus": gpus_per_task,
                                  "cpu": cpu_per_task, "memory": memory_per_task})
 
@@ -247,8 +277,9 @@ def finish(records: list[dict], run_uri: str, step: str) -> dict:
     return pods.finish(records, run_uri, step)
 
 
-def reignite_if_plateau(config: str, step: str, state: str, data_uri: str, run_uri: str, overrides: str,
-                        accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str) -> str:
+def reignite_if_plateau(config: str, step: str, state: str, dataset: Input[Dataset], workspace: str, run_uri: str,
+                        overrides: str, accelerator_type: str, gpus_per_task: int, cpu_per_task: str,
+                        memory_per_task: str, models: Output[Model]) -> str:
     """After a serial round: reignite the front when its best mAP stopped improving
     (``reignition_patience`` rounds, at most ``max_reignitions`` times); else pass the state on.
 
@@ -256,17 +287,21 @@ def reignite_if_plateau(config: str, step: str, state: str, data_uri: str, run_u
         config: the run config text.
         step: the serial step's name.
         state: the search state's URI after the round's update.
-        data_uri: the detection data set.
+        dataset: the run's data set (from stage_data).
+        workspace: the run's workspace path ("" without one).
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.
         accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests.
+
+    Returns the state's URI; ``models`` holds the reignited models' weights (metadata
+    ``reignited``: their ids and URIs; empty when the front was still improving).
     """
     from spnas.orchestration import pods
-    return pods.reignite_if_plateau(config, step, state, data_uri, run_uri, overrides)
+    return pods.reignite_if_plateau_task(config, step, state, dataset, workspace, run_uri, overrides, models)
 
 
-def phase_control(config: str, step: str, state: str, data_uri: str, run_uri: str, overrides: str,
-                  accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
+def phase_control(config: str, step: str, state: str, dataset: Input[Dataset], workspace: str, run_uri: str,
+                  overrides: str, accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
                   model: Output[Model], metrics: Output[Metrics]) -> dict:
     """A search phase's equal-budget control: the phase's starting model trained as many times
     with the step's schedule as the phase's best candidate was along its lineage.
@@ -275,20 +310,21 @@ def phase_control(config: str, step: str, state: str, data_uri: str, run_uri: st
         config: the run config text.
         step: the search step's name.
         state: the search's final state (URI).
-        data_uri: the detection data set.
+        dataset: the run's data set (from stage_data).
+        workspace: the run's workspace path ("" without one).
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.
         accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests.
     """
     from spnas.orchestration import pods
-    return pods.phase_control_task(config, step, state, data_uri, run_uri, overrides, model, metrics,
+    return pods.phase_control_task(config, step, state, dataset, workspace, run_uri, overrides, model, metrics,
                                    {"accelerator": accelerator_type, "gpus": gpus_per_task,
                                     "cpu": cpu_per_task, "memory": memory_per_task})
 
 
-def final_control(config: str, step: str, fine_tuned: list[dict], best: dict, data_uri: str, run_uri: str,
-                  overrides: str, accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
-                  model: Output[Model], metrics: Output[Metrics]) -> dict:
+def final_control(config: str, step: str, fine_tuned: list[dict], best: dict, dataset: Input[Dataset],
+                  workspace: str, run_uri: str, overrides: str, accelerator_type: str, gpus_per_task: int,
+                  cpu_per_task: str, memory_per_task: str, model: Output[Model], metrics: Output[Metrics]) -> dict:
     """The run's equal-budget control: the fine-tuned seed trained from the same weights as long as
     the searched model's lineage (the full train's schedule stretched); both measured for latency
     and memory.
@@ -298,7 +334,8 @@ def final_control(config: str, step: str, fine_tuned: list[dict], best: dict, da
         step: the full train step's name.
         fine_tuned: fine_tune's output (the seed record).
         best: the best fully trained model.
-        data_uri: the detection data set.
+        dataset: the run's data set (from stage_data).
+        workspace: the run's workspace path ("" without one).
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.
         accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests.
@@ -306,7 +343,8 @@ def final_control(config: str, step: str, fine_tuned: list[dict], best: dict, da
     Returns ``{"searched": ..., "control": ...}``.
     """
     from spnas.orchestration import pods
-    return pods.final_control_task(config, step, fine_tuned, best, data_uri, run_uri, overrides, model, metrics,
+    return pods.final_control_task(config, step, fine_tuned, best, dataset, workspace, run_uri, overrides, model,
+                                   metrics,
                                    {"accelerator": accelerator_type, "gpus": gpus_per_task,
                                     "cpu": cpu_per_task, "memory": memory_per_task})
 
@@ -333,7 +371,7 @@ def publish(config: str, serial_front: list[dict], parallel_front: list[dict], b
                        {"serial": serial_control, "parallel": parallel_control}, run_uri, report.path, overrides)
 
 
-_FUNCTIONS = (prepare, preflight, run_prefix, fine_tune, search_init, propose, candidates, train_candidate, update,
+_FUNCTIONS = (prepare, preflight, run_prefix, stage_data, fine_tune, search_init, propose, candidates, train_candidate, update,
               search_front, choose, reignite, collect, full_train, finish, reignite_if_plateau, phase_control, final_control,
               publish)
 

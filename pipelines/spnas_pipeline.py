@@ -2,13 +2,16 @@
 
     python -m pipelines.spnas_pipeline --config configs/demo.yml --output pipelines/spnas_pipeline.yaml
 
-fine_tune -> serial rounds -> reignition -> parallel rounds -> full train -> publish, with an
+preflight -> stage data -> fine_tune -> serial rounds -> reignition -> parallel rounds -> full train ->
+publish, with an
 equal-budget control after each search and after the full train (``general.control``). Search
 rounds are unrolled here (KFP v2 has no while loop): rounds = ceil(max_sample /
 candidates_per_round), each a ``dsl.ParallelFor`` over the proposed candidates with
 ``parallelism`` pods at once and ``dsl.Collected`` results into the update step. Reignition and
 full train fan out over the ``top_k`` models their step takes from the front (the same choice
-``spnas run`` makes). Wiring only.
+``spnas run`` makes). The data set is staged once per run into the run's workspace (KFP >= 2.15;
+``--data-volume pvc:NAME`` mounts an existing claim instead, ``none`` lets every pod cache its own
+copy) and enters every training task as the stage task's Dataset artifact. Wiring only.
 """
 
 import argparse
@@ -33,6 +36,31 @@ TIMEOUTS = {"light": 1800, "candidate": 24 * 3600, "long": 7 * 24 * 3600}
 #: multi-day training preempted near its end (Argo's default window, 1 h, is shorter than one epoch).
 HEAVY_RETRY_WINDOW = "259200s"   # 72 h
 LIGHT_RETRY_WINDOW = "3600s"
+#: The stage-data task: no GPU, enough memory for the object listing of a COCO-sized data set.
+STAGE_RESOURCES = {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "4Gi"}
+#: Where ``--data-volume pvc:NAME`` mounts the claim in every pod that reads the data set.
+PVC_MOUNT_PATH = "/spnas-data"
+
+
+def candidate_time_limit(pod_seconds: int) -> int:
+    """The time limit of a candidate's training child: the candidate pod's own limit less a
+    margin (a tenth, at most 10 minutes), so the child is stopped and recorded as a failed
+    candidate before Kubernetes kills the pod (which would fail the round)."""
+    return int(pod_seconds - min(600, pod_seconds // 10))
+
+
+def data_volume_path(data_volume: str) -> str:
+    """The path every data-reading task gets as ``workspace`` for ``--data-volume``:
+    ``workspace`` (the run's KFP workspace), ``pvc:NAME`` (an existing claim, mounted at
+    :data:`PVC_MOUNT_PATH`) or ``none`` (no shared folder: "")."""
+    from kfp import dsl
+    if data_volume == "workspace":
+        return dsl.WORKSPACE_PATH_PLACEHOLDER
+    if data_volume.startswith("pvc:") and data_volume[4:].strip():
+        return PVC_MOUNT_PATH
+    if data_volume == "none":
+        return ""
+    raise SystemExit(f"--data-volume {data_volume!r}: expected workspace, pvc:<claim name> or none")
 
 
 def check_image(image: str, require_digest: bool) -> str:
@@ -47,13 +75,18 @@ def check_image(image: str, require_digest: bool) -> str:
 def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parallelism: int = 4,
                    retries: int = 2, secret: "str | None" = SECRET, caching: bool = False,
                    timeouts: "dict[str, int] | None" = None, shm_size: str = "2Gi",
-                   image_pull_secret: "str | None" = None, require_digest: bool = False):
+                   image_pull_secret: "str | None" = None, require_digest: bool = False,
+                   data_volume: str = "workspace", workspace_size: str = "100Gi",
+                   workspace_storage_class: "str | None" = None):
     """Return the ``@dsl.pipeline`` function for ``config_path`` (read now, embedded as text),
     every component running on ``image``.
 
     Every task gets requests and limits, a retry policy (heavy tasks: a 72 h window) and a time
     limit (``timeouts`` overrides :data:`TIMEOUTS` per kind); training pods mount a memory-backed
-    ``/dev/shm`` of ``shm_size`` and take the run's node selector and tolerations."""
+    ``/dev/shm`` of ``shm_size`` and take the run's node selector and tolerations. The data set
+    is staged once into ``data_volume`` (:func:`data_volume_path`): a run workspace of
+    ``workspace_size`` (ReadWriteMany, ``workspace_storage_class`` or the cluster's default), an
+    existing claim, or none."""
     from kfp import dsl, kubernetes
 
     from components.spnas_components import build_components
@@ -61,6 +94,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     from spnas.orchestration.pods import compiled_contract
     c = build_components(check_image(image, require_digest))
     limits = {**TIMEOUTS, **(timeouts or {})}
+    workspace = data_volume_path(data_volume)
+    pvc = data_volume[4:].strip() if data_volume.startswith("pvc:") else None
 
     raw = yaml.safe_load(Path(config_path).read_text())
     cfg = load_config(raw, workdir="/tmp/spnas")
@@ -85,6 +120,13 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                                    size_limit=shm_size)
         kubernetes.add_node_selector_json(task, node_selector_json=ctx_params["node_selector"])
         kubernetes.add_toleration_json(task, toleration_json=ctx_params["tolerations"])
+        return reads_data(task)
+
+    def reads_data(task):
+        """A task that reads the data set: the claim mounted when the data volume is a PVC (the
+        workspace is mounted by the backend for every task that takes its path)."""
+        if pvc:
+            kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=PVC_MOUNT_PATH)
         return task
 
     def light(task):
@@ -119,14 +161,14 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                                 overrides=ctx["overrides"]))
         chosen.set_display_name(f"{step.name}: choose models")
         with dsl.ParallelFor(chosen.output, parallelism=parallelism, name=loop_name) as item:
-            task = heavy(component(config=ctx["config"], step=step.name, item=item, data_uri=ctx["data_uri"],
+            task = heavy(component(config=ctx["config"], step=step.name, item=item, **ctx["data"],
                                    **resource_inputs(res)), **res, kind=kind)
             task.set_display_name(step.name)
         return dsl.Collected(task.outputs["Output"])
 
     def search(step, seeds, ctx):
-        init = light(c.search_init(config=ctx["config"], step=step.name, seeds=seeds, run_uri=ctx["run_uri"],
-                                   overrides=ctx["overrides"], data_uri=ctx["data_uri"]))
+        init = reads_data(light(c.search_init(config=ctx["config"], step=step.name, seeds=seeds, run_uri=ctx["run_uri"],
+                                              overrides=ctx["overrides"], **ctx["data"])))
         init.set_display_name(f"{step.name}: start")
         state = init.output
         n = step.search["max_sample"]
@@ -141,23 +183,24 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                 # inside the loop only pipeline parameters and the item: kfp.local resolves other
                 # tasks' outputs to the loop item there (run prefix and overrides ride on the item)
                 train = heavy(c.train_candidate(config=ctx["config"], step=step.name, candidate=cand,
-                                                data_uri=ctx["data_uri"], **resource_inputs(ctx["res"])), **ctx["res"])
+                                                time_limit=candidate_time_limit(limits["candidate"]), **ctx["data"],
+                                                **resource_inputs(ctx["res"])), **ctx["res"])
                 train.set_display_name(f"{step.name} round {r}: train candidate")
             upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"]), step=step.name,
                                  run_uri=ctx["run_uri"]))
             upd.set_display_name(f"{step.name} round {r}: update")
             state = upd.output
             if step.role == "serial" and step.search.get("reignition_patience") and r + 1 < math.ceil(n / k):
-                re_ = heavy(c.reignite_if_plateau(config=ctx["config"], step=step.name, state=state,
-                                                  data_uri=ctx["data_uri"], run_uri=ctx["run_uri"],
-                                                  overrides=ctx["overrides"], **resource_inputs(ctx["res"])), **ctx["res"])
+                re_ = heavy(c.reignite_if_plateau(config=ctx["config"], step=step.name, state=state, **ctx["data"],
+                                                  run_uri=ctx["run_uri"], overrides=ctx["overrides"],
+                                                  **resource_inputs(ctx["res"])), **ctx["res"])
                 re_.set_display_name(f"{step.name} round {r}: reignite if the front stopped improving")
-                state = re_.output
+                state = re_.outputs["Output"]
         front = light(c.search_front(state=state, run_uri=ctx["run_uri"], step=step.name))
         front.set_display_name(f"{step.name}: Pareto front")
         if not cfg.control:
             return front, {}
-        ctrl = heavy(c.phase_control(config=ctx["config"], step=step.name, state=state, data_uri=ctx["data_uri"],
+        ctrl = heavy(c.phase_control(config=ctx["config"], step=step.name, state=state, **ctx["data"],
                                      run_uri=ctx["run_uri"], overrides=ctx["overrides"], **resource_inputs(ctx["res"])),
                      **ctx["res"])
         ctrl.set_display_name(f"{step.name}: equal-budget control")
@@ -165,8 +208,16 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
 
     contract = compiled_contract(Path(config_path).read_text())
 
+    pipeline_config = None
+    if data_volume == "workspace":
+        patch = {"accessModes": ["ReadWriteMany"]}  # candidate pods on several nodes read it at once
+        if workspace_storage_class:
+            patch["storageClassName"] = workspace_storage_class
+        pipeline_config = dsl.PipelineConfig(workspace=dsl.WorkspaceConfig(
+            size=workspace_size, kubernetes=dsl.KubernetesWorkspaceConfig(pvcSpecPatch=patch)))
+
     @dsl.pipeline(name="spnas", description="SP-NAS: serial-to-parallel detection backbone search "
-                  f"(config {Path(config_path).name})")
+                  f"(config {Path(config_path).name})", pipeline_config=pipeline_config)
     def spnas_pipeline(data_uri: str = data_default, results_uri: str = "minio://mlpipeline/spnas-runs",
                        seed: int = cfg.seed, candidate_epochs: int = -1, full_epochs: int = -1,
                        accelerator_type: str = "nvidia.com/gpu", gpus_per_task: int = 0,
@@ -185,15 +236,24 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         # a refusal is deterministic and storage hiccups are retried inside the task: one retry
         # at once covers a lost pod without repeating a refusal for minutes
         pre.set_retry(1, backoff_duration="0s", backoff_max_duration=LIGHT_RETRY_WINDOW)
+        stage = c.stage_data(config=config, overrides=prep.output, data_uri=data_uri, workspace=workspace,
+                             run_uri=prefix.output)
+        stage.set_cpu_request(STAGE_RESOURCES["cpu_request"]).set_cpu_limit(STAGE_RESOURCES["cpu_limit"])
+        stage.set_memory_request(STAGE_RESOURCES["memory_request"]).set_memory_limit(STAGE_RESOURCES["memory_limit"])
+        _common(stage, "candidate")
+        stage.set_retry(retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration=HEAVY_RETRY_WINDOW)
+        reads_data(stage).set_display_name("stage data set (once per run)").after(pre)
         # single-output tasks only: kfp.local mis-resolves named outputs used inside a ParallelFor
-        ctx = {"config": config, "data_uri": data_uri, "run_uri": prefix.output, "overrides": prep.output,
+        # (artifacts such as the Dataset resolve correctly there)
+        ctx = {"config": config, "run_uri": prefix.output, "overrides": prep.output,
+               "data": {"dataset": stage.output, "workspace": workspace},
                "res": {"cpu": cpu_per_task, "memory": memory_per_task, "accelerator": accelerator_type,
                        "gpus": gpus_per_task}}
         full = {"cpu": full_train_cpu, "memory": full_train_memory, "accelerator": accelerator_type,
                 "gpus": full_train_gpus}
-        ft = heavy(c.fine_tune(config=config, step=roles["fine_tune"].name, data_uri=data_uri,
+        ft = heavy(c.fine_tune(config=config, step=roles["fine_tune"].name, **ctx["data"],
                                run_uri=ctx["run_uri"], overrides=ctx["overrides"]), **full, kind="long")
-        ft.set_display_name("fine_tune").after(pre)
+        ft.set_display_name("fine_tune")
         serial_front, serial_control = search(roles["serial"], ft.outputs["Output"], ctx)
         seeds = serial_front.outputs["Output"]
         if "reignition" in roles and roles["reignition"].top_k != 0:
@@ -211,7 +271,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         controls = {}
         if cfg.control:
             final = heavy(c.final_control(config=config, step=step.name, fine_tuned=ft.outputs["Output"], best=best.output,
-                                          data_uri=data_uri, run_uri=ctx["run_uri"], overrides=ctx["overrides"],
+                                          **ctx["data"], run_uri=ctx["run_uri"], overrides=ctx["overrides"],
                                           **resource_inputs(full)), **full, kind="long")
             final.set_display_name("full train: equal-budget control")
             controls = final.outputs["Output"]
@@ -269,6 +329,12 @@ def main() -> None:
     ap.add_argument("--image-pull-secret", default=None, help="secret for a private registry (in the profile namespace)")
     ap.add_argument("--parallelism", type=int, default=4, help="candidate pods per round at once")
     ap.add_argument("--shm-size", default="2Gi", help="size limit of each training pod's memory-backed /dev/shm")
+    ap.add_argument("--data-volume", default="workspace", metavar="workspace|pvc:NAME|none",
+                    help="where the data set is staged once per run: the run's KFP workspace (backend >= 2.15, "
+                         "default), an existing ReadWriteMany claim, or none (every pod caches its own copy)")
+    ap.add_argument("--workspace-size", default="100Gi", help="size of the run's workspace (the data set and its cache)")
+    ap.add_argument("--workspace-storage-class", default=None,
+                    help="storage class of the workspace claim (ReadWriteMany; default: the cluster's)")
     ap.add_argument("--max-spec-bytes", type=int, default=MAX_SPEC_BYTES,
                     help=f"refuse a compiled pipeline larger than this (default {MAX_SPEC_BYTES})")
     for kind, seconds in TIMEOUTS.items():
@@ -281,7 +347,8 @@ def main() -> None:
         raise SystemExit(f"{', '.join(bad)}: a time limit must be at least 60 seconds")
     print(compile_pipeline(args.config, args.output, args.image, args.parallelism, args.max_spec_bytes, timeouts=timeouts,
                            shm_size=args.shm_size, image_pull_secret=args.image_pull_secret,
-                           require_digest=args.require_digest))
+                           require_digest=args.require_digest, data_volume=args.data_volume,
+                           workspace_size=args.workspace_size, workspace_storage_class=args.workspace_storage_class))
 
 
 if __name__ == "__main__":

@@ -127,15 +127,18 @@ def test_every_task_has_requests_limits_retries_and_a_time_limit(compiled):
     _, docs = compiled
     spec, k8s = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     execs = spec["deploymentSpec"]["executors"]
-    assert len(execs) == 34
+    assert len(execs) == 35
     for name, e in execs.items():
         res = e["container"]["resources"]
         assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(res), name
         heavy = any(h in name for h in HEAVY)
         plat = k8s[name]
         assert int(plat["activeDeadlineSeconds"]) == TIMEOUTS["long" if any(h in name for h in LONG) else
-                                                              "candidate" if heavy else "light"], name
-        if heavy:
+                                                              "candidate" if heavy or "stage-data" in name else "light"], name
+        if "stage-data" in name:  # downloads the data set once: no GPU, more memory, a long time limit
+            assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("2", "4Gi")
+            assert "nodeSelector" not in plat and "emptyDirMounts" not in plat
+        elif heavy:
             params = "full_train" if any(h in name for h in LONG) else "per_task"
             want = "{{$.inputs.parameters['pipelinechannel--%s']}}"
             assert res["resourceMemoryLimit"] == res["resourceMemoryRequest"] == want % (
@@ -151,13 +154,13 @@ def test_every_task_has_requests_limits_retries_and_a_time_limit(compiled):
             assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("1", "2Gi"), name
             assert "nodeSelector" not in plat and "emptyDirMounts" not in plat
     tasks = _container_tasks(spec)
-    assert len(tasks) == 34
+    assert len(tasks) == 35
     for dag, name, t in tasks:
         policy = t.get("retryPolicy")
         assert policy and policy["maxRetryCount"] == (1 if name == "preflight" else 2), (dag, name)
         window = int(policy["backoffMaxDuration"].rstrip("s"))
         ex = spec["components"][t["componentRef"]["name"]]["executorLabel"]
-        if any(h in ex for h in HEAVY):
+        if any(h in ex for h in (*HEAVY, "stage-data")):
             assert window == int(HEAVY_RETRY_WINDOW.rstrip("s")) >= 24 * 3600, (dag, name)
         else:
             assert window == 3600, (dag, name)
@@ -167,7 +170,8 @@ def test_preflight_runs_before_any_training_and_carries_the_compiled_contract(co
     from spnas.orchestration.pods import compiled_contract
     _, docs = compiled
     tasks = docs[0]["root"]["dag"]["tasks"]
-    assert "preflight" in tasks["fine-tune"]["dependentTasks"]
+    assert tasks["fine-tune"]["dependentTasks"] == ["prepare", "run-prefix", "stage-data"]
+    assert "preflight" in tasks["stage-data"]["dependentTasks"]
     assert set(tasks["preflight"]["dependentTasks"]) == {"prepare", "run-prefix"}
     expected = tasks["preflight"]["inputs"]["parameters"]["expected"]["runtimeValue"]["constant"]
     assert json.loads(expected) == json.loads(compiled_contract(DEMO.read_text()))
@@ -242,6 +246,67 @@ def test_compile_options_digest_pull_secret_time_limits_shm(tmp_path):
         {f"exec-train-candidate{s}": "7200" for s in ("", "-2", "-3", "-4")}
     assert k8s["exec-fine-tune"]["activeDeadlineSeconds"] == str(7 * 24 * 3600)
     assert k8s["exec-full-train"]["emptyDirMounts"][0]["sizeLimit"] == "8Gi"
+    # a candidate's training child stops 10 % (at most 10 min) before its pod would be killed
+    limits = {t["inputs"]["parameters"]["time_limit"]["runtimeValue"]["constant"]
+              for c in docs[0]["components"].values() if "dag" in c for t in c["dag"]["tasks"].values()
+              if t["taskInfo"]["name"].endswith("train candidate")}
+    assert limits == {6600}
+
+
+def _artifact_source(task):
+    """Where a task's ``dataset`` input comes from: the producing task at the root, the loop's
+    channel inside a ParallelFor."""
+    art = task["inputs"]["artifacts"]["dataset"]
+    return art.get("taskOutputArtifact", {}).get("producerTask") or art.get("componentInputArtifact")
+
+
+def test_data_set_is_staged_once_and_enters_every_training_as_a_dataset_artifact(compiled, tmp_path):
+    """The run's workspace is configured (ReadWriteMany, so candidate pods on several nodes read
+    one copy); one stage-data task makes the Dataset artifact; every task that reads the data
+    takes it and the workspace's path; with ``pvc:NAME`` the claim is mounted instead, with
+    ``none`` nothing is shared. The plateau reignition outputs a Model."""
+    _, docs = compiled
+    spec = docs[0]
+    assert docs[1]["platforms"]["kubernetes"]["pipelineConfig"]["workspace"] == {
+        "size": "100Gi", "kubernetes": {"pvcSpecPatch": {"accessModes": ["ReadWriteMany"]}}}
+    stage = spec["components"]["comp-stage-data"]
+    assert stage["outputDefinitions"]["artifacts"]["dataset"]["artifactType"]["schemaTitle"] == "system.Dataset"
+    readers = [(dag, name, t) for dag, name, t in _container_tasks(spec)
+               if "dataset" in spec["components"][t["componentRef"]["name"]].get("inputDefinitions", {}).get("artifacts", {})]
+    kinds = {re.sub(r"-\d+$", "", t["componentRef"]["name"]) for _, _, t in readers}
+    assert kinds == {"comp-fine-tune", "comp-search-init", "comp-train-candidate", "comp-reignite", "comp-full-train",
+                     "comp-phase-control", "comp-final-control"}
+    assert len(readers) == 1 + 2 + 4 + 1 + 1 + 2 + 1
+    for dag, name, t in readers:
+        assert _artifact_source(t) in {"stage-data", "pipelinechannel--stage-data-dataset"}, (dag, name)
+        assert t["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] == "{{$.workspace_path}}"
+        assert "data_uri" not in t["inputs"].get("parameters", {}), (dag, name)  # the artifact, not a string
+    assert spec["root"]["dag"]["tasks"]["stage-data"]["inputs"]["parameters"]["data_uri"] == \
+        {"componentInputParameter": "data_uri"}
+
+    # an existing claim instead of the workspace, and a plateau-triggered reignition
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["serial"]["search_algorithm"]["reignition_patience"] = 1
+    plateau = tmp_path / "plateau.yml"
+    plateau.write_text(yaml.safe_dump(raw))
+    pvc = _compile(plateau, tmp_path / "pvc.yaml", data_volume="pvc:coco-data")
+    assert "pipelineConfig" not in pvc[1]["platforms"]["kubernetes"]
+    k8s = pvc[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounted = {k for k, v in k8s.items() if v.get("pvcMount")}
+    assert mounted == {k for k in k8s if any(n in k for n in (*HEAVY, "stage-data", "search-init"))}
+    assert all(k8s[k]["pvcMount"] == [{"constant": "coco-data", "mountPath": "/spnas-data",
+                                       "pvcNameParameter": {"runtimeValue": {"constant": "coco-data"}}}] for k in mounted)
+    tasks = [t for _, _, t in _container_tasks(pvc[0]) if "workspace" in t["inputs"].get("parameters", {})]
+    assert {t["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] for t in tasks} == {"/spnas-data"}
+    plateau_comp = pvc[0]["components"]["comp-reignite-if-plateau"]
+    assert plateau_comp["outputDefinitions"]["artifacts"]["models"]["artifactType"]["schemaTitle"] == "system.Model"
+
+    none = _compile(DEMO, tmp_path / "none.yaml", data_volume="none")
+    tasks = [t for _, _, t in _container_tasks(none[0]) if "workspace" in t["inputs"].get("parameters", {})]
+    assert len(tasks) == 13 and {t["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] for t in tasks} == {""}
+    assert "pipelineConfig" not in none[1]["platforms"]["kubernetes"]
+    with pytest.raises(SystemExit, match="--data-volume 'nfs': expected workspace, pvc:<claim name> or none"):
+        _compile(DEMO, tmp_path / "bad.yaml", data_volume="nfs")
 
 
 @pytest.mark.slow
@@ -381,7 +446,7 @@ def test_preflight_refuses_under_kfp_local_in_seconds_before_any_training(tiny_d
 
 
 def test_component_bodies_with_real_artifacts(tiny_data, tmp_path):
-    from kfp.dsl import Markdown, Metrics, Model
+    from kfp.dsl import Dataset, Markdown, Metrics, Model
 
     from components.spnas_components import build_components
     c = build_components()
@@ -391,19 +456,29 @@ def test_component_bodies_with_real_artifacts(tiny_data, tmp_path):
     assert run_uri == str(tmp_path / "res" / "job-1")
     assert overrides == ["general.seed=3", "serial.trainer.epochs=1", "parallel.trainer.epochs=1",
                          "fully_train.trainer.epochs=2"]
-    # a candidate whose parent weights do not exist fails as data, with a placeholder artifact
+    # the data set enters as a Dataset artifact: its root and version (a local folder is read in place)
+    dataset = Dataset(name="dataset", uri=str(tmp_path / "art" / "dataset"), metadata={})
+    c.stage_data.python_func(config=config, overrides="[]", data_uri=str(tiny_data), workspace="", run_uri=run_uri,
+                             dataset=dataset)
+    manifest = json.loads((Path(run_uri) / "data" / "manifest.json").read_text())
+    assert manifest["objects"] == 2 + 16 + 6 == len(manifest["files"])  # 2 annotation files, 22 images
+    assert dataset.metadata["root"] == str(tiny_data) and dataset.metadata["staged"] == ""
+    assert dataset.metadata["version"] == manifest["version"] and len(manifest["version"]) == 16
+    assert json.loads(Path(dataset.path).read_text()) == dataset.metadata
+    # a candidate whose parent weights do not exist fails as data: marked in the metadata, an empty artifact
     model = Model(name="model", uri=str(tmp_path / "art" / "model"), metadata={})
     metrics = Metrics(name="metrics", uri=str(tmp_path / "art" / "metrics"), metadata={})
     cand = {"id": 5.0, "desc": {"backbone": {"code": "1-2-2-2"}}, "parent_desc": {}, "parent": 0.0,
             "parent_weights": str(tmp_path / "missing.pth"), "ops": ["expand"], "round": 0.0,
             "run_uri": run_uri, "overrides": "[]"}
-    result = c.train_candidate.python_func(config=config, step="serial", candidate=cand, data_uri=str(tiny_data),
-                                           accelerator_type="nvidia.com/gpu",
+    result = c.train_candidate.python_func(config=config, step="serial", candidate=cand, dataset=dataset, workspace="",
+                                           time_limit=0, accelerator_type="nvidia.com/gpu",
                                            gpus_per_task=1, cpu_per_task="4", memory_per_task="16G",
                                            model=model, metrics=metrics)
     assert result["status"] == "failed" and result["id"] == 5 and "missing.pth" in result["error"]
-    assert model.metadata["status"] == "failed" and Path(model.path).read_text().startswith("candidate failed")
+    assert model.metadata["status"] == "failed" and Path(model.path).is_dir() and not any(Path(model.path).iterdir())
     assert model.metadata["resources"] == {"accelerator": "nvidia.com/gpu", "gpus": 1, "cpu": "4", "memory": "16G"}
+    assert model.metadata["data_version"] == manifest["version"]
     report = Markdown(name="report", uri=str(tmp_path / "art" / "report.md"), metadata={})
     best = {"id": 4, "desc": {"backbone": {"code": "1-2-2-2"}, "neck": {"code": [0, 1, 0, 0]}},
             "metrics": {"mAP": 61.5, "AP50": 95.0}, "params": 4_800_000, "gflops": 0.29, "weights": "s3://b/run/model_4.pth"}
@@ -429,3 +504,139 @@ def test_component_bodies_with_real_artifacts(tiny_data, tmp_path):
     assert summary["delta_mAP"] == 61.5 - 62.0 and summary["searched"]["iterations"] == summary["control"]["iterations"] == 360
     text = Path(report2.path).read_text()
     assert "**Result**: `1-2-2-2` neck `[0, 0, 0, 0]`: mAP 62.00" in text and "delta mAP -0.50" in text
+
+
+def test_a_crashed_killed_or_overlong_candidate_training_is_a_failed_record(tiny_data, tmp_path, monkeypatch):
+    """A candidate trains in a child process of its pod: the child SIGKILLed (the OOM killer's
+    signal, injected by the ``candidate_child`` fail point for one candidate only), a child over
+    its time limit, and a child that exits non-zero each end as a failed record naming the
+    cause; the pod's own process never fails."""
+    from spnas.orchestration import pods
+    from spnas.orchestration.child import ChildFailed, run_isolated
+    config = json.dumps(yaml.safe_load(_tiny_config(tmp_path, tiny_data).read_text()))
+    run_uri = str(tmp_path / "run")
+
+    def cand(cid):
+        return {"id": cid, "desc": {"backbone": {"code": "1-2-2-2"}}, "parent_desc": {}, "parent": 0, "ops": ["expand"],
+                "parent_weights": str(tmp_path / "missing.pth"), "round": 0, "run_uri": run_uri, "overrides": "[]"}
+
+    monkeypatch.setenv("SPNAS_FAILPOINT", "candidate_child:1:serial/5")
+    killed = pods.train_candidate(config, "serial", cand(5), str(tiny_data), str(tmp_path / "m5"))
+    assert killed == {"id": 5, "status": "failed", "error": "ChildFailed: candidate 5: the training process was killed "
+                      "by SIGKILL (most often the out-of-memory killer at the pod's memory limit; a node failure or "
+                      "`kill -9` look the same)"}
+    other = pods.train_candidate(config, "serial", cand(6), str(tiny_data), str(tmp_path / "m6"))
+    assert other["status"] == "failed" and "missing.pth" in other["error"]  # only candidate 5 is targeted
+    monkeypatch.delenv("SPNAS_FAILPOINT")
+    slow = pods.train_candidate(config, "serial", cand(7), str(tiny_data), str(tmp_path / "m7"), time_limit=0.2)
+    assert slow == {"id": 7, "status": "failed",
+                    "error": "ChildFailed: candidate 7: the training ran over its time limit of 0.2 s and was stopped"}
+    with pytest.raises(ChildFailed, match=r"^broken: the training process exited with status 1 without a result"):
+        run_isolated("train_candidate_here", {"no_such_argument": 1}, what="broken")
+    with pytest.raises(ValueError, match="cannot run in a child process"):
+        run_isolated("fine_tune", {}, what="x")
+
+
+@pytest.mark.slow
+def test_kfp_local_stages_the_data_once_and_survives_a_killed_candidate(tiny_data, tmp_path, monkeypatch):
+    """The compiled pipeline under kfp.local with its data set in a real object store (weed
+    mini) and a run workspace: the stage task downloads each object once and no other task of
+    the run downloads any (counted across every task process by ``SPNAS_FETCH_LOG``); a serial
+    candidate whose training child is SIGKILLed (fail point) is a failed record naming the
+    signal, and the run completes."""
+    import builtins
+
+    import kfp.local
+    from kfp.components import load_component_from_file
+
+    from spnas import storage
+    from spnas.devtools import objectstore
+    store_dir = tmp_path / "store"
+    for attempt in range(3):  # another process may take a port between the check and the start
+        try:
+            objectstore.start(store_dir, port=objectstore.free_port_block(), buckets=["spnas"], ready_timeout=30)
+            break
+        except storage.StorageError:
+            objectstore.stop(store_dir, grace=2)
+            for f in (objectstore.STATE_FILE, objectstore.PID_FILE):
+                (store_dir / f).unlink(missing_ok=True)
+            if attempt == 2:
+                raise
+    try:
+        for k, v in objectstore.env(store_dir).items():
+            monkeypatch.setenv(k, v)
+        data_uri = "minio://spnas/datasets/tiny"
+        objects = len(storage.upload(tiny_data, data_uri))
+        fetch_log, pod_cache = tmp_path / "fetch.log", tmp_path / "pod-cache"
+        monkeypatch.setenv(storage.ENV_FETCH_LOG, str(fetch_log))
+        monkeypatch.setenv(storage.ENV_CACHE, str(pod_cache))  # where a pod would cache without the workspace
+        monkeypatch.setenv("SPNAS_FAILPOINT", "candidate_child:1:serial/1")
+        package = tmp_path / "tiny_pipeline.yaml"
+        _compile(_tiny_config(tmp_path, data_uri, ["general.control=false"]), package, parallelism=2)
+        kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
+                       workspace_root=str(tmp_path / "workspace"))
+        saved = builtins.print
+        try:
+            load_component_from_file(str(package))(data_uri=data_uri, results_uri=str(tmp_path / "results"), seed=0)
+        finally:
+            builtins.print = saved
+    finally:
+        objectstore.stop(store_dir, grace=5)
+    (run,) = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]
+    serial = json.loads((run / "serial" / "state.json").read_text())
+    cands = {r["id"]: r for r in serial["records"] if r["parent"] is not None}
+    assert sorted(cands) == [1, 2] and cands[2]["status"] == "ok"
+    assert cands[1]["status"] == "failed" and "killed by SIGKILL" in cands[1]["error"]
+    (pipeline_run,) = (tmp_path / "root").iterdir()
+    assert (run / "fully_train" / "output.csv").is_file() and (pipeline_run / "publish" / "report").is_file()  # done
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert manifest["objects"] == objects == 24
+    fetches = [json.loads(line) for line in fetch_log.read_text().splitlines()]
+    data = [f for f in fetches if f["uri"].rstrip("/") == data_uri]
+    # stage, fine_tune, the surviving serial child, reignition, 2 parallel children, the full train
+    assert len({f["pid"] for f in data}) == 7
+    assert sum(f["downloaded"] for f in data) == objects  # one download per object for the whole run
+    assert not pod_cache.exists() or not any(p.is_file() for p in pod_cache.rglob("*.jpg"))
+
+
+def test_plateau_reignition_task_outputs_its_models_as_a_model_artifact(tiny_data, tmp_path, monkeypatch):
+    """The serial search's plateau reignition (a pipeline task) hands its reignited weights on
+    as a Model artifact (a folder: the weights and ``reignited.json``; metadata ``reignited``
+    with ids and URIs, the data version); when the front still improves the folder lists
+    nothing and the metadata says ``skipped``, and the state passes on unchanged."""
+    from kfp.dsl import Dataset, Model
+
+    from spnas.orchestration import phases, pods
+    from spnas.search.settings import SearchSettings
+    from spnas.search.state import new_state
+    config = json.dumps(yaml.safe_load(_tiny_config(tmp_path, tiny_data).read_text()))
+    run_uri = str(tmp_path / "run")
+    desc = {"num_classes": 4, "backbone": {"code": "1-2-2-2", "block": "basic", "base_channels": 8}, "neck": {}}
+    st = new_state(SearchSettings("SpNasS", max_sample=8, reignition_patience=1, flops_size=96),
+                   [{"desc": desc, "metrics": {"mAP": 30.0}, "weights": str(tmp_path / "seed.pth")}])
+    dataset = Dataset(name="dataset", uri=str(tmp_path / "dataset"), metadata={"root": str(tiny_data), "version": "v" * 16})
+
+    calls = []
+
+    def fake_reignition(models, step, out, **kwargs):
+        calls.append((step.name, [m["id"] for m in models], kwargs["detection"].root))
+        Path(out, "model_0.pth").write_bytes(b"reignited weights")
+        return [{**models[0], "metrics": {"mAP": 33.0}, "weights": str(Path(out) / "model_0.pth")}]
+    monkeypatch.setattr(phases, "reignition", fake_reignition)
+
+    still = pods._put_state(st, run_uri, "serial", "state-1")
+    models = Model(name="models", uri=str(tmp_path / "art" / "quiet"), metadata={})
+    assert pods.reignite_if_plateau_task(config, "serial", still, dataset, "", run_uri, "[]", models) == still
+    assert calls == [] and json.loads((Path(models.path) / "reignited.json").read_text()) == []
+    assert models.metadata == {"reignited": [], "status": "skipped", "data_version": "v" * 16}
+
+    st["plateau"].update(stale_rounds=1)  # the front has not improved for reignition_patience rounds
+    stale = pods._put_state(st, run_uri, "serial", "state-2")
+    models = Model(name="models", uri=str(tmp_path / "art" / "fired"), metadata={})
+    out = pods.reignite_if_plateau_task(config, "serial", stale, dataset, "", run_uri, "[]", models)
+    assert calls == [("reignition", [0], str(tiny_data))]
+    uri = f"{run_uri}/serial/reignition_0/model_0.pth"
+    assert models.metadata == {"reignited": [{"id": 0, "uri": uri}], "status": "ok", "data_version": "v" * 16}
+    assert (Path(models.path) / "model_0.pth").read_bytes() == Path(uri).read_bytes() == b"reignited weights"
+    new = pods._state(out)["records"]
+    assert [r["ops"] for r in new if r["parent"] is not None] == [["reignite"]] and new[-1]["weights"] == uri

@@ -307,17 +307,22 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture,
                                                   recwarn: pytest.WarningsRecorder) -> None:
-    """fine_tune -> serial search (one candidate) -> front -> full train -> publish, each
-    component's body called with real artifacts and a ``minio://`` run prefix: return values,
-    artifact metadata and files, the published objects and all output are clean."""
+    """stage data -> fine_tune -> serial search (one candidate) -> front -> full train -> publish,
+    each component's body called with real artifacts and a ``minio://`` run prefix: return
+    values, artifact metadata and files, the published objects and all output are clean. The
+    data set, staged once into the run's workspace, is downloaded once: every later task (the
+    candidate's child process included) reads the staged copy (0 downloads, counted through
+    ``SPNAS_FETCH_LOG`` across processes)."""
     monkeypatch.syspath_prepend(str(ROOT))
-    from kfp.dsl import HTML, Markdown, Metrics, Model
+    from kfp.dsl import HTML, Dataset, Markdown, Metrics, Model
 
     from components.spnas_components import build_components
     c = build_components()
     art = tmp_path / "artifacts"
     art.mkdir()
     artifacts: list[Any] = []
+    workspace, fetch_log = tmp_path / "workspace", tmp_path / "fetch.log"
+    monkeypatch.setenv(storage.ENV_FETCH_LOG, str(fetch_log))
 
     def make(kind: Any, name: str) -> Any:
         a = kind(name=name, uri=str(art / name), metadata={})
@@ -329,14 +334,16 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
     with _debug_logging(caplog) as handler:
         overrides = c.prepare.python_func(config=config, seed=0, candidate_epochs=-1, full_epochs=-1)
         run_uri = c.run_prefix.python_func(results_uri=f"minio://{BUCKET}/kfp-runs", job_id="job-1")
-        seeds = c.fine_tune.python_func(config=config, step="fine_tune", data_uri=dataset_uri, run_uri=run_uri,
+        data = {"dataset": make(Dataset, "dataset"), "workspace": str(workspace)}
+        c.stage_data.python_func(config=config, overrides=overrides, data_uri=dataset_uri, run_uri=run_uri, **data)
+        seeds = c.fine_tune.python_func(config=config, step="fine_tune", **data, run_uri=run_uri,
                                         overrides=overrides, model=make(Model, "ft-model"),
                                         metrics=make(Metrics, "ft-metrics"))
         state = c.search_init.python_func(config=config, step="serial", seeds=seeds, run_uri=run_uri,
-                                          overrides=overrides)
+                                          overrides=overrides, **data)
         proposal = c.propose.python_func(state=state, k=1, run_uri=run_uri, step="serial")
         items = c.candidates.python_func(proposal=proposal, run_uri=run_uri, overrides=overrides)
-        results = [c.train_candidate.python_func(config=config, step="serial", candidate=item, data_uri=dataset_uri,
+        results = [c.train_candidate.python_func(config=config, step="serial", candidate=item, **data, time_limit=0,
                                                  accelerator_type="nvidia.com/gpu", gpus_per_task=0,
                                                  cpu_per_task="1", memory_per_task="2G",
                                                  model=make(Model, f"cand-{i}-model"),
@@ -348,19 +355,19 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
                                            plot=make(HTML, "serial-plot"))
         chosen = c.choose.python_func(config=config, step="fully_train", front=front, run_uri=run_uri,
                                       overrides=overrides)
-        trained = [c.full_train.python_func(config=config, step="fully_train", item=item, data_uri=dataset_uri,
+        trained = [c.full_train.python_func(config=config, step="fully_train", item=item, **data,
                                             accelerator_type="nvidia.com/gpu", gpus_per_task=0, cpu_per_task="1",
                                             memory_per_task="2G", model=make(Model, f"full-model-{i}"),
                                             metrics=make(Metrics, f"full-metrics-{i}"))
                    for i, item in enumerate(chosen)]
         best = c.finish.python_func(records=trained, run_uri=run_uri, step="fully_train")
         pod = {"accelerator_type": "nvidia.com/gpu", "gpus_per_task": 0, "cpu_per_task": "1", "memory_per_task": "2G"}
-        serial_control = c.phase_control.python_func(config=config, step="serial", state=state, data_uri=dataset_uri,
+        serial_control = c.phase_control.python_func(config=config, step="serial", state=state, **data,
                                                      run_uri=run_uri, overrides=overrides, **pod,
                                                      model=make(Model, "serial-control-model"),
                                                      metrics=make(Metrics, "serial-control-metrics"))
         controls = c.final_control.python_func(config=config, step="fully_train", fine_tuned=seeds, best=best,
-                                               data_uri=dataset_uri, run_uri=run_uri, overrides=overrides, **pod,
+                                               **data, run_uri=run_uri, overrides=overrides, **pod,
                                                model=make(Model, "control-model"), metrics=make(Metrics, "control-metrics"))
         weights = c.publish.python_func(config=config, serial_front=front, parallel_front=front, best=best,
                                         controls=controls, serial_control=serial_control, parallel_control={},
@@ -368,6 +375,16 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
         returned += [overrides, run_uri, seeds, state, proposal, items, results, front, chosen, trained, best,
                      serial_control, controls, weights]
     assert weights in (best["weights"], controls["control"]["weights"])  # the winner's
+    meta = data["dataset"].metadata
+    assert meta["root"] == dataset_uri and meta["staged"].startswith(str(workspace / "spnas" / "cache"))
+    assert meta["downloaded"] == meta["objects"] > 0
+    fetches = [json.loads(line) for line in fetch_log.read_text().splitlines()]
+    data_fetches = [f for f in fetches if f["uri"].rstrip("/") == dataset_uri.rstrip("/")]
+    assert len(data_fetches) >= 6  # stage, fine_tune, the candidate's child, full train, two controls
+    assert sum(f["downloaded"] for f in data_fetches) == meta["objects"]  # one download per object per run
+    assert len({f["pid"] for f in data_fetches}) == 2  # this process, and the candidate's training child
+    models = [a for a in artifacts if isinstance(a, Model)]
+    assert len(models) == 5 and all(a.metadata["data_version"] == meta["version"] for a in models)
     assert best["weights"].startswith(f"{run_uri}/fully_train/model_")
     assert controls["control"]["weights"] == f"{run_uri}/fully_train/model_control_0.pth"
     assert all(r["weights"].startswith(run_uri) for r in results)
@@ -377,7 +394,7 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
         _assert_clean(json.dumps(a.metadata), f"metadata of artifact {a.name}")
         _assert_clean(a.uri, f"uri of artifact {a.name}")
     counts = _check_output(handler, caplog, capfd, recwarn)
-    files = _scan_tree(art, tmp_path / "cache", tmp_path / "tmp")
+    files = _scan_tree(art, tmp_path / "cache", tmp_path / "tmp", workspace)
     with Store.from_env() as st:
         objects = _scan_bucket(st, "kfp-runs/job-1/")
     assert objects >= 8
@@ -397,7 +414,7 @@ def test_failures_never_show_credentials(s3env: dict[str, str], server: dict[str
     the endpoint, credentials only in a file (not the environment): each error names what is
     wrong and shows no key, neither in its message and traceback nor in a failed candidate."""
     monkeypatch.syspath_prepend(str(ROOT))
-    from kfp.dsl import Metrics, Model
+    from kfp.dsl import Dataset, Metrics, Model
 
     from components.spnas_components import build_components
     from spnas.cli.main import main
@@ -430,11 +447,14 @@ def test_failures_never_show_credentials(s3env: dict[str, str], server: dict[str
                 assert denied in printed.err
                 errors += [printed.out, printed.err]
                 result = c.train_candidate.python_func(
-                    config=config, step="serial", candidate=candidate, data_uri=dataset_uri,
+                    config=config, step="serial", candidate=candidate, workspace="", time_limit=0,
+                    dataset=Dataset(name="dataset", uri=str(tmp_path / "art" / "dataset"),
+                                    metadata={"root": dataset_uri, "version": "0" * 16}),
                     accelerator_type="nvidia.com/gpu", gpus_per_task=0, cpu_per_task="1", memory_per_task="2G",
                     model=model, metrics=Metrics(name="metrics", uri=str(tmp_path / "art" / "metrics"), metadata={}))
                 assert result["status"] == "failed" and denied in result["error"]
-                errors += [json.dumps(result), json.dumps(model.metadata), Path(model.path).read_text()]
+                assert Path(model.path).is_dir() and not any(Path(model.path).iterdir())
+                errors += [json.dumps(result), json.dumps(model.metadata)]
         with monkeypatch.context() as m:
             m.setenv(storage.ENV_ENDPOINT, "127.0.0.1:1")
             m.setenv(storage.ENV_RETRIES, "2")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .coco import CocoDetection
@@ -55,3 +55,31 @@ class CocoSource:
         """The same source with a URI root replaced by its local (cached) copy."""
         from ..storage import is_uri, local_path
         return CocoSource(str(local_path(self.root)), self.img_prefix, self.ann_prefix) if is_uri(self.root) else self
+
+    def manifest(self) -> dict[str, Any]:
+        """The data set's version: every file under ``root`` as ``[relative key, fingerprint,
+        bytes]`` (sorted), and ``version``, the SHA-256 of that list (first 16 hex digits).
+        In an object store the fingerprint is the object's ETag (one listing, no download); in a
+        local folder it is the SHA-256 of annotation files (``.json``) and ``size`` for the rest
+        (images are not read). Two data sets with the same version have the same files."""
+        import hashlib
+        from pathlib import Path
+
+        from ..storage import Store, is_uri, parse_uri
+        from ..storage.client import walk_files
+        root = self.root.rstrip("/")
+        files: list[list[Any]] = []
+        if is_uri(root):
+            bucket, key = parse_uri(root + "/")
+            with Store.from_env() as st:
+                files = [[o.key[len(key):], o.etag, o.size] for o in st.list(bucket, key, root + "/")]
+        else:
+            base = Path(root)
+            for p in walk_files(base):
+                size = p.stat().st_size
+                mark = hashlib.sha256(p.read_bytes()).hexdigest() if p.suffix == ".json" else "size"
+                files.append([p.relative_to(base).as_posix(), mark, size])
+        files.sort()
+        digest = hashlib.sha256("\n".join(f"{k}\t{m}\t{n}" for k, m, n in files).encode()).hexdigest()[:16]
+        return {"root": self.root, "version": digest, "objects": len(files),
+                "bytes": sum(int(n) for _, _, n in files), "files": files}

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -34,7 +35,19 @@ from ..search import front
 from ..search import propose as _propose
 from ..search import update as _update
 from ..search.records import result_of
-from ..storage import Store, check_writable, exists, is_uri, list_objects, local_path, parse_uri, upload
+from ..storage import (
+    ENV_CACHE,
+    FetchStats,
+    Store,
+    check_writable,
+    exists,
+    fetch,
+    is_uri,
+    list_objects,
+    local_path,
+    parse_uri,
+    upload,
+)
 from ..utils.errors import ConfigError, PhaseError, PreflightError, SpnasError
 from ..utils.fileio import atomic_write_bytes, atomic_write_json
 from . import steps
@@ -140,6 +153,42 @@ def publish(local_file: str | Path, run_uri: str, step_name: str) -> str:
         if Path(local_file).resolve() != Path(target).resolve():
             shutil.copyfile(local_file, target)
     return target
+
+
+#: Where a run's workspace keeps the staged data set: the object cache every pod of the run
+#: reads (``<workspace>/spnas/cache``, laid out as :mod:`spnas.storage.cache` lays out any cache).
+WORKSPACE_CACHE = "spnas/cache"
+
+
+@contextlib.contextmanager
+def data_cache(workspace: str) -> Iterator[Path | None]:
+    """While the block runs (child processes included), objects are fetched through the run's
+    workspace, where :func:`stage_data` staged the data set once for every pod of the run (a
+    warm fetch lists the prefix and downloads nothing); without a workspace (``""``), through
+    the pod's own cache, as before. Yields the cache folder in use (``None``: the pod's)."""
+    if not workspace:
+        yield None
+        return
+    path = Path(workspace) / WORKSPACE_CACHE
+    saved = os.environ.get(ENV_CACHE)
+    os.environ[ENV_CACHE] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_CACHE, None)
+        else:
+            os.environ[ENV_CACHE] = saved
+
+
+def dataset_of(dataset: Any) -> tuple[str, str]:
+    """A Dataset artifact written by :func:`stage_data` (duck-typed: ``.metadata``) -> (the
+    data set's root URI or path, its version)."""
+    meta = dict(getattr(dataset, "metadata", None) or {})
+    if not meta.get("root"):
+        raise PhaseError(f"the dataset artifact {getattr(dataset, 'uri', dataset)!r} has no 'root' in its metadata: "
+                         "it must come from the stage-data task")
+    return str(meta["root"]), str(meta.get("version", ""))
 
 
 #: Where a training pod keeps its checkpoints while it trains: ``<run>/<step>/checkpoints/<key>/``.
@@ -264,6 +313,43 @@ def preflight(config_text: str, overrides: Sequence[str] | str, data_uri: str, r
     log.info("preflight passed in %.2f s: data %s, results %s writable, spnas %s", seconds, source.root, run_uri,
              __version__)
     return {"data": source.root, "results": run_uri, "version": __version__, "seconds": seconds}
+
+
+def stage_data(config_text: str, overrides: Sequence[str] | str, data_uri: str, workspace: str, run_uri: str,
+               dataset_path: str = "") -> dict:
+    """Stage the run's detection data set once for every pod and record its version.
+
+    With a workspace and a data set in an object store, the whole data set is fetched into
+    ``<workspace>/spnas/cache`` (:data:`WORKSPACE_CACHE`), which every heavy task then reads
+    (:func:`data_cache`): one download per object for the whole run. A local folder is read in
+    place. The manifest (:meth:`~spnas.data.source.CocoSource.manifest`: every file with its
+    ETag) is published as ``<run>/data/manifest.json``; ``dataset_path`` (the Dataset
+    artifact's file) gets the summary returned: ``{"root", "version", "objects", "bytes",
+    "manifest", "staged", "downloaded", "bytes_downloaded", "seconds"}``."""
+    t0 = time.monotonic()
+    cfg = load_run(config_text, overrides)
+    ft = cfg.step("fine_tune") or cfg.steps[0]
+    source = steps.detection_source(cfg, ft, data_uri or None)
+    stats, staged = FetchStats(), ""
+    if workspace and is_uri(source.root):
+        with data_cache(workspace) as cache:
+            staged = str(fetch(source.root.rstrip("/") + "/", cache, stats=stats))
+    manifest = source.manifest()
+    with tempfile.TemporaryDirectory(prefix="spnas-stage-") as tmp:
+        path = Path(tmp) / "manifest.json"
+        atomic_write_json(path, manifest)
+        manifest_uri = publish(path, run_uri, "data")
+    got = stats.as_dict()
+    summary = {"root": source.root, "version": manifest["version"], "objects": manifest["objects"],
+               "bytes": manifest["bytes"], "manifest": manifest_uri, "staged": staged,
+               "downloaded": got["downloaded"], "bytes_downloaded": got["bytes_downloaded"],
+               "seconds": round(time.monotonic() - t0, 3)}
+    if dataset_path:
+        atomic_write_json(Path(dataset_path), summary)
+    log.info("data set %s version %s: %d files, %d bytes; %s (%d downloaded)", source.root, manifest["version"],
+             manifest["objects"], manifest["bytes"], f"staged in {staged}" if staged else "read in place",
+             got["downloaded"])
+    return summary
 
 
 def run_prefix(results_uri: str, job_id: str) -> str:
@@ -413,10 +499,32 @@ def search_init(config_text: str, step_name: str, seeds: Sequence[Mapping[str, A
 
 
 def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                    model_path: str) -> dict[str, Any]:
-    """Train one candidate (a fan-out item) on one pod. Never raises for a bad candidate:
-    failures are data."""
+                    model_path: str, time_limit: float | None = None, workspace: str = "") -> dict[str, Any]:
+    """Train one candidate (a fan-out item) on one pod, in a child process
+    (:func:`~.child.run_isolated`): a bad candidate, a crash of its training (a signal such as
+    the OOM killer's SIGKILL, a non-zero exit) and a training over ``time_limit`` seconds all
+    come back as a failed record naming the cause; nothing here raises for a candidate."""
+    from .child import ChildFailed, run_isolated
+    candidate, _, _ = _item(item)
+    cid = candidate.get("id")
+    try:
+        with data_cache(workspace):
+            return struct(run_isolated("train_candidate_here", {
+                "config_text": config_text, "step_name": step_name, "item": plain(dict(item)),
+                "data_uri": data_uri, "model_path": model_path}, what=f"candidate {cid}",
+                timeout=time_limit if time_limit and time_limit > 0 else None))
+    except ChildFailed as exc:
+        log.warning("%s", exc)
+        return struct({"id": cid, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+
+
+def train_candidate_here(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
+                         model_path: str) -> dict[str, Any]:
+    """:func:`train_candidate` in this process (what its child process runs). Never raises for
+    a bad candidate: failures are data."""
+    from ..utils.faults import failpoint
     candidate, run_uri, overrides = _item(item)
+    failpoint("candidate_child", f"{step_name}/{candidate.get('id')}")
     try:
         from . import phases
         cfg, step = load_step(config_text, step_name, overrides)
@@ -467,16 +575,17 @@ def full_train_one(config_text: str, step_name: str, item: Mapping[str, Any], da
 
 def fill_artifacts(record: Mapping[str, Any], model: Any = None, metrics: Any = None, **metadata: Any) -> None:
     """Describe a record on a component's KFP artifacts (duck-typed: no kfp here): the Model's
-    metadata gets id, status, weights URI, description, error and ``metadata``; every numeric
-    metric is logged on the Metrics artifact. A failed candidate has no weights: its Model file
-    says so (the launcher uploads every declared output)."""
+    metadata gets id, status, weights URI, description, error and ``metadata`` (the data
+    version, the pod's resources); every numeric metric is logged on the Metrics artifact. A
+    model that did not train (a failed candidate, a skipped control) is marked in the metadata
+    (``status``) and its artifact is an empty folder, never a file posing as weights."""
     if model is not None:
-        model.metadata.update({"id": record.get("id"), "status": record.get("status", "ok"),
+        status = record.get("status", "ok")
+        model.metadata.update({"id": record.get("id"), "status": status,
                                "uri": record.get("weights") or "", "desc": record.get("desc", {}),
                                "error": record.get("error") or "", **metadata})
-        if record.get("status", "ok") != "ok":
-            Path(model.path).parent.mkdir(parents=True, exist_ok=True)
-            Path(model.path).write_text(f"candidate failed: {record.get('error')}\n")
+        if status != "ok":
+            Path(model.path).mkdir(parents=True, exist_ok=True)
     if metrics is not None:
         for key, value in (record.get("metrics") or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -491,15 +600,20 @@ def finish(recs: Sequence[Mapping[str, Any]], run_uri: str, step_name: str) -> d
 
 
 def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[str, Any], data_uri: str,
-                        run_uri: str, overrides: Sequence[str] | str = ()) -> str:
+                        run_uri: str, overrides: Sequence[str] | str = (), models_path: str = "") -> str:
     """After a serial round: when the front's best mAP has not improved for
     ``reignition_patience`` rounds (and fewer than ``max_reignitions`` happened), reignite the
     front (the config's reignition settings, as ``spnas run`` does), publish the weights and add
     the reignited models to the search; returns the state's reference (the same one when nothing
-    changed)."""
+    changed). ``models_path`` (a folder: the task's Model artifact) gets a copy of each
+    reignited model's weights and ``reignited.json`` listing them (``[]`` when nothing was)."""
     from ..search import add_reignited, front, plateau
     from . import phases
     st = _state(state)
+    listing: list[dict] = []
+    if models_path:
+        Path(models_path).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(models_path) / "reignited.json", listing)
     if not plateau(st):
         return state if isinstance(state, str) else _put_state(st, run_uri, step_name, f"state-{st['round']}")
     cfg, step = load_step(config_text, step_name, overrides)
@@ -510,7 +624,11 @@ def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[s
         done = phases.reignition(chosen, rstep, tmp, detection=steps.detection_source(cfg, step, data_uri),
                                  seed=cfg.seed, device=cfg.device)
         for r in done:
-            r["weights"] = _publish_model(Path(tmp), r["id"], run_uri, f"{step_name}/reignition_{k}")
+            r["weights"] = _publish_model(Path(tmp), r["id"], run_uri, f"{step_name}/reignition_{k}",
+                                          str(Path(models_path) / f"model_{r['id']}.pth") if models_path else None)
+            listing.append({"id": r["id"], "uri": r["weights"]})
+    if models_path:
+        atomic_write_json(Path(models_path) / "reignited.json", listing)
     return _put_state(add_reignited(st, done), run_uri, step_name, f"state-{st['round']}-reignited-{k}")
 
 
@@ -556,63 +674,104 @@ def final_control(config_text: str, step_name: str, fine_tuned: Sequence[Mapping
 
 
 # ----------------------------------------------------------------------------- component bodies
+# Each takes the run's Dataset artifact (from stage_data: its root and version) and the run's
+# workspace ("" without one): the data set is read through the workspace's staged copy, and its
+# version is written into every Model's metadata.
 
-def fine_tune_task(config_text: str, step_name: str, data_uri: str, run_uri: str, overrides: str,
+def stage_data_task(config_text: str, overrides: str, data_uri: str, workspace: str, run_uri: str, dataset: Any) -> None:
+    """The stage-data component: :func:`stage_data`, the summary as the Dataset's metadata."""
+    dataset.metadata.update(stage_data(config_text, overrides, data_uri, workspace, run_uri, dataset.path))
+
+
+def fine_tune_task(config_text: str, step_name: str, dataset: Any, workspace: str, run_uri: str, overrides: str,
                    model: Any, metrics: Any) -> list[dict]:
     """The fine_tune component: :func:`fine_tune`, its artifacts described; returns ``[seed]``."""
-    rec = fine_tune(config_text, step_name, data_uri, run_uri, model.path, overrides)
-    fill_artifacts(rec, model, metrics)
+    root, version = dataset_of(dataset)
+    with data_cache(workspace):
+        rec = fine_tune(config_text, step_name, root, run_uri, model.path, overrides)
+    fill_artifacts(rec, model, metrics, data_version=version)
     return [rec]
 
 
-def train_candidate_task(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str, model: Any,
-                         metrics: Any, resources: Mapping[str, Any]) -> dict:
-    """The train-candidate component: :func:`train_candidate`, its artifacts described (the pod's
-    resources recorded with the model)."""
-    result = train_candidate(config_text, step_name, item, data_uri, model.path)
-    fill_artifacts({**result, "desc": dict(item).get("desc", {})}, model, metrics, resources=dict(resources))
+def search_init_task(config_text: str, step_name: str, seeds: Sequence[Mapping[str, Any]], run_uri: str,
+                     overrides: str, dataset: Any, workspace: str) -> str:
+    """The search-init component: :func:`search_init` reading the staged data set."""
+    root, _ = dataset_of(dataset)
+    with data_cache(workspace):
+        return search_init(config_text, step_name, seeds, run_uri, overrides, root)
+
+
+def train_candidate_task(config_text: str, step_name: str, item: Mapping[str, Any], dataset: Any, workspace: str,
+                         model: Any, metrics: Any, resources: Mapping[str, Any], time_limit: float | None = None) -> dict:
+    """The train-candidate component: :func:`train_candidate` (in a child process, at most
+    ``time_limit`` seconds), its artifacts described (data version and the pod's resources
+    recorded with the model)."""
+    root, version = dataset_of(dataset)
+    result = train_candidate(config_text, step_name, item, root, model.path, time_limit, workspace)
+    fill_artifacts({**result, "desc": dict(item).get("desc", {})}, model, metrics, resources=dict(resources),
+                   data_version=version)
     return result
 
 
-def reignite_task(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str, model: Any,
+def reignite_task(config_text: str, step_name: str, item: Mapping[str, Any], dataset: Any, workspace: str, model: Any,
                   resources: Mapping[str, Any]) -> dict:
     """The reignite component: :func:`reignite_one`, its Model described."""
-    rec = reignite_one(config_text, step_name, item, data_uri, model.path)
-    fill_artifacts(rec, model, resources=dict(resources))
+    root, version = dataset_of(dataset)
+    with data_cache(workspace):
+        rec = reignite_one(config_text, step_name, item, root, model.path)
+    fill_artifacts(rec, model, resources=dict(resources), data_version=version)
     return rec
 
 
-def full_train_task(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str, model: Any,
+def reignite_if_plateau_task(config_text: str, step_name: str, state: str, dataset: Any, workspace: str, run_uri: str,
+                             overrides: str, models: Any) -> str:
+    """The plateau-reignition component: :func:`reignite_if_plateau`; ``models`` (a Model
+    artifact, a folder) gets the reignited weights, and its metadata lists them (``reignited``:
+    their ids and weight URIs; an empty folder and ``[]`` when the front was still improving)."""
+    root, version = dataset_of(dataset)
+    with data_cache(workspace):
+        out = reignite_if_plateau(config_text, step_name, state, root, run_uri, overrides, models.path)
+    listing = json.loads((Path(models.path) / "reignited.json").read_text())
+    models.metadata.update({"reignited": listing, "status": "ok" if listing else "skipped", "data_version": version})
+    return out
+
+
+def full_train_task(config_text: str, step_name: str, item: Mapping[str, Any], dataset: Any, workspace: str, model: Any,
                     metrics: Any, resources: Mapping[str, Any]) -> dict:
     """The full-train component: :func:`full_train_one`, its artifacts described."""
-    rec = full_train_one(config_text, step_name, item, data_uri, model.path)
-    fill_artifacts(rec, model, metrics, resources=dict(resources))
+    root, version = dataset_of(dataset)
+    with data_cache(workspace):
+        rec = full_train_one(config_text, step_name, item, root, model.path)
+    fill_artifacts(rec, model, metrics, resources=dict(resources), data_version=version)
     return rec
 
 
-
-def phase_control_task(config_text: str, step_name: str, state: str, data_uri: str, run_uri: str, overrides: str,
-                       model: Any, metrics: Any, resources: Mapping[str, Any]) -> dict:
-    """The phase-control component: :func:`phase_control`, its artifacts described."""
-    rec = phase_control(config_text, step_name, state, data_uri, run_uri, model.path, overrides)
-    fill_artifacts(rec, model if rec.get("status") == "ok" else None, metrics, resources=dict(resources))
-    if rec.get("status") != "ok":  # no control: an empty model file, described as such
-        Path(model.path).parent.mkdir(parents=True, exist_ok=True)
-        Path(model.path).write_text("no control: no candidate of the phase succeeded\n")
-        model.metadata.update({"status": "skipped"})
+def phase_control_task(config_text: str, step_name: str, state: str, dataset: Any, workspace: str, run_uri: str,
+                       overrides: str, model: Any, metrics: Any, resources: Mapping[str, Any]) -> dict:
+    """The phase-control component: :func:`phase_control`, its artifacts described (``status``
+    ``skipped`` and an empty Model folder when no candidate of the phase succeeded)."""
+    root, version = dataset_of(dataset)
+    with data_cache(workspace):
+        rec = phase_control(config_text, step_name, state, root, run_uri, model.path, overrides)
+    fill_artifacts(rec, model, metrics, resources=dict(resources), data_version=version)
     return rec
 
 
 def final_control_task(config_text: str, step_name: str, fine_tuned: Sequence[Mapping[str, Any]], best_: Mapping[str, Any],
-                       data_uri: str, run_uri: str, overrides: str, model: Any, metrics: Any,
+                       dataset: Any, workspace: str, run_uri: str, overrides: str, model: Any, metrics: Any,
                        resources: Mapping[str, Any]) -> dict:
     """The final-control component: :func:`final_control`, its artifacts described."""
-    out = final_control(config_text, step_name, fine_tuned, best_, data_uri, run_uri, model.path, overrides)
-    fill_artifacts(out["control"], model, metrics, resources=dict(resources))
+    root, version = dataset_of(dataset)
+    with data_cache(workspace):
+        out = final_control(config_text, step_name, fine_tuned, best_, root, run_uri, model.path, overrides)
+    fill_artifacts(out["control"], model, metrics, resources=dict(resources), data_version=version)
     return out
+
 
 __all__ = ["plain", "struct", "load_step", "publish", "prepare", "run_prefix", "propose", "candidates", "update",
            "search_front", "choose", "collect", "best", "report", "fine_tune", "search_init", "train_candidate",
            "reignite_one", "full_train_one", "fill_artifacts", "finish", "fine_tune_task", "phase_control",
            "final_control", "reignite_if_plateau", "phase_control_task", "final_control_task",
-           "train_candidate_task", "reignite_task", "full_train_task"]
+           "train_candidate_task", "reignite_task", "full_train_task", "train_candidate_here", "stage_data",
+           "stage_data_task", "search_init_task", "reignite_if_plateau_task", "data_cache", "dataset_of",
+           "WORKSPACE_CACHE"]

@@ -7,7 +7,7 @@ list) and :mod:`.cache` (fetch through an ETag-keyed local cache). No torch.
 from __future__ import annotations
 
 from ..utils.errors import StorageError
-from .cache import ENV_CACHE, FetchStats, default_cache_dir, fetch, local_path, totals
+from .cache import ENV_CACHE, ENV_FETCH_LOG, FetchStats, default_cache_dir, fetch, local_path, totals
 from .client import (
                      ENV_ACCESS_KEY,
                      ENV_ENDPOINT,
@@ -28,5 +28,5 @@ from .uri import SCHEMES, is_uri, make_uri, parse_uri
 
 __all__ = ["StorageError", "FetchStats", "fetch", "local_path", "totals", "default_cache_dir", "Store",
            "RetryPolicy", "ObjectInfo", "upload", "check_writable", "exists", "list_objects", "is_uri", "parse_uri", "make_uri",
-           "SCHEMES", "ENV_CACHE", "ENV_ENDPOINT", "ENV_ACCESS_KEY", "ENV_SECRET_KEY", "ENV_REGION",
+           "SCHEMES", "ENV_CACHE", "ENV_FETCH_LOG", "ENV_ENDPOINT", "ENV_ACCESS_KEY", "ENV_SECRET_KEY", "ENV_REGION",
            "ENV_SESSION_TOKEN", "ENV_RETRIES", "ENV_RETRY_DELAY"]

@@ -5,7 +5,9 @@ Contracts: :func:`fetch` returns a local path whose content matches the object s
 of the call; files appear in the cache only by an atomic rename, under a per-object file lock
 (``filelock``), so concurrent readers (threads or processes) never see a partial file. A warm
 fetch downloads 0 bytes (see :class:`FetchStats`). ``SPNAS_CACHE`` sets the cache folder
-(default ``~/.cache/spnas``).
+(default ``~/.cache/spnas``). ``SPNAS_FETCH_LOG`` names a file to which every fetch of every
+process appends one JSON line (``pid``, ``uri``, ``objects``, ``downloaded``, ``bytes``): how a
+test or an operator counts a whole run's downloads across pods sharing a folder.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from .uri import is_uri, make_uri, parse_uri, scheme_of
 log = logging.getLogger(__name__)
 
 ENV_CACHE = "SPNAS_CACHE"
+ENV_FETCH_LOG = "SPNAS_FETCH_LOG"
 
 
 
@@ -198,8 +201,27 @@ def fetch(uri_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str]
         _TOTALS.add(local.objects, local.downloaded, local.bytes_downloaded, local.seconds)
         if stats is not None:
             stats.add(local.objects, local.downloaded, local.bytes_downloaded, local.seconds)
+        _log_fetch(uri, local)
         if owned:
             st.close()
+
+
+def _log_fetch(uri: str, stats: FetchStats) -> None:
+    """One JSON line for this fetch in ``$SPNAS_FETCH_LOG`` (when set): a single ``O_APPEND``
+    write, so concurrent processes never interleave their lines."""
+    target = os.environ.get(ENV_FETCH_LOG, "").strip()
+    if not target:
+        return
+    line = json.dumps({"pid": os.getpid(), "uri": uri, "objects": stats.objects, "downloaded": stats.downloaded,
+                       "bytes": stats.bytes_downloaded}) + "\n"
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:  # statistics must never fail a fetch
+        log.warning("%s %s: %s", ENV_FETCH_LOG, target, exc)
 
 
 def _prune(cache: _Cache, bucket: str, prefix: str, folder: Path, keys: set[str], started: float) -> None:

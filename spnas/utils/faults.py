@@ -2,12 +2,15 @@
 
 ``SPNAS_FAILPOINT=name:n`` (``n`` defaults to 1) makes the ``n``-th call of
 ``failpoint(name)`` in this process kill the process with SIGKILL, exactly as a node failure or
-the OOM killer would: no ``finally`` block, no atexit handler runs. Unset (the normal case), a
-fail point costs one environment lookup. Names used by the library:
+the OOM killer would: no ``finally`` block, no atexit handler runs. ``name:n:detail`` counts
+only the calls whose ``detail`` is exactly ``detail`` (one candidate among many). Unset (the
+normal case), a fail point costs one environment lookup. Names used by the library:
 
 * ``train_iter``   after each optimizer step of any training (inside fine_tune, a candidate...)
 * ``candidate``    after a search candidate's result file is written (mid-round)
 * ``phase``        after a phase's completion file is written (between phases)
+* ``candidate_child``  in a pod's training child process, before a candidate trains (detail
+                   ``<step>/<candidate id>``)
 * ``write``        inside an atomic write, after the temporary file is complete and before it
                    is renamed over the target (during a write)
 """
@@ -27,8 +30,9 @@ def failpoint(name: str, detail: str = "") -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    want, _, count = spec.partition(":")
-    if want != name:
+    want, _, rest = spec.partition(":")
+    count, _, only = rest.partition(":")
+    if want != name or (only and only != detail):
         return
     _hits[name] += 1
     if _hits[name] == int(count or 1):
