@@ -19,6 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -40,6 +41,18 @@ LIGHT_RETRY_WINDOW = "3600s"
 STAGE_RESOURCES = {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "4Gi"}
 #: Where ``--data-volume pvc:NAME`` mounts the claim in every pod that reads the data set.
 PVC_MOUNT_PATH = "/spnas-data"
+
+
+class SearchOutputs(NamedTuple):
+    """The outputs of a search phase (controls on): its Pareto front and its equal-budget control."""
+    front: list
+    control: dict
+
+
+class FullTrainOutputs(NamedTuple):
+    """The outputs of the full-train phase (controls on): the best model and the final control."""
+    best: dict
+    controls: dict
 
 
 def candidate_time_limit(pod_seconds: int) -> int:
@@ -88,6 +101,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     ``workspace_size`` (ReadWriteMany, ``workspace_storage_class`` or the cluster's default), an
     existing claim, or none."""
     from kfp import dsl, kubernetes
+    from kfp.dsl import Dataset, Input
 
     from components.spnas_components import build_components
     from spnas.config import load_config
@@ -109,17 +123,18 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     # the config's own spelling (not made absolute), so the compiled file is the same anywhere
     data_default = str(((raw.get(roles["fine_tune"].name) or {}).get("dataset") or {}).get("common", {}).get("data_root", ""))
 
-    def heavy(task, cpu, memory, accelerator, gpus, kind="candidate"):
+    def heavy(task, ctx, res, kind="candidate"):
         """Training pods: requests = limits (an OOM stays in its pod), a long retry window, a time
         limit, the run's node selector and tolerations, shared memory for the data loaders."""
-        task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
-        task.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
+        task.set_cpu_request(res["cpu"]).set_cpu_limit(res["cpu"])
+        task.set_memory_request(res["memory"]).set_memory_limit(res["memory"])
+        task.set_accelerator_type(res["accelerator"]).set_accelerator_limit(res["gpus"])
         _common(task, kind)
         task.set_retry(retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration=HEAVY_RETRY_WINDOW)
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=shm_size)
-        kubernetes.add_node_selector_json(task, node_selector_json=ctx_params["node_selector"])
-        kubernetes.add_toleration_json(task, toleration_json=ctx_params["tolerations"])
+        kubernetes.add_node_selector_json(task, node_selector_json=ctx["node_selector"])
+        kubernetes.add_toleration_json(task, toleration_json=ctx["tolerations"])
         return reads_data(task)
 
     def reads_data(task):
@@ -146,68 +161,147 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
             kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={
                 "endpoint": "SPNAS_S3_ENDPOINT", "accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"})
 
-    ctx_params: dict = {}
-
     def resource_inputs(res):
         """The resource parameters as inputs too: a task inside a ParallelFor resolves pipeline
         parameters used in its resource requests only when it takes them as inputs (kfp.local)."""
         return {"accelerator_type": res["accelerator"], "gpus_per_task": res["gpus"],
                 "cpu_per_task": res["cpu"], "memory_per_task": res["memory"]}
 
-    def fan_out(step, front, component, ctx, loop_name, res, kind):
-        """The step's top-k models of ``front``, one ``component`` pod each (``parallelism`` at once)
-        with resources ``res`` and time limit ``kind``."""
+    # Each phase is a nested pipeline (a root task named after it, its rounds inside). A phase's
+    # inputs are the run's values it needs; every one of them is a parameter or the Dataset
+    # artifact (inside a ParallelFor kfp.local resolves another task's parameter output to the
+    # loop item, so the loop bodies read only the phase's inputs and the item).
+
+    def phase_ctx(config, run_uri, overrides, dataset, accelerator_type, gpus_per_task, cpu_per_task,
+                  memory_per_task, node_selector, tolerations):
+        return {"config": config, "run_uri": run_uri, "overrides": overrides,
+                "data": {"dataset": dataset, "workspace": workspace},
+                "node_selector": node_selector, "tolerations": tolerations,
+                "res": {"cpu": cpu_per_task, "memory": memory_per_task, "accelerator": accelerator_type,
+                        "gpus": gpus_per_task}}
+
+    def fan_out(step, front, component, ctx, loop_name, kind):
+        """The step's top-k models of ``front``, one ``component`` pod each (``parallelism`` at once)."""
         chosen = light(c.choose(config=ctx["config"], step=step.name, front=front, run_uri=ctx["run_uri"],
                                 overrides=ctx["overrides"]))
         chosen.set_display_name(f"{step.name}: choose models")
         with dsl.ParallelFor(chosen.output, parallelism=parallelism, name=loop_name) as item:
             task = heavy(component(config=ctx["config"], step=step.name, item=item, **ctx["data"],
-                                   **resource_inputs(res)), **res, kind=kind)
+                                   **resource_inputs(ctx["res"])), ctx, ctx["res"], kind=kind)
             task.set_display_name(step.name)
         return dsl.Collected(task.outputs["Output"])
 
-    def search(step, seeds, ctx):
-        init = reads_data(light(c.search_init(config=ctx["config"], step=step.name, seeds=seeds, run_uri=ctx["run_uri"],
-                                              overrides=ctx["overrides"], **ctx["data"])))
-        init.set_display_name(f"{step.name}: start")
-        state = init.output
+    def search_phase(step):
+        """The nested pipeline of a serial or parallel search: start, the unrolled rounds
+        (propose, candidates, a ParallelFor of training pods, update; in the serial search the
+        plateau reignition), the Pareto front and the phase's equal-budget control. Outputs
+        ``front`` (and ``control`` when controls are on)."""
         n = step.search["max_sample"]
         k = step.search.get("candidates_per_round", 4)
-        for r in range(math.ceil(n / k)):
-            prop = light(c.propose(state=state, k=k, run_uri=ctx["run_uri"], step=step.name))
-            prop.set_display_name(f"{step.name} round {r}: propose")
-            items = light(c.candidates(proposal=prop.output, run_uri=ctx["run_uri"], overrides=ctx["overrides"]))
-            items.set_display_name(f"{step.name} round {r}: candidates")
-            with dsl.ParallelFor(items.output, parallelism=parallelism,
-                                 name=f"{step.name}-round-{r}") as cand:
-                # inside the loop only pipeline parameters and the item: kfp.local resolves other
-                # tasks' outputs to the loop item there (run prefix and overrides ride on the item)
-                train = heavy(c.train_candidate(config=ctx["config"], step=step.name, candidate=cand,
-                                                time_limit=candidate_time_limit(limits["candidate"]), **ctx["data"],
-                                                **resource_inputs(ctx["res"])), **ctx["res"])
-                train.set_display_name(f"{step.name} round {r}: train candidate")
-            upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"]), step=step.name,
-                                 run_uri=ctx["run_uri"]))
-            upd.set_display_name(f"{step.name} round {r}: update")
-            state = upd.output
-            if step.role == "serial" and step.search.get("reignition_patience") and r + 1 < math.ceil(n / k):
-                re_ = heavy(c.reignite_if_plateau(config=ctx["config"], step=step.name, state=state, **ctx["data"],
-                                                  run_uri=ctx["run_uri"], overrides=ctx["overrides"],
-                                                  **resource_inputs(ctx["res"])), **ctx["res"])
-                re_.set_display_name(f"{step.name} round {r}: reignite if the front stopped improving")
-                state = re_.outputs["Output"]
-        front = light(c.search_front(state=state, run_uri=ctx["run_uri"], step=step.name))
-        front.set_display_name(f"{step.name}: Pareto front")
-        if not cfg.control:
-            return front, {}
-        ctrl = heavy(c.phase_control(config=ctx["config"], step=step.name, state=state, **ctx["data"],
-                                     run_uri=ctx["run_uri"], overrides=ctx["overrides"], **resource_inputs(ctx["res"])),
-                     **ctx["res"])
-        ctrl.set_display_name(f"{step.name}: equal-budget control")
-        return front, ctrl.outputs["Output"]
+
+        def body(config, seeds, run_uri, overrides, dataset, accelerator_type, gpus_per_task, cpu_per_task,
+                 memory_per_task, node_selector, tolerations):
+            ctx = phase_ctx(config, run_uri, overrides, dataset, accelerator_type, gpus_per_task, cpu_per_task,
+                            memory_per_task, node_selector, tolerations)
+            init = reads_data(light(c.search_init(config=config, step=step.name, seeds=seeds, run_uri=run_uri,
+                                                  overrides=overrides, **ctx["data"])))
+            init.set_display_name(f"{step.name}: start")
+            state = init.output
+            for r in range(math.ceil(n / k)):
+                prop = light(c.propose(state=state, k=k, run_uri=run_uri, step=step.name))
+                prop.set_display_name(f"{step.name} round {r}: propose")
+                items = light(c.candidates(proposal=prop.output, run_uri=run_uri, overrides=overrides))
+                items.set_display_name(f"{step.name} round {r}: candidates")
+                with dsl.ParallelFor(items.output, parallelism=parallelism, name=f"{step.name}-round-{r}") as cand:
+                    train = heavy(c.train_candidate(config=config, step=step.name, candidate=cand,
+                                                    time_limit=candidate_time_limit(limits["candidate"]),
+                                                    **ctx["data"], **resource_inputs(ctx["res"])), ctx, ctx["res"])
+                    train.set_display_name(f"{step.name} round {r}: train candidate")
+                upd = light(c.update(proposal=prop.output, results=dsl.Collected(train.outputs["Output"]),
+                                     step=step.name, run_uri=run_uri))
+                upd.set_display_name(f"{step.name} round {r}: update")
+                state = upd.output
+                if step.role == "serial" and step.search.get("reignition_patience") and r + 1 < math.ceil(n / k):
+                    re_ = heavy(c.reignite_if_plateau(config=config, step=step.name, state=state, **ctx["data"],
+                                                      run_uri=run_uri, overrides=overrides,
+                                                      **resource_inputs(ctx["res"])), ctx, ctx["res"])
+                    re_.set_display_name(f"{step.name} round {r}: reignite if the front stopped improving")
+                    state = re_.outputs["Output"]
+            front = light(c.search_front(state=state, run_uri=run_uri, step=step.name))
+            front.set_display_name(f"{step.name}: Pareto front")
+            if not cfg.control:
+                return front.outputs["Output"]
+            ctrl = heavy(c.phase_control(config=config, step=step.name, state=state, **ctx["data"], run_uri=run_uri,
+                                         overrides=overrides, **resource_inputs(ctx["res"])), ctx, ctx["res"])
+            ctrl.set_display_name(f"{step.name}: equal-budget control")
+            return SearchOutputs(front=front.outputs["Output"], control=ctrl.outputs["Output"])
+
+        if cfg.control:
+            def search(config: str, seeds: list, run_uri: str, overrides: str, dataset: Input[Dataset],
+                       accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
+                       node_selector: dict, tolerations: list) -> SearchOutputs:
+                return body(config, seeds, run_uri, overrides, dataset, accelerator_type, gpus_per_task,
+                            cpu_per_task, memory_per_task, node_selector, tolerations)
+        else:
+            def search(config: str, seeds: list, run_uri: str, overrides: str, dataset: Input[Dataset],
+                       accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
+                       node_selector: dict, tolerations: list) -> list:
+                return body(config, seeds, run_uri, overrides, dataset, accelerator_type, gpus_per_task,
+                            cpu_per_task, memory_per_task, node_selector, tolerations)
+        return dsl.pipeline(search, name=f"{step.name}-search", pipeline_config=pipeline_config,
+                            description=f"SP-NAS {step.role} search ({step.name}): {math.ceil(n / k)} rounds of "
+                                        f"{k} candidates")
+
+    def reignition_phase(step):
+        """The nested pipeline of the reignition step: its top-k models of the serial front, one
+        pod each; outputs their records (the parallel search's seeds)."""
+        def reignition(config: str, front: list, run_uri: str, overrides: str, dataset: Input[Dataset],
+                       accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
+                       node_selector: dict, tolerations: list) -> list:
+            ctx = phase_ctx(config, run_uri, overrides, dataset, accelerator_type, gpus_per_task, cpu_per_task,
+                            memory_per_task, node_selector, tolerations)
+            done = light(c.collect(records=fan_out(step, front, c.reignite, ctx, "reignition", "candidate"),
+                                   run_uri=run_uri, step=step.name))
+            done.set_display_name(f"{step.name}: collect")
+            return done.output
+        return dsl.pipeline(reignition, name="reignition", pipeline_config=pipeline_config,
+                            description=f"SP-NAS reignition ({step.name}): the serial front's top {step.top_k}")
+
+    def full_train_phase(step):
+        """The nested pipeline of the full train: its top-k models of the parallel front with the
+        full schedule, the best of them and (controls on) the run's equal-budget control. Outputs
+        ``best`` and ``controls``."""
+        def body(config, front, fine_tuned, run_uri, overrides, dataset, accelerator_type, full_train_gpus,
+                 full_train_cpu, full_train_memory, node_selector, tolerations):
+            ctx = phase_ctx(config, run_uri, overrides, dataset, accelerator_type, full_train_gpus, full_train_cpu,
+                            full_train_memory, node_selector, tolerations)
+            best = light(c.finish(records=fan_out(step, front, c.full_train, ctx, "full-train", "long"),
+                                  run_uri=run_uri, step=step.name))
+            best.set_display_name("full train: best model")
+            if not cfg.control:
+                return best.output
+            final = heavy(c.final_control(config=config, step=step.name, fine_tuned=fine_tuned, best=best.output,
+                                          **ctx["data"], run_uri=run_uri, overrides=overrides,
+                                          **resource_inputs(ctx["res"])), ctx, ctx["res"], kind="long")
+            final.set_display_name("full train: equal-budget control")
+            return FullTrainOutputs(best=best.output, controls=final.outputs["Output"])
+
+        if cfg.control:
+            def full_train(config: str, front: list, fine_tuned: list, run_uri: str, overrides: str,
+                           dataset: Input[Dataset], accelerator_type: str, full_train_gpus: int, full_train_cpu: str,
+                           full_train_memory: str, node_selector: dict, tolerations: list) -> FullTrainOutputs:
+                return body(config, front, fine_tuned, run_uri, overrides, dataset, accelerator_type, full_train_gpus,
+                            full_train_cpu, full_train_memory, node_selector, tolerations)
+        else:
+            def full_train(config: str, front: list, fine_tuned: list, run_uri: str, overrides: str,
+                           dataset: Input[Dataset], accelerator_type: str, full_train_gpus: int, full_train_cpu: str,
+                           full_train_memory: str, node_selector: dict, tolerations: list) -> dict:
+                return body(config, front, fine_tuned, run_uri, overrides, dataset, accelerator_type, full_train_gpus,
+                            full_train_cpu, full_train_memory, node_selector, tolerations)
+        return dsl.pipeline(full_train, name="full-train", pipeline_config=pipeline_config,
+                            description=f"SP-NAS full train ({step.name}): the parallel front's top {step.top_k}")
 
     contract = compiled_contract(Path(config_path).read_text())
-
     pipeline_config = None
     if data_volume == "workspace":
         patch = {"accessModes": ["ReadWriteMany"]}  # candidate pods on several nodes read it at once
@@ -215,6 +309,10 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
             patch["storageClassName"] = workspace_storage_class
         pipeline_config = dsl.PipelineConfig(workspace=dsl.WorkspaceConfig(
             size=workspace_size, kubernetes=dsl.KubernetesWorkspaceConfig(pvcSpecPatch=patch)))
+    serial_search, parallel_search = search_phase(roles["serial"]), search_phase(roles["parallel"])
+    reignition = reignition_phase(roles["reignition"]) if "reignition" in roles and roles["reignition"].top_k != 0 \
+        else None
+    full_train = full_train_phase(roles["full_train"])
 
     @dsl.pipeline(name="spnas", description="SP-NAS: serial-to-parallel detection backbone search "
                   f"(config {Path(config_path).name})", pipeline_config=pipeline_config)
@@ -225,7 +323,6 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                        full_train_gpus: int = 0, full_train_cpu: str = "4", full_train_memory: str = "16G",
                        node_selector: dict = {}, tolerations: list = [],  # noqa: B006 (kfp pipeline defaults)
                        config: str = text):
-        ctx_params.update(node_selector=node_selector, tolerations=tolerations)
         prep = light(c.prepare(config=config, seed=seed, candidate_epochs=candidate_epochs, full_epochs=full_epochs))
         prep.set_display_name("validate config")
         prefix = light(c.run_prefix(results_uri=results_uri, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
@@ -243,42 +340,38 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         _common(stage, "candidate")
         stage.set_retry(retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration=HEAVY_RETRY_WINDOW)
         reads_data(stage).set_display_name("stage data set (once per run)").after(pre)
-        # single-output tasks only: kfp.local mis-resolves named outputs used inside a ParallelFor
-        # (artifacts such as the Dataset resolve correctly there)
-        ctx = {"config": config, "run_uri": prefix.output, "overrides": prep.output,
-               "data": {"dataset": stage.output, "workspace": workspace},
-               "res": {"cpu": cpu_per_task, "memory": memory_per_task, "accelerator": accelerator_type,
-                       "gpus": gpus_per_task}}
+        run = {"config": config, "run_uri": prefix.output, "overrides": prep.output, "dataset": stage.output,
+               "node_selector": node_selector, "tolerations": tolerations}
+        per_task = {"accelerator_type": accelerator_type, "gpus_per_task": gpus_per_task,
+                    "cpu_per_task": cpu_per_task, "memory_per_task": memory_per_task}
         full = {"cpu": full_train_cpu, "memory": full_train_memory, "accelerator": accelerator_type,
                 "gpus": full_train_gpus}
-        ft = heavy(c.fine_tune(config=config, step=roles["fine_tune"].name, **ctx["data"],
-                               run_uri=ctx["run_uri"], overrides=ctx["overrides"]), **full, kind="long")
+        root = {"node_selector": node_selector, "tolerations": tolerations}
+        ft = heavy(c.fine_tune(config=config, step=roles["fine_tune"].name, dataset=stage.output, workspace=workspace,
+                               run_uri=prefix.output, overrides=prep.output), root, full, kind="long")
         ft.set_display_name("fine_tune")
-        serial_front, serial_control = search(roles["serial"], ft.outputs["Output"], ctx)
-        seeds = serial_front.outputs["Output"]
-        if "reignition" in roles and roles["reignition"].top_k != 0:
-            step = roles["reignition"]
-            done = light(c.collect(records=fan_out(step, seeds, c.reignite, ctx, "reignition", ctx["res"], "candidate"),
-                                   run_uri=ctx["run_uri"], step=step.name))
-            done.set_display_name(f"{step.name}: collect")
-            seeds = done.output
-        parallel_front, parallel_control = search(roles["parallel"], seeds, ctx)
-        step = roles["full_train"]
-        best = light(c.finish(records=fan_out(step, parallel_front.outputs["Output"], c.full_train, ctx, "full-train",
-                                              full, "long"),
-                              run_uri=ctx["run_uri"], step=step.name))
-        best.set_display_name("full train: best model")
-        controls = {}
-        if cfg.control:
-            final = heavy(c.final_control(config=config, step=step.name, fine_tuned=ft.outputs["Output"], best=best.output,
-                                          **ctx["data"], run_uri=ctx["run_uri"], overrides=ctx["overrides"],
-                                          **resource_inputs(full)), **full, kind="long")
-            final.set_display_name("full train: equal-budget control")
-            controls = final.outputs["Output"]
-        pub = light(c.publish(config=config, serial_front=serial_front.outputs["Output"],
-                              parallel_front=parallel_front.outputs["Output"], best=best.output, controls=controls,
-                              serial_control=serial_control, parallel_control=parallel_control,
-                              run_uri=ctx["run_uri"], overrides=ctx["overrides"]))
+        serial = serial_search(seeds=ft.outputs["Output"], **run, **per_task)
+        serial.set_display_name("serial search")
+        serial_front = serial.outputs["front"] if cfg.control else serial.output
+        seeds = serial_front
+        if reignition is not None:
+            re_ = reignition(front=serial_front, **run, **per_task)
+            re_.set_display_name("reignition")
+            seeds = re_.output
+        parallel = parallel_search(seeds=seeds, **run, **per_task)
+        parallel.set_display_name("parallel search")
+        parallel_front = parallel.outputs["front"] if cfg.control else parallel.output
+        trained = full_train(front=parallel_front, fine_tuned=ft.outputs["Output"], **run,
+                             accelerator_type=accelerator_type, full_train_gpus=full_train_gpus,
+                             full_train_cpu=full_train_cpu, full_train_memory=full_train_memory)
+        trained.set_display_name("full train")
+        best = trained.outputs["best"] if cfg.control else trained.output
+        controls = trained.outputs["controls"] if cfg.control else {}
+        pub = light(c.publish(config=config, serial_front=serial_front, parallel_front=parallel_front, best=best,
+                              controls=controls,
+                              serial_control=serial.outputs["control"] if cfg.control else {},
+                              parallel_control=parallel.outputs["control"] if cfg.control else {},
+                              run_uri=prefix.output, overrides=prep.output))
         pub.set_display_name("publish report")
 
     return spnas_pipeline

@@ -1,5 +1,6 @@
 """The Kubeflow pipeline: compiled file up to date, strict protobuf parse, DAG shape, a real
 kfp.local run of the compiled YAML, and component bodies with real artifact objects."""
+import itertools
 import json
 import math
 import re
@@ -57,42 +58,54 @@ def test_strict_protobuf_parse(compiled):
     assert "kubernetes" in platform.platforms
 
 
+def _dags(spec):
+    """Every DAG of a compiled pipeline by component name (the root as ``root``)."""
+    return {"root": spec["root"]["dag"]} | {n: c["dag"] for n, c in spec["components"].items() if "dag" in c}
+
+
 def test_dag_shape(compiled):
+    """The root DAG shows the card's phases as tasks named after them, in order (each consumes
+    the previous one's output); each search is a nested pipeline holding its unrolled rounds."""
     _, docs = compiled
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
+    assert {k: t["taskInfo"]["name"] for k, t in tasks.items()} == {
+        "prepare": "validate config", "run-prefix": "run prefix",
+        "preflight": "preflight: image, config shape, data set, results prefix",
+        "stage-data": "stage data set (once per run)", "fine-tune": "fine_tune", "serial-search": "serial search",
+        "reignition": "reignition", "parallel-search": "parallel search", "full-train": "full train",
+        "publish": "publish report"}
+    order = ["stage-data", "fine-tune", "serial-search", "reignition", "parallel-search", "full-train", "publish"]
+    for before, after in itertools.pairwise(order):
+        assert before in tasks[after]["dependentTasks"], (before, after)
+    assert "fine-tune" in tasks["full-train"]["dependentTasks"]  # the final control starts from its weights
+    assert {"serial-search", "parallel-search"} <= set(tasks["publish"]["dependentTasks"])
+    dags = _dags(spec)
+    for phase in ("serial-search", "reignition", "parallel-search", "full-train"):
+        assert "dag" in spec["components"][tasks[phase]["componentRef"]["name"]], phase  # a nested pipeline
+
     cfg = yaml.safe_load(DEMO.read_text())
     rounds = {s: math.ceil(cfg[s]["search_algorithm"]["max_sample"] / cfg[s]["search_algorithm"]["candidates_per_round"])
               for s in ("serial", "parallel")}
-    loops = {t["taskInfo"]["name"]: t for t in tasks.values() if "iteratorPolicy" in t}
-    round_loops = sorted(n for n in loops if "-round-" in n)
-    assert round_loops == [f"{s}-round-{r}" for s in ("parallel", "serial") for r in range(rounds[s])] and len(round_loops) == 4
-    # reignition and full train fan out over the top-k models their step chooses, as spnas run does
-    assert set(loops) == set(round_loops) | {"reignition", "full-train"}
-    assert all(t["iteratorPolicy"]["parallelismLimit"] == 4 for t in loops.values())
-    names = {t["taskInfo"]["name"] for t in tasks.values()}
-    for needed in ("fine_tune", "serial round 0: propose", "serial: Pareto front", "reignition: choose models",
-                   "reignition: collect", "parallel round 1: update", "parallel: Pareto front",
-                   "fully_train: choose models", "full train: best model", "publish report",
-                   "serial: equal-budget control", "parallel: equal-budget control", "full train: equal-budget control"):
-        assert needed in names, needed
-
-    def upstream(name):
-        return set(tasks[name].get("dependentTasks", []))
-    by_display = {t["taskInfo"]["name"]: k for k, t in tasks.items()}
-    # phases in order: each consumes the previous one's output
-    assert by_display["fine_tune"] in upstream(by_display["serial: start"])
-    assert by_display["serial: Pareto front"] in upstream(by_display["reignition: choose models"])
-    assert by_display["reignition"] in upstream(by_display["reignition: collect"])
-    assert by_display["reignition: collect"] in upstream(by_display["parallel: start"])
-    assert by_display["parallel: Pareto front"] in upstream(by_display["fully_train: choose models"])
-    assert by_display["full-train"] in upstream(by_display["full train: best model"])
-    assert by_display["full train: best model"] in upstream(by_display["publish report"])
-    # the controls: after their search's last update, and after the full train; the report waits for all
-    assert by_display["serial round 1: update"] in upstream(by_display["serial: equal-budget control"])
-    assert by_display["full train: best model"] in upstream(by_display["full train: equal-budget control"])
-    assert {by_display[f"{p}: equal-budget control"] for p in ("serial", "parallel", "full train")} <= \
-        upstream(by_display["publish report"])
+    for step in ("serial", "parallel"):
+        inner = dags[tasks[f"{step}-search"]["componentRef"]["name"]]["tasks"]
+        loops = sorted(t["taskInfo"]["name"] for t in inner.values() if "iteratorPolicy" in t)
+        assert loops == [f"{step}-round-{r}" for r in range(rounds[step])] and len(loops) == 2
+        assert all(t["iteratorPolicy"]["parallelismLimit"] == 4 for t in inner.values() if "iteratorPolicy" in t)
+        by_display = {t["taskInfo"]["name"]: k for k, t in inner.items()}
+        for needed in (f"{step}: start", f"{step} round 0: propose", f"{step} round 1: update", f"{step}: Pareto front",
+                       f"{step}: equal-budget control"):
+            assert needed in by_display, needed
+        # the control after the search's last update; rounds one after another
+        assert by_display[f"{step} round 1: update"] in inner[by_display[f"{step}: equal-budget control"]]["dependentTasks"]
+        assert by_display[f"{step} round 0: update"] in inner[by_display[f"{step} round 1: propose"]]["dependentTasks"]
+    re_tasks = {t["taskInfo"]["name"] for t in dags[tasks["reignition"]["componentRef"]["name"]]["tasks"].values()}
+    assert re_tasks == {"reignition: choose models", "reignition", "reignition: collect"}
+    full = dags[tasks["full-train"]["componentRef"]["name"]]["tasks"]
+    by_display = {t["taskInfo"]["name"]: k for k, t in full.items()}
+    assert set(by_display) == {"fully_train: choose models", "full-train", "full train: best model",
+                               "full train: equal-budget control"}
+    assert by_display["full train: best model"] in full[by_display["full train: equal-budget control"]]["dependentTasks"]
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {IMAGE}
     for e in spec["deploymentSpec"]["executors"].values():
@@ -108,7 +121,7 @@ def test_dag_shape(compiled):
 
 def _container_tasks(spec):
     """(dag name, task name, task) of every task that runs a container, in every DAG."""
-    dags = {"root": spec["root"]["dag"]} | {n: c["dag"] for n, c in spec["components"].items() if "dag" in c}
+    dags = _dags(spec)
     execs = {n: c.get("executorLabel") for n, c in spec["components"].items()}
     return [(d, n, t) for d, dag in dags.items() for n, t in dag["tasks"].items()
             if execs.get(t["componentRef"]["name"])]
@@ -242,8 +255,8 @@ def test_compile_options_digest_pull_secret_time_limits_shm(tmp_path):
     assert {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()} == {pinned}
     assert all(v["imagePullSecret"] == [{"secretName": "regcred", "secretNameParameter":
                                          {"runtimeValue": {"constant": "regcred"}}}] for v in k8s.values())
-    assert {k: v["activeDeadlineSeconds"] for k, v in k8s.items() if "train-candidate" in k} == \
-        {f"exec-train-candidate{s}": "7200" for s in ("", "-2", "-3", "-4")}
+    deadlines = [v["activeDeadlineSeconds"] for k, v in k8s.items() if "train-candidate" in k]
+    assert deadlines == ["7200"] * 4  # one executor per round
     assert k8s["exec-fine-tune"]["activeDeadlineSeconds"] == str(7 * 24 * 3600)
     assert k8s["exec-full-train"]["emptyDirMounts"][0]["sizeLimit"] == "8Gi"
     # a candidate's training child stops 10 % (at most 10 min) before its pod would be killed
@@ -273,16 +286,20 @@ def test_data_set_is_staged_once_and_enters_every_training_as_a_dataset_artifact
     assert stage["outputDefinitions"]["artifacts"]["dataset"]["artifactType"]["schemaTitle"] == "system.Dataset"
     readers = [(dag, name, t) for dag, name, t in _container_tasks(spec)
                if "dataset" in spec["components"][t["componentRef"]["name"]].get("inputDefinitions", {}).get("artifacts", {})]
-    kinds = {re.sub(r"-\d+$", "", t["componentRef"]["name"]) for _, _, t in readers}
+    kinds = {re.sub(r"(-\d+)+$", "", t["componentRef"]["name"]) for _, _, t in readers}
     assert kinds == {"comp-fine-tune", "comp-search-init", "comp-train-candidate", "comp-reignite", "comp-full-train",
                      "comp-phase-control", "comp-final-control"}
     assert len(readers) == 1 + 2 + 4 + 1 + 1 + 2 + 1
     for dag, name, t in readers:
-        assert _artifact_source(t) in {"stage-data", "pipelinechannel--stage-data-dataset"}, (dag, name)
+        # at the root from stage-data; inside a phase from the phase's own Dataset input
+        assert _artifact_source(t) in ({"stage-data"} if dag == "root" else {"dataset", "pipelinechannel--dataset"}), \
+            (dag, name)
         assert t["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] == "{{$.workspace_path}}"
         assert "data_uri" not in t["inputs"].get("parameters", {}), (dag, name)  # the artifact, not a string
-    assert spec["root"]["dag"]["tasks"]["stage-data"]["inputs"]["parameters"]["data_uri"] == \
-        {"componentInputParameter": "data_uri"}
+    root = spec["root"]["dag"]["tasks"]
+    assert root["stage-data"]["inputs"]["parameters"]["data_uri"] == {"componentInputParameter": "data_uri"}
+    for phase in ("serial-search", "reignition", "parallel-search", "full-train"):
+        assert _artifact_source(root[phase]) == "stage-data", phase
 
     # an existing claim instead of the workspace, and a plateau-triggered reignition
     raw = yaml.safe_load(DEMO.read_text())
@@ -316,7 +333,7 @@ def test_image_is_an_argument_not_an_environment_variable(tmp_path):
     b = _compile(DEMO, tmp_path / "b.yaml", image="registry.example.com/spnas:rc", parallelism=3)
     for docs, image, par in ((a, "registry.example.com/spnas:dev", 2), (b, "registry.example.com/spnas:rc", 3)):
         assert {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()} == {image}
-        assert {t["iteratorPolicy"]["parallelismLimit"] for t in docs[0]["root"]["dag"]["tasks"].values()
+        assert {t["iteratorPolicy"]["parallelismLimit"] for dag in _dags(docs[0]).values() for t in dag["tasks"].values()
                 if "iteratorPolicy" in t} == {par}
 
 
