@@ -364,7 +364,8 @@ def publish(config: str, serial_front: list[dict], parallel_front: list[dict], b
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.
 
-    Returns the weights URI of the run's result (the searched model, or its control when that wins).
+    Returns the URI of the run's result (the searched model, or its control when that wins), copied to
+    ``<run>/model_final.pth``: the one weight file under the run's prefix (every other lives in its Model).
     """
     from spnas.orchestration import pods
     return pods.report(config, serial_front, parallel_front, best, controls or None,

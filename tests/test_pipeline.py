@@ -392,22 +392,30 @@ def test_compiled_yaml_runs_under_kfp_local_and_agrees_with_spnas_run(tiny_data,
     runs = [p for p in results.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     run = runs[0]
-    for f in ("fine_tune/model_0.pth", "fine_tune/desc_0.json", "serial/state.json", "serial/output.csv",
-              "serial/pareto.png", "reignition/output.csv", "parallel/state.json", "parallel/pareto.png",
-              "fully_train/output.csv"):
+    for f in ("fine_tune/desc_0.json", "serial/state.json", "serial/output.csv", "serial/pareto.png",
+              "reignition/output.csv", "parallel/state.json", "parallel/pareto.png", "fully_train/output.csv",
+              "data/manifest.json", "control.json", "model_final.pth"):
         assert (run / f).is_file(), f
+    # weights are stored once: each in its task's Model artifact (the KFP store); the run's prefix
+    # keeps records, plots, the report's files and the final model only
+    assert [p.relative_to(run).as_posix() for p in run.rglob("*.pth")] == ["model_final.pth"]
     serial = json.loads((run / "serial" / "state.json").read_text())
     cands = [r for r in serial["records"] if r["parent"] is not None]
     assert len(cands) == 2 and all(r["status"] == "ok" for r in cands)
+    pipeline_root = tmp_path / "root"
     for r in cands:
-        assert r["weights"] == str(run / "serial" / f"model_{r['id']}.pth") and Path(r["weights"]).is_file()
+        assert Path(r["weights"]).is_relative_to(pipeline_root) and Path(r["weights"]).is_file()
+    assert Path(serial["records"][0]["weights"]).name == "model"  # the seed: fine_tune's Model artifact
     parallel = json.loads((run / "parallel" / "state.json").read_text())
     assert sum(r["parent"] is not None for r in parallel["records"]) == 2
     from spnas.search import front
     full = _csv_records(run / "fully_train" / "output.csv")
-    models = [p for p in (run / "fully_train").glob("model_*.pth") if "control" not in p.name]
-    assert len(models) == len(full) == min(2, len(front(parallel)))
-    assert (run / "fully_train" / "model_control_0.pth").is_file()  # the final control's weights, beside them
+    assert len(full) == min(2, len(front(parallel)))
+    winner = json.loads((run / "control.json").read_text())["winner"]
+    kept = [r.parent.name for r in pipeline_root.rglob("model")
+            if r.is_file() and r.read_bytes() == (run / "model_final.pth").read_bytes()]
+    # (in the tiny run the searched model is the seed itself: it and its control train identically)
+    assert ("final-control" if winner == "control" else "full-train") in kept, (winner, kept)
 
     # the same config through spnas run: the same records, phase by phase
     local = tiny_run[1]
@@ -498,11 +506,13 @@ def test_component_bodies_with_real_artifacts(tiny_data, tmp_path):
     assert model.metadata["data_version"] == manifest["version"]
     report = Markdown(name="report", uri=str(tmp_path / "art" / "report.md"), metadata={})
     best = {"id": 4, "desc": {"backbone": {"code": "1-2-2-2"}, "neck": {"code": [0, 1, 0, 0]}},
-            "metrics": {"mAP": 61.5, "AP50": 95.0}, "params": 4_800_000, "gflops": 0.29, "weights": "s3://b/run/model_4.pth"}
+            "metrics": {"mAP": 61.5, "AP50": 95.0}, "params": 4_800_000, "gflops": 0.29, "weights": str(tmp_path / "w4.pth")}
+    Path(best["weights"]).write_bytes(b"searched")
     assert c.publish.python_func(config=config, serial_front=[{**best, "id": 0, "parent": None, "status": "ok"}],
                                  parallel_front=[{**best, "parent": 1, "status": "ok"}], best=best, controls={},
                                  serial_control={}, parallel_control={}, run_uri=run_uri, overrides="[]",
-                                 report=report) == "s3://b/run/model_4.pth"
+                                 report=report) == f"{run_uri}/model_final.pth"
+    assert Path(run_uri, "model_final.pth").read_bytes() == b"searched"  # the result, copied under the run
     text = Path(report.path).read_text()
     assert "**Result**: `1-2-2-2` neck `[0, 1, 0, 0]`: mAP 61.50" in text and "| 4 | 1 | `1-2-2-2` |" in text
     assert "equal-budget control" not in text  # no controls given, none reported
@@ -510,14 +520,16 @@ def test_component_bodies_with_real_artifacts(tiny_data, tmp_path):
     # with controls: control.json under the run prefix, the control's weights when it wins
     control = {"id": "control", "desc": {"backbone": {"code": "1-2-2-2"}, "neck": {"code": [0, 0, 0, 0]}},
                "metrics": {"mAP": 62.0, "AP50": 95.5}, "params": 4_700_000, "gflops": 0.25, "latency": 9.0,
-               "memory": 60.0, "iters": 360, "lineage_iters": 360, "weights": "s3://b/run/model_control_0.pth"}
+               "memory": 60.0, "iters": 360, "lineage_iters": 360, "weights": str(tmp_path / "wc.pth")}
+    Path(control["weights"]).write_bytes(b"control")
     searched = {**best, "latency": 11.0, "memory": 70.0, "lineage_iters": 360}
     report2 = Markdown(name="report", uri=str(tmp_path / "art" / "report2.md"), metadata={})
     weights = c.publish.python_func(config=config, serial_front=[], parallel_front=[], best=best,
                                     controls={"searched": searched, "control": control}, serial_control={},
                                     parallel_control={}, run_uri=run_uri, overrides="[]", report=report2)
     summary = json.loads((Path(run_uri) / "control.json").read_text())
-    assert weights == "s3://b/run/model_control_0.pth" and summary["winner"] == "control"
+    assert weights == f"{run_uri}/model_final.pth" and summary["winner"] == "control"
+    assert Path(weights).read_bytes() == b"control"  # the control won: its weights are the run's result
     assert summary["delta_mAP"] == 61.5 - 62.0 and summary["searched"]["iterations"] == summary["control"]["iterations"] == 360
     text = Path(report2.path).read_text()
     assert "**Result**: `1-2-2-2` neck `[0, 0, 0, 0]`: mAP 62.00" in text and "delta mAP -0.50" in text
@@ -652,8 +664,8 @@ def test_plateau_reignition_task_outputs_its_models_as_a_model_artifact(tiny_dat
     models = Model(name="models", uri=str(tmp_path / "art" / "fired"), metadata={})
     out = pods.reignite_if_plateau_task(config, "serial", stale, dataset, "", run_uri, "[]", models)
     assert calls == [("reignition", [0], str(tiny_data))]
-    uri = f"{run_uri}/serial/reignition_0/model_0.pth"
+    uri = f"{models.uri}/model_0.pth"  # stored once: in the artifact (records and results under the run)
     assert models.metadata == {"reignited": [{"id": 0, "uri": uri}], "status": "ok", "data_version": "v" * 16}
-    assert (Path(models.path) / "model_0.pth").read_bytes() == Path(uri).read_bytes() == b"reignited weights"
+    assert Path(uri).read_bytes() == b"reignited weights" and not list(Path(run_uri).rglob("*.pth"))
     new = pods._state(out)["records"]
     assert [r["ops"] for r in new if r["parent"] is not None] == [["reignite"]] and new[-1]["weights"] == uri

@@ -374,7 +374,7 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
                                         run_uri=run_uri, overrides=overrides, report=make(Markdown, "report"))
         returned += [overrides, run_uri, seeds, state, proposal, items, results, front, chosen, trained, best,
                      serial_control, controls, weights]
-    assert weights in (best["weights"], controls["control"]["weights"])  # the winner's
+    assert weights == f"{run_uri}/model_final.pth"  # a copy of the winner, the one weight file under the run
     meta = data["dataset"].metadata
     assert meta["root"] == dataset_uri and meta["staged"].startswith(str(workspace / "spnas" / "cache"))
     assert meta["downloaded"] == meta["objects"] > 0
@@ -385,9 +385,11 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
     assert len({f["pid"] for f in data_fetches}) == 2  # this process, and the candidate's training child
     models = [a for a in artifacts if isinstance(a, Model)]
     assert len(models) == 5 and all(a.metadata["data_version"] == meta["version"] for a in models)
-    assert best["weights"].startswith(f"{run_uri}/fully_train/model_")
-    assert controls["control"]["weights"] == f"{run_uri}/fully_train/model_control_0.pth"
-    assert all(r["weights"].startswith(run_uri) for r in results)
+    # weights stored once, in the Model artifacts; the run's prefix keeps the final model only
+    models_by_name = {a.name: a for a in artifacts}
+    assert best["weights"] == models_by_name["full-model-0"].uri
+    assert controls["control"]["weights"] == models_by_name["control-model"].uri
+    assert [r["weights"] for r in results] == [models_by_name["cand-0-model"].uri]
     for i, value in enumerate(returned):
         _assert_clean(json.dumps(value), f"return value {i}")
     for a in artifacts:
@@ -397,6 +399,8 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
     files = _scan_tree(art, tmp_path / "cache", tmp_path / "tmp", workspace)
     with Store.from_env() as st:
         objects = _scan_bucket(st, "kfp-runs/job-1/")
+        assert [o.key for o in st.list(BUCKET, "kfp-runs/job-1/") if o.key.endswith(".pth")] == \
+            ["kfp-runs/job-1/model_final.pth"]
     assert objects >= 8
     SCANNED["components"] = {**counts, "files": files, "objects": objects, "artifacts": len(artifacts),
                              "return_values": len(returned)}

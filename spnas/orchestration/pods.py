@@ -235,19 +235,36 @@ def durable(work: Path, run_uri: str, step_name: str, key: str) -> Iterator[bool
             Path(remote).parent.rmdir()
 
 
-def _publish_model(out: Path, arch_id: Any, run_uri: str, step: str, model_path: str | None = None) -> str:
-    """Publish a model's files (desc, performance, inherit report, weights); copy the weights to
-    the component's Model artifact path too. Returns the weights' URI (or "" without weights)."""
+def artifact_holds_weights(model_uri: str) -> bool:
+    """Whether weights written to a KFP artifact at ``model_uri`` can be read back by later
+    tasks through this package's storage (an ``s3://``/``minio://`` pipeline root reached with
+    the run's credentials, or a local path under kfp.local): then the artifact is the weights'
+    only copy. Any other scheme (``gs://``...) keeps them under the run's prefix."""
+    return bool(model_uri) and (is_uri(model_uri) or "://" not in model_uri)
+
+
+def _publish_model(out: Path, arch_id: Any, run_uri: str, step: str, model_path: str | None = None,
+                   model_uri: str = "") -> str:
+    """Publish a model's files (desc, performance, inherit report) under ``run_uri/<step>/``; its
+    weights go to the component's Model artifact (``model_path``, uploaded by KFP to
+    ``model_uri``) and, stored once, are referenced there (:func:`artifact_holds_weights`);
+    without an artifact they are published beside the other files. Returns the weights' URI
+    (or "" without weights)."""
     weights = ""
     for name in (f"desc_{arch_id}.json", f"performance_{arch_id}.json", f"inherit_{arch_id}.json",
                  f"model_{arch_id}.pth"):
-        if (out / name).is_file():
-            uri = publish(out / name, run_uri, step)
-            if name.startswith("model_"):
-                weights = uri
-                if model_path:
-                    Path(model_path).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(out / name, model_path)
+        if not (out / name).is_file():
+            continue
+        if not name.startswith("model_"):
+            publish(out / name, run_uri, step)
+            continue
+        if model_path:
+            Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / name, model_path)
+            if artifact_holds_weights(model_uri):
+                weights = model_uri
+                continue
+        weights = publish(out / name, run_uri, step)
     return weights
 
 
@@ -433,7 +450,7 @@ def report(config_text: str, serial_front: Sequence[Mapping[str, Any]], parallel
            run_uri: str, path: str, overrides: Sequence[str] | str = ()) -> str:
     """Write the run's Markdown report to ``path`` and, when controls ran, ``control.json`` under
     ``run_uri`` (the searched model beside its equal-budget control, the winner, each phase's
-    control); returns the weights URI of the run's result (the winner)."""
+    control); copies the run's result (the winner) to ``<run>/model_final.pth`` and returns that URI."""
     cfg = load_run(config_text, overrides)
     result, summary = plain(dict(best_)), None
     if controls:
@@ -448,7 +465,23 @@ def report(config_text: str, serial_front: Sequence[Mapping[str, Any]], parallel
     text = report_markdown({"serial front": serial_front, "parallel front": parallel_front}, result, summary)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
-    return str(result.get("weights", ""))
+    return keep_final_model(str(result.get("weights") or ""), run_uri)
+
+
+#: The run's result under its prefix: the one weight file kept there (every other model's
+#: weights live once, in its KFP Model artifact).
+FINAL_MODEL = "model_final.pth"
+
+
+def keep_final_model(weights: str, run_uri: str) -> str:
+    """Copy the run's result (``weights``: a URI or path, often a KFP artifact) to
+    ``<run>/model_final.pth`` and return that; "" without weights."""
+    if not weights:
+        return ""
+    with tempfile.TemporaryDirectory(prefix="spnas-final-") as tmp:
+        target = Path(tmp) / FINAL_MODEL
+        shutil.copyfile(local_path(weights), target)
+        return publish(target, run_uri, "")
 
 
 def _phase_records(run_uri: str, phase_controls: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict]]:
@@ -468,13 +501,13 @@ def _phase_records(run_uri: str, phase_controls: Mapping[str, Mapping[str, Any]]
 # ----------------------------------------------------------------------------- heavy tasks
 
 def fine_tune(config_text: str, step_name: str, data_uri: str, run_uri: str, model_path: str,
-              overrides: Sequence[str] | str = ()) -> dict[str, Any]:
+              overrides: Sequence[str] | str = (), model_uri: str = "") -> dict[str, Any]:
     """fine_tune on one pod: returns the seed record (weights = its URI under ``run_uri``)."""
     from . import phases
     cfg, step = load_step(config_text, step_name, overrides)
     with tempfile.TemporaryDirectory(prefix="spnas-ft-") as tmp, durable(Path(tmp), run_uri, step_name, "0") as again:
         res = phases.fine_tune(step, steps.data_source(step, data_uri), tmp, device=cfg.device, resume=again)
-        weights = _publish_model(Path(tmp), 0, run_uri, step_name, model_path)
+        weights = _publish_model(Path(tmp), 0, run_uri, step_name, model_path, model_uri)
         publish(Path(tmp) / "output.csv", run_uri, step_name)
     return struct({**res["record"], "weights": weights, "phase": step_name})
 
@@ -499,7 +532,8 @@ def search_init(config_text: str, step_name: str, seeds: Sequence[Mapping[str, A
 
 
 def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                    model_path: str, time_limit: float | None = None, workspace: str = "") -> dict[str, Any]:
+                    model_path: str, time_limit: float | None = None, workspace: str = "",
+                    model_uri: str = "") -> dict[str, Any]:
     """Train one candidate (a fan-out item) on one pod, in a child process
     (:func:`~.child.run_isolated`): a bad candidate, a crash of its training (a signal such as
     the OOM killer's SIGKILL, a non-zero exit) and a training over ``time_limit`` seconds all
@@ -511,7 +545,7 @@ def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], d
         with data_cache(workspace):
             return struct(run_isolated("train_candidate_here", {
                 "config_text": config_text, "step_name": step_name, "item": plain(dict(item)),
-                "data_uri": data_uri, "model_path": model_path}, what=f"candidate {cid}",
+                "data_uri": data_uri, "model_path": model_path, "model_uri": model_uri}, what=f"candidate {cid}",
                 timeout=time_limit if time_limit and time_limit > 0 else None))
     except ChildFailed as exc:
         log.warning("%s", exc)
@@ -519,7 +553,7 @@ def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], d
 
 
 def train_candidate_here(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                         model_path: str) -> dict[str, Any]:
+                         model_path: str, model_uri: str = "") -> dict[str, Any]:
     """:func:`train_candidate` in this process (what its child process runs). Never raises for
     a bad candidate: failures are data."""
     from ..utils.faults import failpoint
@@ -537,14 +571,15 @@ def train_candidate_here(config_text: str, step_name: str, item: Mapping[str, An
                 result = dict(phases.train_candidate(candidate, step, data, tmp, device=cfg.device, resume=again))
                 result.pop("traceback", None)
                 if result["status"] == "ok":
-                    result["weights"] = _publish_model(Path(tmp), candidate["id"], run_uri, step_name, model_path)
+                    result["weights"] = _publish_model(Path(tmp), candidate["id"], run_uri, step_name, model_path,
+                                                       model_uri)
         except SpnasError as exc:  # the run's store refused (checkpoints, weights): a failed candidate
             result = {"id": candidate.get("id"), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     return struct(result)
 
 
 def reignite_one(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                 model_path: str) -> dict[str, Any]:
+                 model_path: str, model_uri: str = "") -> dict[str, Any]:
     """Reignite one chosen model (a fan-out item of :func:`choose`); returns its new record."""
     from . import phases
     model, run_uri, overrides = _item(item)
@@ -552,12 +587,12 @@ def reignite_one(config_text: str, step_name: str, item: Mapping[str, Any], data
     with tempfile.TemporaryDirectory(prefix="spnas-re-") as tmp:
         rec = phases.reignition([model], step, tmp, detection=steps.detection_source(cfg, step, data_uri),
                                 seed=cfg.seed, device=cfg.device)[0]
-        rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path)
+        rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path, model_uri)
     return struct({**rec, "phase": step_name})
 
 
 def full_train_one(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                   model_path: str) -> dict[str, Any]:
+                   model_path: str, model_uri: str = "") -> dict[str, Any]:
     """Full-train one chosen model (a fan-out item of :func:`choose`); returns its record."""
     from . import phases
     model, run_uri, overrides = _item(item)
@@ -566,7 +601,7 @@ def full_train_one(config_text: str, step_name: str, item: Mapping[str, Any], da
             durable(Path(tmp), run_uri, step_name, str(model.get("id"))) as again:
         rec = phases.full_train([model], step, steps.data_source(step, data_uri), tmp, device=cfg.device,
                                 resume=again)[0]
-        rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path)
+        rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path, model_uri)
     return struct({**rec, "phase": step_name})
 
 
@@ -600,7 +635,8 @@ def finish(recs: Sequence[Mapping[str, Any]], run_uri: str, step_name: str) -> d
 
 
 def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[str, Any], data_uri: str,
-                        run_uri: str, overrides: Sequence[str] | str = (), models_path: str = "") -> str:
+                        run_uri: str, overrides: Sequence[str] | str = (), models_path: str = "",
+                        models_uri: str = "") -> str:
     """After a serial round: when the front's best mAP has not improved for
     ``reignition_patience`` rounds (and fewer than ``max_reignitions`` happened), reignite the
     front (the config's reignition settings, as ``spnas run`` does), publish the weights and add
@@ -625,7 +661,8 @@ def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[s
                                  seed=cfg.seed, device=cfg.device)
         for r in done:
             r["weights"] = _publish_model(Path(tmp), r["id"], run_uri, f"{step_name}/reignition_{k}",
-                                          str(Path(models_path) / f"model_{r['id']}.pth") if models_path else None)
+                                          str(Path(models_path) / f"model_{r['id']}.pth") if models_path else None,
+                                          f"{models_uri.rstrip('/')}/model_{r['id']}.pth" if models_uri else "")
             listing.append({"id": r["id"], "uri": r["weights"]})
     if models_path:
         atomic_write_json(Path(models_path) / "reignited.json", listing)
@@ -633,7 +670,7 @@ def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[s
 
 
 def phase_control(config_text: str, step_name: str, state: str | Mapping[str, Any], data_uri: str, run_uri: str,
-                  model_path: str, overrides: Sequence[str] | str = ()) -> dict[str, Any]:
+                  model_path: str, overrides: Sequence[str] | str = (), model_uri: str = "") -> dict[str, Any]:
     """A search phase's equal-budget control on one pod (see :func:`steps.phase_control_plan`):
     its record, weights published under ``run_uri/<step>/``; ``{"status": "skipped"}`` when no
     candidate of the phase succeeded."""
@@ -650,12 +687,14 @@ def phase_control(config_text: str, step_name: str, state: str | Mapping[str, An
                              steps.data_source(step, data_uri), tmp, base_lineage=seed.get("lineage_iters") or 0,
                              device=cfg.device, resume=again)
         rec.update(best=plan["best"]["id"], seed=seed["id"], planned_iters=plan["iters"])
-        rec["weights"] = _publish_model(Path(tmp), f"control_{rec['generations'] - 1}", run_uri, step_name, model_path)
+        rec["weights"] = _publish_model(Path(tmp), f"control_{rec['generations'] - 1}", run_uri, step_name, model_path,
+                                        model_uri)
     return struct({**rec, "phase": step_name})
 
 
 def final_control(config_text: str, step_name: str, fine_tuned: Sequence[Mapping[str, Any]], best_: Mapping[str, Any],
-                  data_uri: str, run_uri: str, model_path: str, overrides: Sequence[str] | str = ()) -> dict[str, Any]:
+                  data_uri: str, run_uri: str, model_path: str, overrides: Sequence[str] | str = (),
+                  model_uri: str = "") -> dict[str, Any]:
     """The run's equal-budget control on one pod: the fine-tuned seed trained as long as the final
     model's lineage (the full train's schedule stretched); both measured for latency and memory.
     Returns ``{"searched": best record, "control": control record}``."""
@@ -667,7 +706,7 @@ def final_control(config_text: str, step_name: str, fine_tuned: Sequence[Mapping
         rec = phases.control("control", steps.seed_architecture(seed), seed["weights"],
                              [steps.final_control_trainer(step, best_["lineage_iters"])],
                              steps.data_source(step, data_uri), tmp, device=cfg.device, resume=again)
-        rec["weights"] = _publish_model(Path(tmp), "control_0", run_uri, step_name, model_path)
+        rec["weights"] = _publish_model(Path(tmp), "control_0", run_uri, step_name, model_path, model_uri)
     size, batch = int(best_["desc"].get("max_size", 800)), step.trainer.batch_size
     searched, control = (phases.measure_costs(r, size, batch, cfg.device) for r in (best_, rec))
     return struct({"searched": searched, "control": {**control, "phase": step_name}})
@@ -688,7 +727,7 @@ def fine_tune_task(config_text: str, step_name: str, dataset: Any, workspace: st
     """The fine_tune component: :func:`fine_tune`, its artifacts described; returns ``[seed]``."""
     root, version = dataset_of(dataset)
     with data_cache(workspace):
-        rec = fine_tune(config_text, step_name, root, run_uri, model.path, overrides)
+        rec = fine_tune(config_text, step_name, root, run_uri, model.path, overrides, model.uri)
     fill_artifacts(rec, model, metrics, data_version=version)
     return [rec]
 
@@ -707,7 +746,7 @@ def train_candidate_task(config_text: str, step_name: str, item: Mapping[str, An
     ``time_limit`` seconds), its artifacts described (data version and the pod's resources
     recorded with the model)."""
     root, version = dataset_of(dataset)
-    result = train_candidate(config_text, step_name, item, root, model.path, time_limit, workspace)
+    result = train_candidate(config_text, step_name, item, root, model.path, time_limit, workspace, model.uri)
     fill_artifacts({**result, "desc": dict(item).get("desc", {})}, model, metrics, resources=dict(resources),
                    data_version=version)
     return result
@@ -718,7 +757,7 @@ def reignite_task(config_text: str, step_name: str, item: Mapping[str, Any], dat
     """The reignite component: :func:`reignite_one`, its Model described."""
     root, version = dataset_of(dataset)
     with data_cache(workspace):
-        rec = reignite_one(config_text, step_name, item, root, model.path)
+        rec = reignite_one(config_text, step_name, item, root, model.path, model.uri)
     fill_artifacts(rec, model, resources=dict(resources), data_version=version)
     return rec
 
@@ -730,7 +769,7 @@ def reignite_if_plateau_task(config_text: str, step_name: str, state: str, datas
     their ids and weight URIs; an empty folder and ``[]`` when the front was still improving)."""
     root, version = dataset_of(dataset)
     with data_cache(workspace):
-        out = reignite_if_plateau(config_text, step_name, state, root, run_uri, overrides, models.path)
+        out = reignite_if_plateau(config_text, step_name, state, root, run_uri, overrides, models.path, models.uri)
     listing = json.loads((Path(models.path) / "reignited.json").read_text())
     models.metadata.update({"reignited": listing, "status": "ok" if listing else "skipped", "data_version": version})
     return out
@@ -741,7 +780,7 @@ def full_train_task(config_text: str, step_name: str, item: Mapping[str, Any], d
     """The full-train component: :func:`full_train_one`, its artifacts described."""
     root, version = dataset_of(dataset)
     with data_cache(workspace):
-        rec = full_train_one(config_text, step_name, item, root, model.path)
+        rec = full_train_one(config_text, step_name, item, root, model.path, model.uri)
     fill_artifacts(rec, model, metrics, resources=dict(resources), data_version=version)
     return rec
 
@@ -752,7 +791,7 @@ def phase_control_task(config_text: str, step_name: str, state: str, dataset: An
     ``skipped`` and an empty Model folder when no candidate of the phase succeeded)."""
     root, version = dataset_of(dataset)
     with data_cache(workspace):
-        rec = phase_control(config_text, step_name, state, root, run_uri, model.path, overrides)
+        rec = phase_control(config_text, step_name, state, root, run_uri, model.path, overrides, model.uri)
     fill_artifacts(rec, model, metrics, resources=dict(resources), data_version=version)
     return rec
 
@@ -763,7 +802,8 @@ def final_control_task(config_text: str, step_name: str, fine_tuned: Sequence[Ma
     """The final-control component: :func:`final_control`, its artifacts described."""
     root, version = dataset_of(dataset)
     with data_cache(workspace):
-        out = final_control(config_text, step_name, fine_tuned, best_, root, run_uri, model.path, overrides)
+        out = final_control(config_text, step_name, fine_tuned, best_, root, run_uri, model.path, overrides,
+                            model.uri)
     fill_artifacts(out["control"], model, metrics, resources=dict(resources), data_version=version)
     return out
 
@@ -774,4 +814,4 @@ __all__ = ["plain", "struct", "load_step", "publish", "prepare", "run_prefix", "
            "final_control", "reignite_if_plateau", "phase_control_task", "final_control_task",
            "train_candidate_task", "reignite_task", "full_train_task", "train_candidate_here", "stage_data",
            "stage_data_task", "search_init_task", "reignite_if_plateau_task", "data_cache", "dataset_of",
-           "WORKSPACE_CACHE"]
+           "WORKSPACE_CACHE", "keep_final_model", "FINAL_MODEL", "artifact_holds_weights"]
