@@ -59,7 +59,9 @@ def run_prefix(results_uri: str, job_id: str) -> str:
     """Where this run publishes its files.
 
     Args:
-        results_uri: the results prefix (``s3://bucket/prefix`` or ``minio://...``).
+        results_uri: the results prefix (``s3://bucket/prefix`` or ``minio://...``); empty: the
+            cluster default ``minio://mlpipeline/private/<namespace>/spnas``, a prefix multi-user
+            KFP lets the run's profile write.
         job_id: the pipeline job id (one folder per run).
     """
     from spnas.orchestration import pods

@@ -120,8 +120,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     for needed in ("fine_tune", "serial", "parallel", "full_train"):
         if needed not in roles:
             raise SystemExit(f"{config_path}: the pipeline needs a {needed} step; steps are {[s.role for s in cfg.steps]}")
-    # the config's own spelling (not made absolute), so the compiled file is the same anywhere
-    data_default = str(((raw.get(roles["fine_tune"].name) or {}).get("dataset") or {}).get("common", {}).get("data_root", ""))
+    # data_uri has no default (the config's data_root is a path on the compiling machine) and an
+    # empty results_uri means the namespace's private prefix (pods.run_prefix)
 
     def heavy(task, ctx, res, kind="candidate"):
         """Training pods: requests = limits (an OOM stays in its pod), a long retry window, a time
@@ -316,7 +316,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
 
     @dsl.pipeline(name="spnas", description="SP-NAS: serial-to-parallel detection backbone search "
                   f"(config {Path(config_path).name})", pipeline_config=pipeline_config)
-    def spnas_pipeline(data_uri: str = data_default, results_uri: str = "minio://mlpipeline/spnas-runs",
+    def spnas_pipeline(data_uri: str, results_uri: str = "",
                        seed: int = cfg.seed, candidate_epochs: int = -1, full_epochs: int = -1,
                        accelerator_type: str = "nvidia.com/gpu", gpus_per_task: int = 0,
                        cpu_per_task: str = "2", memory_per_task: str = "8G",

@@ -669,3 +669,22 @@ def test_plateau_reignition_task_outputs_its_models_as_a_model_artifact(tiny_dat
     assert Path(uri).read_bytes() == b"reignited weights" and not list(Path(run_uri).rglob("*.pth"))
     new = pods._state(out)["records"]
     assert [r["ops"] for r in new if r["parent"] is not None] == [["reignite"]] and new[-1]["weights"] == uri
+
+
+def test_cluster_defaults_data_uri_required_results_under_the_namespace_private_prefix(compiled, tmp_path):
+    """The compiled pipeline has no default data set (a path on the compiling machine means
+    nothing in a pod) and, without a results_uri, publishes under the multi-user prefix its
+    profile may write: ``mlpipeline/private/<namespace>/spnas/<run id>``."""
+    from spnas.orchestration.pods import run_prefix
+    from spnas.utils.errors import ConfigError
+    _, docs = compiled
+    params = docs[0]["root"]["inputDefinitions"]["parameters"]
+    assert params["data_uri"] == {"parameterType": "STRING"}  # required
+    assert params["results_uri"]["defaultValue"] == ""
+    ns = tmp_path / "namespace"
+    ns.write_text("team-a\n")
+    assert run_prefix("", "run-1", ns) == "minio://mlpipeline/private/team-a/spnas/run-1"
+    assert run_prefix("s3://b/spnas/", "run-1", ns) == "s3://b/spnas/run-1"
+    with pytest.raises(ConfigError, match=r"results_uri: not set, and this task runs in no Kubernetes namespace .*"
+                                          r"minio://mlpipeline/private/<namespace>/spnas"):
+        run_prefix("", "run-1", tmp_path / "missing")

@@ -369,8 +369,27 @@ def stage_data(config_text: str, overrides: Sequence[str] | str, data_uri: str, 
     return summary
 
 
-def run_prefix(results_uri: str, job_id: str) -> str:
-    """Where this run publishes: ``results_uri/<job id>``."""
+#: Where a pod finds its namespace (the service account's projected files).
+NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+#: The default results prefix on a cluster: a prefix multi-user KFP (2.15 with SeaweedFS) lets a
+#: profile write (``mlpipeline/private/<namespace>/...``); single-user KFP writes anywhere.
+DEFAULT_RESULTS = "minio://mlpipeline/private/{namespace}/spnas"
+
+
+def run_prefix(results_uri: str, job_id: str, namespace_file: str | Path = NAMESPACE_FILE) -> str:
+    """Where this run publishes: ``results_uri/<job id>``. An empty ``results_uri`` means the
+    cluster default, :data:`DEFAULT_RESULTS` with the pod's namespace (read from
+    ``namespace_file``); outside a cluster it must be given."""
+    if not results_uri.strip():
+        try:
+            namespace = Path(namespace_file).read_text(encoding="utf-8").strip()
+        except OSError:
+            namespace = ""
+        if not namespace:
+            raise ConfigError(f"pipeline parameter results_uri: not set, and this task runs in no Kubernetes "
+                              f"namespace ({namespace_file} is missing) to derive "
+                              f"{DEFAULT_RESULTS.format(namespace='<namespace>')} from: pass results_uri")
+        results_uri = DEFAULT_RESULTS.format(namespace=namespace)
     return f"{results_uri.rstrip('/')}/{job_id}" if job_id else results_uri
 
 
