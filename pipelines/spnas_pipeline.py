@@ -90,11 +90,12 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                    timeouts: "dict[str, int] | None" = None, shm_size: str = "2Gi",
                    image_pull_secret: "str | None" = None, require_digest: bool = False,
                    data_volume: str = "workspace", workspace_size: str = "100Gi",
-                   workspace_storage_class: "str | None" = None):
+                   workspace_storage_class: "str | None" = None, retry_backoff: int = 60):
     """Return the ``@dsl.pipeline`` function for ``config_path`` (read now, embedded as text),
     every component running on ``image``.
 
-    Every task gets requests and limits, a retry policy (heavy tasks: a 72 h window) and a time
+    Every task gets requests and limits, a retry policy (heavy tasks: first retry after
+    ``retry_backoff`` seconds, doubling, within a 72 h window) and a time
     limit (``timeouts`` overrides :data:`TIMEOUTS` per kind); training pods mount a memory-backed
     ``/dev/shm`` of ``shm_size`` and take the run's node selector and tolerations. The data set
     is staged once into ``data_volume`` (:func:`data_volume_path`): a run workspace of
@@ -130,7 +131,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         task.set_memory_request(res["memory"]).set_memory_limit(res["memory"])
         task.set_accelerator_type(res["accelerator"]).set_accelerator_limit(res["gpus"])
         _common(task, kind)
-        task.set_retry(retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration=HEAVY_RETRY_WINDOW)
+        task.set_retry(retries, backoff_duration=f"{int(retry_backoff)}s", backoff_factor=2.0,
+                       backoff_max_duration=HEAVY_RETRY_WINDOW)
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=shm_size)
         kubernetes.add_node_selector_json(task, node_selector_json=ctx["node_selector"])
@@ -338,7 +340,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         stage.set_cpu_request(STAGE_RESOURCES["cpu_request"]).set_cpu_limit(STAGE_RESOURCES["cpu_limit"])
         stage.set_memory_request(STAGE_RESOURCES["memory_request"]).set_memory_limit(STAGE_RESOURCES["memory_limit"])
         _common(stage, "candidate")
-        stage.set_retry(retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration=HEAVY_RETRY_WINDOW)
+        stage.set_retry(retries, backoff_duration=f"{int(retry_backoff)}s", backoff_factor=2.0,
+                        backoff_max_duration=HEAVY_RETRY_WINDOW)
         reads_data(stage).set_display_name("stage data set (once per run)").after(pre)
         run = {"config": config, "run_uri": prefix.output, "overrides": prep.output, "dataset": stage.output,
                "node_selector": node_selector, "tolerations": tolerations}
@@ -425,6 +428,8 @@ def main() -> None:
     ap.add_argument("--data-volume", default="workspace", metavar="workspace|pvc:NAME|none",
                     help="where the data set is staged once per run: the run's KFP workspace (backend >= 2.15, "
                          "default), an existing ReadWriteMany claim, or none (every pod caches its own copy)")
+    ap.add_argument("--retry-backoff", type=int, default=60, metavar="SECONDS",
+                    help="wait before a failed training task's first retry (doubling after; default 60)")
     ap.add_argument("--workspace-size", default="100Gi", help="size of the run's workspace (the data set and its cache)")
     ap.add_argument("--workspace-storage-class", default=None,
                     help="storage class of the workspace claim (ReadWriteMany; default: the cluster's)")
@@ -441,7 +446,8 @@ def main() -> None:
     print(compile_pipeline(args.config, args.output, args.image, args.parallelism, args.max_spec_bytes, timeouts=timeouts,
                            shm_size=args.shm_size, image_pull_secret=args.image_pull_secret,
                            require_digest=args.require_digest, data_volume=args.data_volume,
-                           workspace_size=args.workspace_size, workspace_storage_class=args.workspace_storage_class))
+                           workspace_size=args.workspace_size, workspace_storage_class=args.workspace_storage_class,
+                           retry_backoff=args.retry_backoff))
 
 
 if __name__ == "__main__":

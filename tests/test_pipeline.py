@@ -371,24 +371,35 @@ def _csv_records(path):
 
 
 @pytest.mark.slow
-def test_compiled_yaml_runs_under_kfp_local_and_agrees_with_spnas_run(tiny_data, tiny_run, tmp_path):
+def test_compiled_yaml_runs_under_kfp_local_and_agrees_with_spnas_run(tiny_data, tiny_run, tmp_path, monkeypatch, capfd):
     """The compiled YAML of the shared tiny config runs end to end under kfp.local (top-2 full
     train fanned out), and its records are exactly those of ``spnas run`` of the same config
-    (the session's tiny run): one step-to-phase mapping."""
+    (the session's tiny run): one step-to-phase mapping. On the way, the fine_tune task is
+    SIGKILLed at its 6th of 8 iterations (a lost pod); kfp.local retries it (the compiled retry
+    policy, 1 s backoff here), the retry restores the checkpoint the killed attempt copied under
+    the run's prefix and resumes, and the records still equal the uninterrupted run's."""
     import kfp.local
     from kfp.components import load_component_from_file
     config = _tiny_config(tmp_path, tiny_data, TINY_RUN)
     package = tmp_path / "tiny_pipeline.yaml"
-    _compile(config, package, parallelism=2)
+    _compile(config, package, parallelism=2, retry_backoff=1)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipeline = load_component_from_file(str(package))
     results = tmp_path / "results"
+    once = tmp_path / "killed-once"
+    monkeypatch.setenv("SPNAS_FAILPOINT", "train_iter:6")  # the first training process to reach it: fine_tune
+    monkeypatch.setenv("SPNAS_FAILPOINT_ONCE", str(once))
     import builtins
     saved = builtins.print  # kfp.local patches print to indent; its concurrent loop tasks can leave it patched
     try:
         pipeline(data_uri=str(tiny_data), results_uri=str(results), seed=0)
     finally:
         builtins.print = saved
+    assert once.is_file()
+    logs = capfd.readouterr()
+    killed = re.findall(r"SPNAS_FAILPOINT: killing pid \d+ at train_iter #6 \(iteration (\d+)/(\d+)\)", logs.out + logs.err)
+    assert killed == [("6", "8")], killed
+    assert "restored the checkpoints of an earlier attempt" in logs.out + logs.err
     runs = [p for p in results.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     run = runs[0]
