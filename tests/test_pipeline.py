@@ -243,16 +243,34 @@ def test_a_pipeline_too_large_for_one_workflow_object_is_refused_at_compile_time
     assert not out.exists() and MAX_SPEC_BYTES == 716_800
 
 
-def test_compile_options_digest_pull_secret_time_limits_shm(tmp_path):
-    from pipelines.spnas_pipeline import check_image
+def _plateau_config(tmp_path):
+    """The demo config with the plateau-triggered reignition on (reignition_patience 1)."""
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["serial"]["search_algorithm"]["reignition_patience"] = 1
+    path = tmp_path / "plateau.yml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_compile_options_image_digest_pull_secret_time_limits_shm_parallelism_pvc(compiled, tmp_path):
+    """Every compile option lands in the compiled spec, per compile (the image is an argument of
+    the component factory, not an environment variable read at import: this compile and the
+    module's differ): a digest-pinned image, a pull secret, time limits, /dev/shm, parallelism
+    and an existing claim instead of the workspace (with the plateau reignition, whose task
+    outputs a Model)."""
+    from pipelines.spnas_pipeline import check_image, data_volume_path
     with pytest.raises(SystemExit, match="not pinned by digest"):
         check_image("ghcr.io/spnas-kfp/spnas:0.1.0", require_digest=True)
     pinned = "ghcr.io/spnas-kfp/spnas@sha256:" + "0" * 64
     assert check_image(pinned, require_digest=True) == pinned
-    docs = _compile(DEMO, tmp_path / "p.yaml", image=pinned, timeouts={"candidate": 7200}, shm_size="8Gi",
-                    image_pull_secret="regcred", require_digest=True)
+    docs = _compile(_plateau_config(tmp_path), tmp_path / "p.yaml", image=pinned, timeouts={"candidate": 7200},
+                    shm_size="8Gi", image_pull_secret="regcred", require_digest=True, parallelism=3,
+                    data_volume="pvc:coco-data")
     k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()} == {pinned}
+    assert {e["container"]["image"] for e in compiled[1][0]["deploymentSpec"]["executors"].values()} == {IMAGE}
+    assert {t["iteratorPolicy"]["parallelismLimit"] for dag in _dags(docs[0]).values() for t in dag["tasks"].values()
+            if "iteratorPolicy" in t} == {3}
     assert all(v["imagePullSecret"] == [{"secretName": "regcred", "secretNameParameter":
                                          {"runtimeValue": {"constant": "regcred"}}}] for v in k8s.values())
     deadlines = [v["activeDeadlineSeconds"] for k, v in k8s.items() if "train-candidate" in k]
@@ -264,6 +282,20 @@ def test_compile_options_digest_pull_secret_time_limits_shm(tmp_path):
               for c in docs[0]["components"].values() if "dag" in c for t in c["dag"]["tasks"].values()
               if t["taskInfo"]["name"].endswith("train candidate")}
     assert limits == {6600}
+    # an existing claim instead of the run workspace, mounted in every task that reads the data
+    assert "pipelineConfig" not in docs[1]["platforms"]["kubernetes"]
+    mounted = {k for k, v in k8s.items() if v.get("pvcMount")}
+    assert mounted == {k for k in k8s if any(n in k for n in (*HEAVY, "stage-data", "search-init"))}
+    assert all(k8s[k]["pvcMount"] == [{"constant": "coco-data", "mountPath": "/spnas-data",
+                                       "pvcNameParameter": {"runtimeValue": {"constant": "coco-data"}}}] for k in mounted)
+    tasks = [t for _, _, t in _container_tasks(docs[0]) if "workspace" in t["inputs"].get("parameters", {})]
+    assert len(tasks) == 14 and {t["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] for t in tasks} == \
+        {"/spnas-data"}
+    plateau = docs[0]["components"]["comp-reignite-if-plateau"]
+    assert plateau["outputDefinitions"]["artifacts"]["models"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert data_volume_path("none") == ""  # each pod caches its own copy
+    with pytest.raises(SystemExit, match="--data-volume 'nfs': expected workspace, pvc:<claim name> or none"):
+        data_volume_path("nfs")
 
 
 def _artifact_source(task):
@@ -273,11 +305,10 @@ def _artifact_source(task):
     return art.get("taskOutputArtifact", {}).get("producerTask") or art.get("componentInputArtifact")
 
 
-def test_data_set_is_staged_once_and_enters_every_training_as_a_dataset_artifact(compiled, tmp_path):
+def test_data_set_is_staged_once_and_enters_every_training_as_a_dataset_artifact(compiled):
     """The run's workspace is configured (ReadWriteMany, so candidate pods on several nodes read
     one copy); one stage-data task makes the Dataset artifact; every task that reads the data
-    takes it and the workspace's path; with ``pvc:NAME`` the claim is mounted instead, with
-    ``none`` nothing is shared. The plateau reignition outputs a Model."""
+    takes it and the workspace's path (``pvc:NAME``: see the compile-options test)."""
     _, docs = compiled
     spec = docs[0]
     assert docs[1]["platforms"]["kubernetes"]["pipelineConfig"]["workspace"] == {
@@ -301,40 +332,6 @@ def test_data_set_is_staged_once_and_enters_every_training_as_a_dataset_artifact
     for phase in ("serial-search", "reignition", "parallel-search", "full-train"):
         assert _artifact_source(root[phase]) == "stage-data", phase
 
-    # an existing claim instead of the workspace, and a plateau-triggered reignition
-    raw = yaml.safe_load(DEMO.read_text())
-    raw["serial"]["search_algorithm"]["reignition_patience"] = 1
-    plateau = tmp_path / "plateau.yml"
-    plateau.write_text(yaml.safe_dump(raw))
-    pvc = _compile(plateau, tmp_path / "pvc.yaml", data_volume="pvc:coco-data")
-    assert "pipelineConfig" not in pvc[1]["platforms"]["kubernetes"]
-    k8s = pvc[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    mounted = {k for k, v in k8s.items() if v.get("pvcMount")}
-    assert mounted == {k for k in k8s if any(n in k for n in (*HEAVY, "stage-data", "search-init"))}
-    assert all(k8s[k]["pvcMount"] == [{"constant": "coco-data", "mountPath": "/spnas-data",
-                                       "pvcNameParameter": {"runtimeValue": {"constant": "coco-data"}}}] for k in mounted)
-    tasks = [t for _, _, t in _container_tasks(pvc[0]) if "workspace" in t["inputs"].get("parameters", {})]
-    assert {t["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] for t in tasks} == {"/spnas-data"}
-    plateau_comp = pvc[0]["components"]["comp-reignite-if-plateau"]
-    assert plateau_comp["outputDefinitions"]["artifacts"]["models"]["artifactType"]["schemaTitle"] == "system.Model"
-
-    none = _compile(DEMO, tmp_path / "none.yaml", data_volume="none")
-    tasks = [t for _, _, t in _container_tasks(none[0]) if "workspace" in t["inputs"].get("parameters", {})]
-    assert len(tasks) == 13 and {t["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] for t in tasks} == {""}
-    assert "pipelineConfig" not in none[1]["platforms"]["kubernetes"]
-    with pytest.raises(SystemExit, match="--data-volume 'nfs': expected workspace, pvc:<claim name> or none"):
-        _compile(DEMO, tmp_path / "bad.yaml", data_volume="nfs")
-
-
-@pytest.mark.slow
-def test_image_is_an_argument_not_an_environment_variable(tmp_path):
-    """Two compiles with different images in one process each get their own image."""
-    a = _compile(DEMO, tmp_path / "a.yaml", image="registry.example.com/spnas:dev", parallelism=2)
-    b = _compile(DEMO, tmp_path / "b.yaml", image="registry.example.com/spnas:rc", parallelism=3)
-    for docs, image, par in ((a, "registry.example.com/spnas:dev", 2), (b, "registry.example.com/spnas:rc", 3)):
-        assert {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()} == {image}
-        assert {t["iteratorPolicy"]["parallelismLimit"] for dag in _dags(docs[0]).values() for t in dag["tasks"].values()
-                if "iteratorPolicy" in t} == {par}
 
 
 def test_light_components_import_no_torch():
