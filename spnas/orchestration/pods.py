@@ -9,6 +9,12 @@ travels by reference (a JSON file under ``<run>/<step>/search/``, its URI passed
 candidates reference their parent's weights by URI, because a parent is
 only chosen at run time.
 
+The data set is staged once per run (:func:`stage_data`, into the run's workspace) and read
+through it by every heavy task (:func:`data_cache`); its version goes into every Model's
+metadata. Weights are stored once, in the task's KFP Model artifact (:func:`_publish_model`),
+and the run's result is copied to ``<run>/model_final.pth``. A candidate trains in a child
+process (:mod:`.child`), so a crash or kill of its training is a failed record.
+
 Light functions (prepare, propose's bookkeeping, candidates, update, search_front, choose,
 collect, report) import no torch: the heavy ones import the phase functions when called.
 """
