@@ -48,6 +48,14 @@ def pipeline_parameters(package: Path = PACKAGE) -> dict[str, str]:
     return {k: v["parameterType"] for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
 
 
+def required_parameters(package: Path = PACKAGE) -> list[str]:
+    """The compiled pipeline's inputs without a default (the API server refuses a run without
+    them, after the fact): for the SP-NAS pipeline, ``data_uri``."""
+    spec = next(yaml.safe_load_all(package.read_text()))
+    return sorted(k for k, v in spec["root"]["inputDefinitions"]["parameters"].items()
+                  if "defaultValue" not in v and not v.get("isOptional"))
+
+
 def _typed(kind: str, value: str) -> Any:
     """``value`` as the Python type the API server expects for a parameter of KFP type ``kind``;
     ValueError when it is not one."""
@@ -276,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _submit(args: argparse.Namespace, auth: Auth) -> None:
     params = parse_params(args.param, args.package)  # every local check before the first request
+    missing = [n for n in required_parameters(args.package) if n not in params] if args.cmd != "upload" else []
+    if missing:
+        raise SystemExit(f"pipeline parameter{'s' if len(missing) > 1 else ''} {', '.join(missing)} required: "
+                         + " ".join(f"--param {n}=..." for n in missing)
+                         + (" (the data set's s3:// or minio:// URI)" if missing == ["data_uri"] else ""))
     cron = check_cron(args.cron) if args.cmd == "schedule" else None
     namespace = args.namespace or os.environ.get("KFP_NAMESPACE") or None
     c = client(namespace, auth)

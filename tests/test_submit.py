@@ -45,6 +45,7 @@ def test_cron_has_six_fields_and_endpoint_is_required(monkeypatch):
 
 TOKEN = "tok-3f9a-never-print-me"
 ENDPOINT = "http://kfp.test:8080"
+DATA = ["--param", "data_uri=minio://datasets/coco"]  # the one parameter without a default
 API_2_17_3 = {"commit_sha": "abc", "tag_name": "2.17.3", "multi_user": True, "pipeline_store": "database"}
 API_2_14_RELEASE = {"commit_sha": "unknown", "tag_name": "unknown", "multi_user": True, "pipeline_store": "database"}
 API_2_5_RELEASE = {"commit_sha": "unknown", "tag_name": "unknown", "multi_user": True}
@@ -111,27 +112,28 @@ def fake(monkeypatch, tmp_path):
 
 
 def test_namespace_and_token_reach_the_client_and_the_run(fake):
-    submit.main(["run", "--namespace", "team-a", "--token", TOKEN, "--param", "seed=3", "--param", "cpu_per_task=8"])
+    submit.main(["run", *DATA, "--namespace", "team-a", "--token", TOKEN, "--param", "seed=3", "--param", "cpu_per_task=8"])
     assert fake.inits == [{"host": ENDPOINT, "namespace": "team-a", "existing_token": TOKEN}]
     assert fake.names() == ["healthz", "create_run_from_pipeline_package"]
     _, args, kwargs = fake.calls[1]
     assert args == (str(submit.PACKAGE),)
-    assert kwargs == {"arguments": {"seed": 3, "cpu_per_task": "8"}, "experiment_name": "spnas",
+    assert kwargs == {"arguments": {"data_uri": "minio://datasets/coco", "seed": 3, "cpu_per_task": "8"},
+                      "experiment_name": "spnas",
                       "namespace": "team-a", "enable_caching": False}
 
 
 def test_namespace_and_token_from_the_environment_and_flags_win(fake, monkeypatch):
     monkeypatch.setenv("KFP_NAMESPACE", "team-env")
     monkeypatch.setenv("KFP_TOKEN", TOKEN)
-    submit.main(["run"])
-    submit.main(["run", "--namespace", "team-flag", "--token", "other-token"])
+    submit.main(["run", *DATA])
+    submit.main(["run", *DATA, "--namespace", "team-flag", "--token", "other-token"])
     assert fake.inits == [{"host": ENDPOINT, "namespace": "team-env", "existing_token": TOKEN},
                           {"host": ENDPOINT, "namespace": "team-flag", "existing_token": "other-token"}]
     assert [c[2]["namespace"] for c in fake.calls if c[0] == "create_run_from_pipeline_package"] == ["team-env", "team-flag"]
 
 
 def test_without_namespace_or_credentials_the_client_gets_only_the_host(fake):
-    submit.main(["run"])
+    submit.main(["run", *DATA])
     assert fake.inits == [{"host": ENDPOINT}]
     assert fake.calls[1][2]["namespace"] is None
 
@@ -140,7 +142,7 @@ def test_in_cluster_the_service_account_token_file_is_used(fake, monkeypatch, tm
     token_file = tmp_path / "token"
     token_file.write_text("sa-token-from-file\n")
     monkeypatch.setattr(submit, "SA_TOKEN_PATH", token_file)
-    submit.main(["run", "--namespace", "team-a"])
+    submit.main(["run", *DATA, "--namespace", "team-a"])
     (init,) = fake.inits
     assert sorted(init) == ["credentials", "host", "namespace"]
     creds = init["credentials"]
@@ -152,11 +154,11 @@ def test_in_cluster_the_service_account_token_file_is_used(fake, monkeypatch, tm
     other = tmp_path / "projected"
     other.write_text("sa-token-from-env-path")
     monkeypatch.setenv(submit.SA_TOKEN_ENV, str(other))  # kfp's own override of the path
-    submit.main(["run"])
+    submit.main(["run", *DATA])
     fake.inits[1]["credentials"].refresh_api_key_hook(config)
     assert config.api_key == {"authorization": "sa-token-from-env-path"}
 
-    submit.main(["run", "--token", TOKEN])  # an explicit token wins over the file
+    submit.main(["run", *DATA, "--token", TOKEN])  # an explicit token wins over the file
     assert fake.inits[2] == {"host": ENDPOINT, "existing_token": TOKEN}
 
 
@@ -165,7 +167,7 @@ def test_service_account_token_location_is_kfps():
     assert str(submit.SA_TOKEN_PATH) == kfp.client.KF_PIPELINES_SA_TOKEN_PATH
 
 
-@pytest.mark.parametrize("cmd", [["run"], ["schedule"], ["upload"], ["upload", "--version", "v2"]])
+@pytest.mark.parametrize("cmd", [["run", *DATA], ["schedule", *DATA], ["upload"], ["upload", "--version", "v2"]])
 @pytest.mark.parametrize("reply, found", [
     (dict(API_2_17_3, tag_name="2.5.0"), "KFP backend 2.5.0 is too old"),
     (UI_2_5_0, "KFP backend 2.5.0 is too old"),                       # through the ml-pipeline-ui port-forward
@@ -189,7 +191,7 @@ def test_an_old_backend_is_refused_before_anything_is_created(fake, cmd, reply, 
 ])
 def test_a_recent_backend_passes(fake, reply):
     fake.healthz = json.dumps(reply).encode()
-    submit.main(["run"])
+    submit.main(["run", *DATA])
     assert fake.names() == ["healthz", "create_run_from_pipeline_package"]
     assert fake.calls[0][2] == {"_preload_content": False, "_request_timeout": submit.HEALTHZ_TIMEOUT_S}
 
@@ -209,7 +211,7 @@ class FakeApiException(Exception):
 def test_an_unreadable_version_warns_and_continues(fake, caplog, reply, reason):
     fake.healthz = reply
     with caplog.at_level("WARNING", logger="pipelines.submit"):
-        submit.main(["run"])
+        submit.main(["run", *DATA])
     assert fake.names() == ["healthz", "create_run_from_pipeline_package"]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith(f"could not read the KFP backend version ({reason}); continuing without the check")
@@ -219,7 +221,7 @@ def test_an_unreadable_version_warns_and_continues(fake, caplog, reply, reason):
 def test_skip_version_check_skips_the_request(fake, caplog):
     fake.healthz = json.dumps(UI_2_5_0).encode()
     with caplog.at_level("WARNING", logger="pipelines.submit"):
-        submit.main(["run", "--skip-version-check"])
+        submit.main(["run", *DATA, "--skip-version-check"])
     assert fake.names() == ["create_run_from_pipeline_package"]
     assert any("--skip-version-check" in r.getMessage() for r in caplog.records)
 
@@ -234,14 +236,16 @@ def test_parse_version():
 
 
 def test_schedule_does_not_catch_up_unless_asked(fake):
-    submit.main(["schedule", "--namespace", "team-a", "--param", "seed=1"])
-    submit.main(["schedule", "--namespace", "team-a", "--catchup", "--cron", "0 30 1 * * *"])
+    submit.main(["schedule", *DATA, "--namespace", "team-a", "--param", "seed=1"])
+    submit.main(["schedule", *DATA, "--namespace", "team-a", "--catchup", "--cron", "0 30 1 * * *"])
     assert fake.names() == ["healthz", "create_experiment", "create_recurring_run"] * 2
     assert fake.calls[1][1:] == (("spnas",), {"namespace": "team-a"})
     common = {"experiment_id": "exp-1", "job_name": "spnas-nightly", "pipeline_package_path": str(submit.PACKAGE),
               "max_concurrency": 1, "enable_caching": False}
-    assert fake.calls[2][2] == {**common, "cron_expression": "0 0 2 * * *", "params": {"seed": 1}, "no_catchup": True}
-    assert fake.calls[5][2] == {**common, "cron_expression": "0 30 1 * * *", "params": {}, "no_catchup": False}
+    data = {"data_uri": "minio://datasets/coco"}
+    assert fake.calls[2][2] == {**common, "cron_expression": "0 0 2 * * *", "params": {**data, "seed": 1},
+                                "no_catchup": True}
+    assert fake.calls[5][2] == {**common, "cron_expression": "0 30 1 * * *", "params": data, "no_catchup": False}
 
 
 def test_upload_goes_to_the_namespace(fake):
@@ -257,14 +261,14 @@ def test_upload_goes_to_the_namespace(fake):
 
 def test_the_token_never_reaches_the_output(fake, monkeypatch, capsys, caplog):
     caplog.set_level("DEBUG")
-    submit.main(["run", "--token", TOKEN])                              # success
+    submit.main(["run", *DATA, "--token", TOKEN])                              # success
     fake.healthz = FakeApiException("401 " + TOKEN)                     # a reply that would echo it
-    submit.main(["schedule", "--token", TOKEN])
+    submit.main(["schedule", *DATA, "--token", TOKEN])
     fake.healthz = json.dumps(UI_2_5_0).encode()
     with pytest.raises(SystemExit) as refused:
-        submit.main(["run", "--token", TOKEN])
+        submit.main(["run", *DATA, "--token", TOKEN])
     with pytest.raises(SystemExit) as misplaced:                        # the token given as a --param by mistake
-        submit.main(["run", "--token", TOKEN, "--param", TOKEN])
+        submit.main(["run", *DATA, "--token", TOKEN, "--param", TOKEN])
     assert str(misplaced.value) == "--param '***' must look like name=value"
     monkeypatch.setenv("KFP_TOKEN", TOKEN)
     with pytest.raises(SystemExit):
@@ -327,3 +331,16 @@ def test_boolean_double_list_and_struct_parameters(tmp_path):
     for bad, kind in [("flag=yes", "boolean"), ("xs={}", "list"), ("cfg=[1]", "struct"), ("cfg={", "struct")]:
         with pytest.raises(SystemExit, match=f"is not a {kind}"):
             submit.parse_params([bad], package)
+
+
+def test_a_run_or_schedule_without_the_data_set_is_refused_before_any_request(fake):
+    """data_uri has no default in the compiled pipeline: submit names it before it talks to the
+    server (which would refuse the run only after the fact); upload needs no parameters."""
+    assert submit.required_parameters() == ["data_uri"]
+    for cmd in ("run", "schedule"):
+        with pytest.raises(SystemExit, match=r"^pipeline parameter data_uri required: --param data_uri=\.\.\. "
+                                             r"\(the data set's s3:// or minio:// URI\)$"):
+            submit.main([cmd, "--param", "seed=1"])
+    assert fake.calls == [] and fake.inits == []
+    submit.main(["upload"])
+    assert fake.names() == ["healthz", "upload_pipeline"]
