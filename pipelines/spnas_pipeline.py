@@ -201,8 +201,9 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         n = step.search["max_sample"]
         k = step.search.get("candidates_per_round", 4)
 
-        def body(config, seeds, run_uri, overrides, dataset, accelerator_type, gpus_per_task, cpu_per_task,
-                 memory_per_task, node_selector, tolerations):
+        def search(config: str, seeds: list, run_uri: str, overrides: str, dataset: Input[Dataset],
+                   accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
+                   node_selector: dict, tolerations: list):
             ctx = phase_ctx(config, run_uri, overrides, dataset, accelerator_type, gpus_per_task, cpu_per_task,
                             memory_per_task, node_selector, tolerations)
             init = reads_data(light(c.search_init(config=config, step=step.name, seeds=seeds, run_uri=run_uri,
@@ -238,18 +239,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
             ctrl.set_display_name(f"{step.name}: equal-budget control")
             return SearchOutputs(front=front.outputs["Output"], control=ctrl.outputs["Output"])
 
-        if cfg.control:
-            def search(config: str, seeds: list, run_uri: str, overrides: str, dataset: Input[Dataset],
-                       accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
-                       node_selector: dict, tolerations: list) -> SearchOutputs:
-                return body(config, seeds, run_uri, overrides, dataset, accelerator_type, gpus_per_task,
-                            cpu_per_task, memory_per_task, node_selector, tolerations)
-        else:
-            def search(config: str, seeds: list, run_uri: str, overrides: str, dataset: Input[Dataset],
-                       accelerator_type: str, gpus_per_task: int, cpu_per_task: str, memory_per_task: str,
-                       node_selector: dict, tolerations: list) -> list:
-                return body(config, seeds, run_uri, overrides, dataset, accelerator_type, gpus_per_task,
-                            cpu_per_task, memory_per_task, node_selector, tolerations)
+        # the phase's outputs: the front, and the control when controls are on
+        search.__annotations__["return"] = SearchOutputs if cfg.control else list
         return dsl.pipeline(search, name=f"{step.name}-search", pipeline_config=pipeline_config,
                             description=f"SP-NAS {step.role} search ({step.name}): {math.ceil(n / k)} rounds of "
                                         f"{k} candidates")
@@ -273,8 +264,9 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         """The nested pipeline of the full train: its top-k models of the parallel front with the
         full schedule, the best of them and (controls on) the run's equal-budget control. Outputs
         ``best`` and ``controls``."""
-        def body(config, front, fine_tuned, run_uri, overrides, dataset, accelerator_type, full_train_gpus,
-                 full_train_cpu, full_train_memory, node_selector, tolerations):
+        def full_train(config: str, front: list, fine_tuned: list, run_uri: str, overrides: str,
+                       dataset: Input[Dataset], accelerator_type: str, full_train_gpus: int, full_train_cpu: str,
+                       full_train_memory: str, node_selector: dict, tolerations: list):
             ctx = phase_ctx(config, run_uri, overrides, dataset, accelerator_type, full_train_gpus, full_train_cpu,
                             full_train_memory, node_selector, tolerations)
             best = light(c.finish(records=fan_out(step, front, c.full_train, ctx, "full-train", "long"),
@@ -288,18 +280,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
             final.set_display_name("full train: equal-budget control")
             return FullTrainOutputs(best=best.output, controls=final.outputs["Output"])
 
-        if cfg.control:
-            def full_train(config: str, front: list, fine_tuned: list, run_uri: str, overrides: str,
-                           dataset: Input[Dataset], accelerator_type: str, full_train_gpus: int, full_train_cpu: str,
-                           full_train_memory: str, node_selector: dict, tolerations: list) -> FullTrainOutputs:
-                return body(config, front, fine_tuned, run_uri, overrides, dataset, accelerator_type, full_train_gpus,
-                            full_train_cpu, full_train_memory, node_selector, tolerations)
-        else:
-            def full_train(config: str, front: list, fine_tuned: list, run_uri: str, overrides: str,
-                           dataset: Input[Dataset], accelerator_type: str, full_train_gpus: int, full_train_cpu: str,
-                           full_train_memory: str, node_selector: dict, tolerations: list) -> dict:
-                return body(config, front, fine_tuned, run_uri, overrides, dataset, accelerator_type, full_train_gpus,
-                            full_train_cpu, full_train_memory, node_selector, tolerations)
+        # the phase's outputs: the best model, and the final control when controls are on
+        full_train.__annotations__["return"] = FullTrainOutputs if cfg.control else dict
         return dsl.pipeline(full_train, name="full-train", pipeline_config=pipeline_config,
                             description=f"SP-NAS full train ({step.name}): the parallel front's top {step.top_k}")
 

@@ -375,6 +375,9 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
         returned += [overrides, run_uri, seeds, state, proposal, items, results, front, chosen, trained, best,
                      serial_control, controls, weights]
     assert weights == f"{run_uri}/model_final.pth"  # a copy of the winner, the one weight file under the run
+    winner = json.loads(storage.local_path(f"{run_uri}/control.json").read_text())["winner"]
+    won = controls["control"]["weights"] if winner == "control" else best["weights"]
+    assert storage.local_path(weights).read_bytes() == Path(won).read_bytes()
     meta = data["dataset"].metadata
     assert meta["root"] == dataset_uri and meta["staged"].startswith(str(workspace / "spnas" / "cache"))
     assert meta["downloaded"] == meta["objects"] > 0

@@ -148,10 +148,10 @@ def load_step(config_text: str, step_name: str, overrides: Sequence[str] | str =
     raise ConfigError(f"config has no step {step_name!r}; steps: {[s.name for s in cfg.steps]}")
 
 
-def publish(local_file: str | Path, run_uri: str, step_name: str) -> str:
+def publish(local_file: str | Path, run_uri: str, step_name: str, name: str | None = None) -> str:
     """Copy or upload ``local_file`` to ``run_uri/<step>/<name>`` (``run_uri/<name>`` when
-    ``step_name`` is empty); return its URI or path."""
-    target = "/".join(p for p in (run_uri.rstrip("/"), step_name, Path(local_file).name) if p)
+    ``step_name`` is empty; ``name`` defaults to the file's own); return its URI or path."""
+    target = "/".join(p for p in (run_uri.rstrip("/"), step_name, name or Path(local_file).name) if p)
     if is_uri(run_uri):
         upload(local_file, target)
     else:
@@ -298,6 +298,11 @@ def compiled_contract(config_text: str) -> str:
     return json.dumps({"version": __version__, "shape": steps.pipeline_shape(load_run(config_text))}, sort_keys=True)
 
 
+def _run_source(cfg: RunConfig, data_uri: str) -> Any:
+    """The run's detection data set: the pipeline's ``data_uri``, else the fine_tune step's."""
+    return steps.detection_source(cfg, cfg.step("fine_tune") or cfg.steps[0], data_uri or None)
+
+
 def preflight(config_text: str, overrides: Sequence[str] | str, data_uri: str, run_uri: str, expected: str) -> dict:
     """Refuse a run that cannot succeed, before any pod trains: the image's package version is
     the compiled one, the run's config has the compiled DAG's shape, the detection data set has
@@ -320,8 +325,7 @@ def preflight(config_text: str, overrides: Sequence[str] | str, data_uri: str, r
     if any(p.startswith("config key") for p in problems):
         problems.append("the pipeline's rounds and tasks are fixed when it is compiled: recompile it from this "
                         "config (make compile CONFIG=...) instead of changing the config parameter")
-    ft = cfg.step("fine_tune") or cfg.steps[0]
-    source = steps.detection_source(cfg, ft, data_uri or None)
+    source = _run_source(cfg, data_uri)
     try:
         problems += [f"data set: {m}" for m in source.missing()]
     except SpnasError as exc:  # an unreachable store, bad credentials, a missing bucket
@@ -351,8 +355,7 @@ def stage_data(config_text: str, overrides: Sequence[str] | str, data_uri: str, 
     "manifest", "staged", "downloaded", "bytes_downloaded", "seconds"}``."""
     t0 = time.monotonic()
     cfg = load_run(config_text, overrides)
-    ft = cfg.step("fine_tune") or cfg.steps[0]
-    source = steps.detection_source(cfg, ft, data_uri or None)
+    source = _run_source(cfg, data_uri)
     stats, staged = FetchStats(), ""
     if workspace and is_uri(source.root):
         with data_cache(workspace) as cache:
@@ -501,12 +504,7 @@ FINAL_MODEL = "model_final.pth"
 def keep_final_model(weights: str, run_uri: str) -> str:
     """Copy the run's result (``weights``: a URI or path, often a KFP artifact) to
     ``<run>/model_final.pth`` and return that; "" without weights."""
-    if not weights:
-        return ""
-    with tempfile.TemporaryDirectory(prefix="spnas-final-") as tmp:
-        target = Path(tmp) / FINAL_MODEL
-        shutil.copyfile(local_path(weights), target)
-        return publish(target, run_uri, "")
+    return publish(local_path(weights), run_uri, "", FINAL_MODEL) if weights else ""
 
 
 def _phase_records(run_uri: str, phase_controls: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict]]:
@@ -557,8 +555,7 @@ def search_init(config_text: str, step_name: str, seeds: Sequence[Mapping[str, A
 
 
 def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                    model_path: str, time_limit: float | None = None, workspace: str = "",
-                    model_uri: str = "") -> dict[str, Any]:
+                    model_path: str, time_limit: float | None = None, model_uri: str = "") -> dict[str, Any]:
     """Train one candidate (a fan-out item) on one pod, in a child process
     (:func:`~.child.run_isolated`): a bad candidate, a crash of its training (a signal such as
     the OOM killer's SIGKILL, a non-zero exit) and a training over ``time_limit`` seconds all
@@ -567,11 +564,10 @@ def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], d
     candidate, _, _ = _item(item)
     cid = candidate.get("id")
     try:
-        with data_cache(workspace):
-            return struct(run_isolated("train_candidate_here", {
-                "config_text": config_text, "step_name": step_name, "item": plain(dict(item)),
-                "data_uri": data_uri, "model_path": model_path, "model_uri": model_uri}, what=f"candidate {cid}",
-                timeout=time_limit if time_limit and time_limit > 0 else None))
+        return struct(run_isolated("train_candidate_here", {
+            "config_text": config_text, "step_name": step_name, "item": plain(dict(item)),
+            "data_uri": data_uri, "model_path": model_path, "model_uri": model_uri}, what=f"candidate {cid}",
+            timeout=time_limit if time_limit and time_limit > 0 else None))
     except ChildFailed as exc:
         log.warning("%s", exc)
         return struct({"id": cid, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
@@ -771,7 +767,8 @@ def train_candidate_task(config_text: str, step_name: str, item: Mapping[str, An
     ``time_limit`` seconds), its artifacts described (data version and the pod's resources
     recorded with the model)."""
     root, version = dataset_of(dataset)
-    result = train_candidate(config_text, step_name, item, root, model.path, time_limit, workspace, model.uri)
+    with data_cache(workspace):  # the child process inherits the cache folder
+        result = train_candidate(config_text, step_name, item, root, model.path, time_limit, model.uri)
     fill_artifacts({**result, "desc": dict(item).get("desc", {})}, model, metrics, resources=dict(resources),
                    data_version=version)
     return result
