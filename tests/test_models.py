@@ -155,7 +155,7 @@ def test_normalize_desc_defaults_and_spellings():
     ({"min_sise": 300}, "unknown key\\(s\\) \\['min_sise'\\]"),
     ({"num_classes": 1}, "model desc num_classes: must be an integer >= 2, got 1"),
     ({"backbone": {"base_channels": "64"}}, "model desc backbone.base_channels: must be an integer >= 1, got '64'"),
-    ({"backbone": {"norm": "gn"}}, "backbone.norm: must be one of bn, frozen_bn, got 'gn'"),
+    ({"backbone": {"norm": "gn"}}, "backbone.norm: must be one of bn, frozen_bn, syncbn, got 'gn'"),
     ({"backbone": {"block": "resnext", "base_channels": 8}}, "multiple of 16 for resnext"),
     ({"rpn_head": None}, "'rpn_head' is derived from the architecture"),
     ({"backbone": {"code": "r_11-21_0-0", "block": "basic"}}, "contradicts the code"),

@@ -80,7 +80,7 @@ def _train_config(args: argparse.Namespace):
     from ..training.schedule import TrainConfig
     kw = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
               schedule=args.schedule, warmup_iters=args.warmup_iters, clip_grad_norm=args.clip_grad_norm,
-              lr_scaling=args.lr_scaling)
+              lr_scaling=args.lr_scaling, checkpoint_every=args.checkpoint_every)
     if args.iters is not None:
         kw["iters"] = args.iters
     else:
@@ -88,14 +88,36 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(**kw)
 
 
+def _relaunch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``spnas ... --nproc N``: the same command as N data-parallel ranks through
+    ``torch.distributed.run`` (``--nproc`` dropped); its exit status."""
+    from ..training.distributed import launch_argv
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    import subprocess
+    return subprocess.call(launch_argv(args.nproc, ["-m", "spnas", *rest]))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ..data.source import CocoSource
+    from ..training import distributed
     from ..training.architecture import train_architecture
+    distributed.check_nproc(args.nproc)
+    if args.nproc > 1 and not distributed.in_launch():
+        return _relaunch(args, args.argv)
     perf = train_architecture(_load_desc(args), CocoSource(args.data), args.out, _train_config(args), arch_id=args.id,
                               init=args.init, device=args.device, resume=not args.no_resume, progress=True,
                               min_size=args.min_size, max_size=args.max_size)
-    print(f"{args.out}: mAP {perf.get('mAP') or 0:.2f}  AP50 {perf.get('AP50') or 0:.2f}  "
-          f"params {perf['params']:,}  GFLOPs {perf['gflops']:.2f}  ({perf['train_seconds']:.0f} s)")
+    if distributed.env_context().is_main:
+        print(f"{args.out}: mAP {perf.get('mAP') or 0:.2f}  AP50 {perf.get('AP50') or 0:.2f}  "
+              f"params {perf['params']:,}  GFLOPs {perf['gflops']:.2f}  {perf['world_size']} process(es), "
+              f"global batch {perf['global_batch']}  ({perf['train_seconds']:.0f} s)")
     return 0
 
 
@@ -132,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..orchestration.local import run
     config = load_config(args.config, workdir=args.workdir, overrides=args.set or ())
     reports = run(config, workers=args.workers, progress=not args.quiet, publish=args.publish,
-                  resume=args.resume)
+                  resume=args.resume, nproc=args.nproc)
     best = reports.get("best")
     out = f"{config.workdir}/output"
     print(f"\nSP-NAS finished in {reports['seconds']:.0f} s. Results: {out}")
@@ -209,19 +231,26 @@ def build_parser() -> argparse.ArgumentParser:
     sched = p.add_mutually_exclusive_group()
     sched.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
     sched.add_argument("--iters", type=int, default=None, help="iterations instead of epochs")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per process (default 4)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine, one per GPU (default 1); launched through "
+                        "torch.distributed.run (`torchrun --nproc-per-node N -m spnas train ...` works too)")
     p.add_argument("--lr", type=float, default=0.02,
                    help="learning rate per 16 images with --lr-scaling linear, else as it is (default 0.02)")
     p.add_argument("--lr-scaling", choices=["linear", "none"], default="linear",
-                   help="linear: SGD runs at lr x batch size / 16 (torchvision's recipe; default); none: at lr")
+                   help="linear: SGD runs at lr x global batch (batch size x processes) / 16 (torchvision's recipe; "
+                        "default); none: at lr")
     p.add_argument("--schedule", choices=["step", "cosine"], default="step")
     p.add_argument("--warmup-iters", type=int, default=100)
     p.add_argument("--clip-grad-norm", type=float, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also write the resumable checkpoint every N iterations (default 0: at each epoch's end)")
     p.add_argument("--min-size", type=int, default=None, help="detector resize: shorter side")
     p.add_argument("--max-size", type=int, default=None, help="detector resize: longer side cap")
     p.add_argument("--init", default=None, help="weights to start from (.pth: spnas, torchvision detector or resnet)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader processes per training process (default: 0 on CPU, up to 4 on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--id", default="0", help="candidate id used in the output file names (default 0)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
@@ -272,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set serial.search_algorithm.max_sample=8")
     p.add_argument("--workers", type=int, default=None, help="candidates trained at once (default: config)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes (one per GPU) for each training of one model: fine_tune, full "
+                        "train, controls (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--publish", default=None, metavar="URI",
                    help="upload the output folder to an s3:// or minio:// prefix at the end")
@@ -288,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -133,7 +133,8 @@ def _dataset(sec: Any, path: str, ignored: list[str]) -> DatasetConfig:
     return DatasetConfig(kind=kind, data_root=root, batch_size=_int(batch, batch_path, 1),
                          img_prefix=_name_part(common.get("img_prefix", "2017"), f"{path}.common.img_prefix"),
                          ann_prefix=_name_part(common.get("ann_prefix", "instances"), f"{path}.common.ann_prefix"),
-                         num_workers=_int(common.get("num_workers", 0), f"{path}.common.num_workers", 0)
+                         num_workers=(None if common.get("num_workers") is None
+                                      else _int(common["num_workers"], f"{path}.common.num_workers", 0))
                          if kind == "coco" else 0)  # an Imagenet set's num_workers is Vega's (reignition reads in-process)
 
 
@@ -158,7 +159,7 @@ def _aliased(sec: dict, ours: str, path: str) -> tuple[str, Any] | None:
 
 
 def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str],
-             warnings: list[str] | None = None, workers: int = 0) -> tuple[TrainConfig, bool, dict[str, Any]]:
+             warnings: list[str] | None = None, workers: int | None = None) -> tuple[TrainConfig, bool, dict[str, Any]]:
     """-> (TrainConfig, is_reignition, the reignition keys as StepConfig fields). ``batch_size``
     and ``workers`` (data loader processes) come from the step's dataset."""
     warnings = [] if warnings is None else warnings

@@ -18,7 +18,7 @@ class DatasetConfig:
     batch_size: int = 4
     img_prefix: str = "2017"
     ann_prefix: str = "instances"
-    num_workers: int = 0
+    num_workers: int | None = None  # data-loader processes; None: 0 on CPU, a few per process on CUDA
 
     @property
     def source(self) -> CocoSource:

@@ -275,9 +275,31 @@ def load_split(data_root: str | os.PathLike, split: str, train: bool, seed: int 
 
 
 def make_loader(dataset: CocoDetection, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
-                workers: int = 0) -> DataLoader:
-    """A loader whose order depends only on ``(seed, epoch)``."""
-    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+                workers: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A loader whose order depends only on ``(seed, epoch)`` (and ``rank`` of ``world_size``).
+
+    With ``world_size > 1`` a ``DistributedSampler`` (seeded by ``seed``, its epoch set) gives
+    rank ``rank`` every ``world_size``-th image of the epoch's permutation (the permutation is
+    padded by repeating its start to a multiple of ``world_size``): together the ranks' batches
+    of one step hold ``world_size * batch_size`` distinct images whenever the data set is at
+    least that large."""
     dataset.set_epoch(epoch)
+    if world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                     seed=seed * 10_007, drop_last=False)
+        sampler.set_epoch(epoch)
+        # a generator of its own: the loader's worker seed is then not drawn from the global RNG
+        # (which a resumed training restores: drawing from it here would shift it)
+        g = torch.Generator().manual_seed((seed * 10_007 + epoch) * 1_009 + rank)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                          pin_memory=pin_memory, persistent_workers=False, generator=g)
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g if shuffle else None,
-                      num_workers=workers, collate_fn=collate, persistent_workers=False)
+                      num_workers=workers, collate_fn=collate, pin_memory=pin_memory, persistent_workers=False)
+
+
+def batches_per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch of ``n_images`` at ``batch_size`` per process over
+    ``world_size`` processes (each process gets ``ceil(n / world_size)`` images)."""
+    return math.ceil(math.ceil(n_images / world_size) / batch_size)

@@ -40,17 +40,19 @@ class FrozenStatsBatchNorm2d(FrozenBatchNorm2d):
 NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "bn": nn.BatchNorm2d,
     "frozen_bn": FrozenBatchNorm2d,
+    "syncbn": nn.BatchNorm2d,  # made SyncBatchNorm by a data-parallel training (spnas.training.distributed)
 }
 #: Norm layers whose weight may start at zero (last BN of a residual branch, connection BNs):
 #: under ``frozen_bn`` their statistics stay frozen but weight and bias still train.
 ZERO_INIT_NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "bn": nn.BatchNorm2d,
     "frozen_bn": FrozenStatsBatchNorm2d,
+    "syncbn": nn.BatchNorm2d,
 }
 
 
 def norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
-    """``"bn"`` -> ``BatchNorm2d``; ``"frozen_bn"`` -> torchvision's ``FrozenBatchNorm2d``."""
+    """``"bn"`` and ``"syncbn"`` -> ``BatchNorm2d``; ``"frozen_bn"`` -> torchvision's ``FrozenBatchNorm2d``."""
     return NORM_LAYERS[normalize_norm(norm)]
 
 

@@ -52,14 +52,19 @@ DETECTOR_KWARGS = frozenset({
 #: backbone: at 1024 the head of a 16-channel backbone holds ~90 % of the detector's parameters
 #: and a third of its training time, so the search's cost objectives would barely see the backbone.
 DEFAULT_REPRESENTATION_SIZE = 1024
-#: Normalisation layers of the backbone: ``bn`` (BatchNorm2d) or ``frozen_bn`` (FrozenBatchNorm2d).
-NORMS = ("bn", "frozen_bn")
+#: Normalisation layers of the backbone: ``bn`` (BatchNorm2d), ``frozen_bn`` (FrozenBatchNorm2d)
+#: or ``syncbn`` (BatchNorm2d whose statistics are synchronised across the processes of a
+#: data-parallel training on CUDA: ``SyncBatchNorm``, for small per-GPU batches; the same
+#: weights and state-dict names as ``bn``).
+NORMS = ("bn", "frozen_bn", "syncbn")
 _NORM_SPELLINGS = {"bn": "bn", "batchnorm": "bn", "batchnorm2d": "bn", "frozen_bn": "frozen_bn",
-                   "frozenbn": "frozen_bn", "frozen": "frozen_bn", "frozenbatchnorm2d": "frozen_bn"}
+                   "frozenbn": "frozen_bn", "frozen": "frozen_bn", "frozenbatchnorm2d": "frozen_bn",
+                   "syncbn": "syncbn", "sync_bn": "syncbn", "syncbatchnorm": "syncbn"}
 
 
 def normalize_norm(norm: Any) -> str:
-    """``"bn"`` or ``"frozen_bn"`` for any accepted spelling (``BatchNorm2d``, ``FrozenBatchNorm2d``...)."""
+    """``"bn"``, ``"frozen_bn"`` or ``"syncbn"`` for any accepted spelling (``BatchNorm2d``,
+    ``FrozenBatchNorm2d``, ``SyncBatchNorm``...)."""
     key = str(norm).strip().lower()
     if key not in _NORM_SPELLINGS:
         raise DescError(f"model desc backbone.norm: must be one of {', '.join(NORMS)}, got {brief(norm)}")

@@ -71,10 +71,12 @@ def _metrics(perf: Mapping[str, Any]) -> dict[str, Any]:
 def _record(arch_id: Any, perf: Mapping[str, Any], desc: Mapping[str, Any], weights: Path, parent: Any,
             **extra: Any) -> dict[str, Any]:
     """The record of a trained model: id, status, parent, description, metrics, cost, weights,
-    and what its training cost (``iters``, ``images``, ``seconds``; None when it did not train)."""
+    and what its training cost (``iters``, ``images``, ``seconds``, its processes
+    ``world_size`` and ``global_batch``; None when it did not train)."""
     return {"id": arch_id, "status": "ok", "parent": parent, "desc": dict(desc), "metrics": _metrics(perf),
             "params": perf["params"], "gflops": perf["gflops"], "weights": str(weights), "iters": perf.get("iters"),
-            "images": perf.get("images"), "seconds": perf.get("train_seconds"), **extra}
+            "images": perf.get("images"), "seconds": perf.get("train_seconds"),
+            "world_size": perf.get("world_size"), "global_batch": perf.get("global_batch"), **extra}
 
 
 def _cleanup(out: Path, arch_id: Any) -> None:
@@ -84,10 +86,10 @@ def _cleanup(out: Path, arch_id: Any) -> None:
 # ----------------------------------------------------------------------------- fine_tune
 
 def fine_tune(step: StepConfig, data: CocoSource, out_dir: str | Path, *, device: str | None = None,
-              progress: bool = False, resume: bool = False) -> dict[str, Any]:
+              progress: bool = False, resume: bool = False, nproc: int = 1) -> dict[str, Any]:
     """Build the seed (:func:`steps.seed_desc`), load (and convert) the step's torchvision
-    checkpoint when given, train for the step's epochs (0 = convert and evaluate only). Writes
-    candidate 0's files; returns ``{"desc", "model", "metrics", "record"}``."""
+    checkpoint when given, train for the step's epochs (0 = convert and evaluate only; ``nproc``
+    data-parallel processes). Writes candidate 0's files; returns ``{"desc", "model", "metrics", "record"}``."""
     out = Path(out_dir)
     done = _finished(out, 0, resume)
     if done is not None:
@@ -99,7 +101,7 @@ def fine_tune(step: StepConfig, data: CocoSource, out_dir: str | Path, *, device
         log.info("fine_tune: starting from %s%s", step.pretrained_model_file,
                  " (converted from torchvision)" if step.convert_pretrained else "")
     perf = train_architecture(steps.seed_desc(step), data, out, step.trainer, arch_id=0, init=init, device=device,
-                              progress=progress)
+                              progress=progress, nproc=nproc)
     _cleanup(out, 0)
     record = _record(0, perf, read_json(out / "desc_0.json"), out / "model_0.pth", None,
                      inherited=perf["init"]["loaded"], fresh=perf["init"]["fresh"], lineage_iters=0)
@@ -202,12 +204,14 @@ def search_init(step: StepConfig, seeds: Sequence[Mapping[str, Any]], out_dir: s
 
 
 def train_candidate(candidate: Candidate, step: StepConfig, data: CocoSource, out_dir: str | Path, *,
-                    device: str | None = None, progress: bool = False, resume: bool = False) -> Result:
+                    device: str | None = None, progress: bool = False, resume: bool = False,
+                    nproc: int = 1) -> Result:
     """Inherit the parent's weights, train with the step's trainer, evaluate. Never raises for a
     bad candidate: the failure comes back as ``{"status": "failed", "error": ...}`` so a round
     goes on. The result is also saved as ``result_<id>.json``; ``resume`` reuses it.
     ``freeze_swap_keys`` trains what the mutation touched (:func:`~spnas.models.inherit.swap_trainable`);
-    the result's ``trainable`` counts the parameter elements that trained."""
+    the result's ``trainable`` counts the parameter elements that trained. ``nproc``: processes
+    of a data-parallel training (one per GPU of a pod)."""
     cid = candidate["id"]
     out = Path(out_dir)
     done = _finished(out, cid, resume)
@@ -224,9 +228,9 @@ def train_candidate(candidate: Candidate, step: StepConfig, data: CocoSource, ou
         result["inherited"], result["fresh"] = len(report["inherited"]), len(report["fresh"])
         trainable = None
         if step.freeze_swap_keys:
-            trainable = swap_trainable(candidate["parent_desc"], candidate["desc"], report).__contains__
+            trainable = swap_trainable(candidate["parent_desc"], candidate["desc"], report)
         perf = train_architecture(candidate["desc"], data, out, cfg, arch_id=cid, init=state, device=device,
-                                  progress=progress, trainable=trainable)
+                                  progress=progress, trainable=trainable, nproc=nproc)
         atomic_write_json(out / f"inherit_{cid}.json", report)
         _cleanup(out, cid)
         result.update(status="ok", metrics=_metrics(perf), weights=str(out / f"model_{cid}.pth"), iters=perf["iters"],
@@ -313,13 +317,15 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
 
 
 def full_train(models: Sequence[Mapping[str, Any]], step: StepConfig, data: CocoSource, out_dir: str | Path, *,
-               device: str | None = None, progress: bool = False, resume: bool = False) -> list[dict[str, Any]]:
-    """Train each model with the step's (full) schedule from its own weights and evaluate."""
+               device: str | None = None, progress: bool = False, resume: bool = False,
+               nproc: int = 1) -> list[dict[str, Any]]:
+    """Train each model with the step's (full) schedule from its own weights (``nproc``
+    data-parallel processes) and evaluate."""
     out = Path(out_dir)
 
     def work(m: Mapping[str, Any]) -> dict[str, Any]:
         perf = train_architecture(m["desc"], data, out, step.trainer, arch_id=m["id"], init=local_path(m["weights"]),
-                                  device=device, progress=progress)
+                                  device=device, progress=progress, nproc=nproc)
         _cleanup(out, m["id"])
         return _record(m["id"], perf, read_json(out / f"desc_{m['id']}.json"), out / f"model_{m['id']}.pth", m["id"],
                        lineage_iters=(m.get("lineage_iters") or 0) + perf["iters"])
@@ -330,19 +336,21 @@ def full_train(models: Sequence[Mapping[str, Any]], step: StepConfig, data: Coco
 
 def control(name: str, desc: Mapping[str, Any], weights: str, trainers: Sequence[TrainConfig], data: CocoSource,
             out_dir: str | Path, *, base_lineage: int = 0, device: str | None = None, progress: bool = False,
-            resume: bool = False) -> dict[str, Any]:
+            resume: bool = False, nproc: int = 1) -> dict[str, Any]:
     """An equal-budget control: ``desc`` trained from ``weights`` with each schedule of
     ``trainers`` in turn (a chain, each from the previous one's weights), as the searched model's
     lineage was. Files go to ``out_dir`` as ``<name>_<g>`` (g = 0, 1, ...), each resumable; the
     record (id ``name``) has the final model's metrics and weights and the whole chain's
-    ``iters``/``images``/``seconds``; ``lineage_iters`` adds them to ``base_lineage``."""
+    ``iters``/``images``/``seconds``; ``lineage_iters`` adds them to ``base_lineage``. ``nproc``:
+    processes of each data-parallel training."""
     out = Path(out_dir)
     init, perfs, final_id = local_path(weights), [], None
     for g, cfg in enumerate(trainers):
         final_id = f"{name}_{g}"
         saved = _finished(out, final_id, resume)
         if saved is None:
-            perf = train_architecture(desc, data, out, cfg, arch_id=final_id, init=init, device=device, progress=progress)
+            perf = train_architecture(desc, data, out, cfg, arch_id=final_id, init=init, device=device, progress=progress,
+                                      nproc=nproc)
             _cleanup(out, final_id)
             saved = {k: perf.get(k) for k in (*RECORD_METRICS, "iters", "images", "train_seconds")}
             atomic_write_json(_result_file(out, final_id), saved)

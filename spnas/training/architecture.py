@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from ..models.checkpoint import load_weights, save_checkpoint
 from ..models.cost import count_params, forward_cost
 from ..models.desc import normalize_desc
 from ..models.detector import build_detector
-from ..utils.errors import SpnasError
+from ..utils.errors import ConfigError, SpnasError
 from ..utils.fileio import atomic_write_json
+from . import distributed
 from .device import device_of
 from .engine import train
 from .evaluation import evaluate
@@ -55,26 +57,49 @@ def model_cost(model: nn.Module, desc: Mapping[str, Any], device: str | None = N
 
 def train_architecture(desc: Mapping[str, Any] | None, data: CocoSource, out_dir: str | os.PathLike,
                        cfg: TrainConfig, *, arch_id: int | str = 0, init: str | os.PathLike | Mapping | None = None,
-                       trainable: Callable[[str], bool] | None = None, device: str | None = None,
-                       resume: bool = True, progress: bool = False, **desc_overrides: Any) -> dict[str, Any]:
+                       trainable: Callable[[str], bool] | Collection[str] | None = None, device: str | None = None,
+                       resume: bool = True, progress: bool = False, nproc: int = 1,
+                       **desc_overrides: Any) -> dict[str, Any]:
     """Train one architecture and write its files; returns the performance dict.
 
     Args:
         desc: the model description (its class count is replaced by the data set's).
         data: the detection data set (``train`` and ``val`` splits).
         out_dir: receives ``desc_<id>.json``, ``performance_<id>.json`` (the final evaluation's
-            metrics, cost, effective lr, timing, and the per-epoch validation history for
-            information) and ``model_<id>.pth`` (the final weights; no epoch is picked on the
-            validation set), all written atomically; training state lives in ``train_<id>/`` so
-            an interrupted run resumes.
-        cfg: the schedule.
+            metrics, cost, effective lr, ``world_size``, ``global_batch``, timing, and the
+            per-epoch validation history for information) and ``model_<id>.pth`` (the final
+            weights; no epoch is picked on the validation set), all written atomically (by rank
+            0 alone under DDP); training state lives in ``train_<id>/`` so an interrupted run
+            resumes.
+        cfg: the schedule (``batch_size`` per process).
         arch_id: the id in the file names.
         init: weights to start from: a file or a state dict (see ``load_weights``).
-        trainable: ``trainable(name)`` limits training to some parameters (``freeze_swap_keys``).
+        trainable: the names of the parameters that train, or ``trainable(name)`` (one process
+            only) (``freeze_swap_keys``); None: all.
         device, resume, progress: see :func:`~spnas.training.engine.train`.
+        nproc: processes of a data-parallel training on this machine (one per GPU); above 1 the
+            training is launched through ``torch.distributed.run`` (:mod:`.launch`). Inside a
+            launch (torchrun's environment) the training joins the launch's processes instead.
         desc_overrides: description keys to set (``min_size=...``); None values are ignored.
     """
-    out = Path(out_dir)
+    distributed.check_nproc(nproc, "nproc")
+    if nproc > 1 and not distributed.in_launch():
+        from .launch import train_launched
+        return train_launched(nproc, desc, data, out_dir, cfg, arch_id=arch_id, init=init, trainable=trainable,
+                              device=device, resume=resume, progress=progress, **desc_overrides)
+    if trainable is not None and not callable(trainable):
+        trainable = frozenset(trainable).__contains__
+    base = device_of(device)
+    with distributed.process_group(base) as ctx:
+        return _train_here(desc, data, Path(out_dir), cfg, ctx, base, arch_id=arch_id, init=init, trainable=trainable,
+                           device=device, resume=resume, progress=progress, **desc_overrides)
+
+
+def _train_here(desc: Mapping[str, Any] | None, data: CocoSource, out: Path, cfg: TrainConfig,
+                ctx: distributed.DistContext, base: torch.device, *, arch_id: int | str,
+                init: str | os.PathLike | Mapping | None, trainable: Callable[[str], bool] | None,
+                device: str | None, resume: bool, progress: bool, **desc_overrides: Any) -> dict[str, Any]:
+    """:func:`train_architecture` in this process (one rank of ``ctx``)."""
     train_set = data.load("train", train=True, seed=cfg.seed)
     val_set = data.load("val", train=False)
     d = dataset_desc(desc, train_set, **desc_overrides)
@@ -82,7 +107,13 @@ def train_architecture(desc: Mapping[str, Any] | None, data: CocoSource, out_dir
         torch.manual_seed(cfg.seed)
         model = build_detector(d)
     loaded = load_weights(model, d, init) if init is not None else {"loaded": 0, "fresh": len(model.state_dict())}
-    atomic_write_json(out / f"desc_{arch_id}.json", d)
+    if d["backbone"]["norm"] == "syncbn" and ctx.distributed:
+        if base.type != "cuda":
+            raise ConfigError("model desc backbone.norm 'syncbn' needs CUDA devices: SyncBatchNorm does not run on "
+                              "CPU (use norm 'bn' for a data-parallel training on CPU)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ctx.is_main:
+        atomic_write_json(out / f"desc_{arch_id}.json", d)
     result = train(model, train_set, val_set, cfg, out / f"train_{arch_id}", device=device, resume=resume,
                    progress=progress, trainable=trainable)
     # the final model and its final evaluation: picking the best epoch on val and reporting
@@ -92,13 +123,21 @@ def train_architecture(desc: Mapping[str, Any] | None, data: CocoSource, out_dir
         raise SpnasError(f"architecture {arch_id}: the training's last evaluation is at iteration "
                          f"{final.get('iteration')}, not at its end ({result['iters']})")
     metrics = {k: v for k, v in final.items() if k != "iteration"}
-    save_checkpoint(out / f"model_{arch_id}.pth", {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    perf = {**metrics, **model_cost(model, d, device), "iters": result["iters"], "images": result["images"],
-            "effective_lr": cfg.effective_lr, "train_seconds": round(result["seconds"], 2),
+    cost = None
+    if ctx.is_main:
+        save_checkpoint(out / f"model_{arch_id}.pth", {k: v.detach().cpu() for k, v in model.state_dict().items()})
+        cost = model_cost(model, d, device)
+    cost = distributed.broadcast(cost)
+    run_cfg = replace(cfg, world_size=result["world_size"])
+    perf = {**metrics, **cost, "iters": result["iters"], "images": result["images"],
+            "effective_lr": run_cfg.effective_lr, "world_size": result["world_size"],
+            "global_batch": result["global_batch"], "train_seconds": round(result["seconds"], 2),
             "images_per_second": round(result["images_this_call"] / result["seconds"], 2) if result["seconds"] > 0 else None,
             "init": loaded, "trainable": result["trainable"], "norm_eval": result["norm_eval"], "history": result["history"]}
-    atomic_write_json(out / f"performance_{arch_id}.json", perf)
-    log.info("architecture %s: mAP %.2f AP50 %.2f -> %s", arch_id, perf.get("mAP") or 0, perf.get("AP50") or 0, out)
+    if ctx.is_main:
+        atomic_write_json(out / f"performance_{arch_id}.json", perf)
+        log.info("architecture %s: mAP %.2f AP50 %.2f -> %s", arch_id, perf.get("mAP") or 0, perf.get("AP50") or 0, out)
+    distributed.barrier()  # every file is written before any rank returns
     return perf
 
 

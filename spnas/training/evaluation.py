@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.coco import CocoDetection, make_loader
+from ..data.coco import CocoDetection
 from .device import device_of
 
 METRIC_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
@@ -47,24 +47,54 @@ def to_coco_results(image_id: int, boxes, scores, labels, label_to_cat: dict[int
     return out
 
 
+def eval_batches(n_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """The image indices of the evaluation batches rank ``rank`` of ``world_size`` runs: the
+    single-process batches (consecutive images, ``batch_size`` each) dealt out round-robin, so
+    every image is evaluated exactly once, in the same batch as in a single process (a batch's
+    padding, and so its predictions, do not depend on the number of processes)."""
+    batches = [list(range(i, min(i + batch_size, n_images))) for i in range(0, n_images, batch_size)]
+    return batches[rank::world_size]
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset: CocoDetection, device: str | torch.device | None = None,
-            batch_size: int = 4, progress: bool = False) -> list[dict]:
-    """COCO-format detections of ``model`` on every image of ``dataset``."""
+            batch_size: int = 4, progress: bool = False, workers: int = 0,
+            pin_memory: bool = False) -> list[dict]:
+    """COCO-format detections of ``model`` on every image of ``dataset``, in image order.
+
+    Inside a process group (a data-parallel training) the batches are shared out among the
+    ranks (:func:`eval_batches`) and the detections gathered: every rank returns the same list,
+    equal to a single process's."""
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
-    dev = device_of(device)
+
+    from ..data.coco import collate
+    from . import distributed
+    ctx = distributed.current()
+    dev = distributed.rank_device(device_of(device), ctx)
     model.eval().to(dev)
-    loader = make_loader(dataset, batch_size, shuffle=False)
-    results: list[dict] = []
-    for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
+    dataset.set_epoch(0)
+    batches = eval_batches(len(dataset), batch_size, ctx.rank, ctx.world_size)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                        pin_memory=pin_memory)
+    per_batch: list[tuple[int, list[dict]]] = []
+    for idx, (images, targets) in zip(batches, tqdm(loader, desc="evaluate", unit="batch",
+                                                    disable=not progress or not ctx.is_main, leave=False),
+                                      strict=True):
         outs = model([im.to(dev, non_blocking=True) for im in images])
-        for out, tgt in zip(outs, targets, strict=False):
-            results.extend(to_coco_results(tgt["image_id"], out["boxes"].cpu(), out["scores"].cpu(),
-                                           out["labels"].cpu(), dataset.label_to_cat))
-    return results
+        found: list[dict] = []
+        for out, tgt in zip(outs, targets, strict=True):
+            found.extend(to_coco_results(tgt["image_id"], out["boxes"].cpu(), out["scores"].cpu(),
+                                         out["labels"].cpu(), dataset.label_to_cat))
+        per_batch.append((idx[0], found))
+    if ctx.distributed:
+        per_batch = [b for part in distributed.all_gather(per_batch) for b in part]
+        per_batch.sort(key=lambda b: b[0])
+    return [r for _, found in per_batch for r in found]
 
 
 def evaluate(model: nn.Module, dataset: CocoDetection, device: str | torch.device | None = None,
              batch_size: int = 4, progress: bool = False) -> dict[str, float | None]:
-    """COCO box metrics of ``model`` on ``dataset`` (see :func:`coco_metrics`)."""
+    """COCO box metrics of ``model`` on ``dataset`` (see :func:`coco_metrics`); inside a process
+    group, evaluated sharded (:func:`predict`), the same figures on every rank."""
     return coco_metrics(dataset.coco, predict(model, dataset, device, batch_size, progress))

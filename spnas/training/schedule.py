@@ -36,7 +36,15 @@ class TrainConfig:
       default the whole training). A milestone at or past the end is never reached.
 
     Epoch counts become iterations with the iterations per epoch of the training data, at train
-    time (:func:`lr_factor`). ``amp``/``channels_last`` apply on CUDA only.
+    time (:func:`lr_factor`). On CUDA only, each on by default and each can be turned off:
+    ``amp`` (bf16 where supported, else fp16 with a grad scaler), ``channels_last``,
+    ``cudnn_benchmark`` and ``pin_memory``; ``workers`` None picks the data-loader processes (0 on
+    CPU, up to 4 per process on CUDA).
+
+    Data-parallel training (:mod:`spnas.training.distributed`): ``batch_size`` is per process
+    (torchvision's convention) and :attr:`global_batch` = ``batch_size * world_size``; the linear
+    lr rule scales with the global batch. ``world_size`` is set by the engine from the launch,
+    not by a config.
     ``norm_eval`` (True, False or ``"auto"``: on when ``batch_size`` is below
     :data:`NORM_EVAL_BATCH` and the model's statistics are already estimated, see
     :func:`spnas.training.engine.statistics_estimated`) keeps every BatchNorm in eval mode during
@@ -65,11 +73,14 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     amp: bool = True
     channels_last: bool = True
+    cudnn_benchmark: bool = True
+    pin_memory: bool = True
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None
     eval_every: int = 1
     checkpoint_every: int = 0
     norm_eval: bool | str = "auto"
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         def where(key: str) -> str:
@@ -79,6 +90,11 @@ class TrainConfig:
         else:
             self.iters = checks.integer(self.iters, where("iters"), 0)
         self.batch_size = checks.integer(self.batch_size, where("batch_size"), 1)
+        self.world_size = checks.integer(self.world_size, where("world_size"), 1)
+        if self.workers is not None:
+            self.workers = checks.integer(self.workers, where("workers"), 0)
+        for key in ("amp", "channels_last", "cudnn_benchmark", "pin_memory"):
+            checks.boolean(getattr(self, key), where(key))
         self.lr = checks.number(self.lr, where("lr"), 0, open_lo=True)
         self.warmup_iters = checks.integer(self.warmup_iters, where("warmup_iters"), 0)
         if self.warmup_epochs is not None:
@@ -105,18 +121,29 @@ class TrainConfig:
             raise checks.fail(where("norm_eval"), "true, false or 'auto'", self.norm_eval)
 
     @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over every process: ``batch_size * world_size``."""
+        return self.batch_size * self.world_size
+
+    @property
     def effective_lr(self) -> float:
-        """The rate SGD runs at: ``lr * batch_size / lr_reference_batch`` with linear scaling,
-        else ``lr`` (the global batch is the batch size: one process trains)."""
+        """The rate SGD runs at: ``lr * global_batch / lr_reference_batch`` with linear
+        scaling, else ``lr``."""
         if self.lr_scaling == "linear":
-            return self.lr * self.batch_size / self.lr_reference_batch
+            return self.lr * self.global_batch / self.lr_reference_batch
         return self.lr
 
     @property
     def freeze_norm_stats(self) -> bool:
         """Whether BatchNorm statistics stay frozen in training when the model's statistics are
-        estimated (``norm_eval`` resolved by batch size; a fresh model's are never frozen by auto)."""
-        return self.batch_size < NORM_EVAL_BATCH if self.norm_eval == "auto" else bool(self.norm_eval)
+        estimated (``norm_eval`` resolved by the per-process batch size; a fresh model's are never
+        frozen by auto)."""
+        return self.freeze_norm_stats_at(self.batch_size)
+
+    def freeze_norm_stats_at(self, norm_batch: int) -> bool:
+        """:attr:`freeze_norm_stats` when BatchNorm sees ``norm_batch`` images per step (the
+        global batch under ``SyncBatchNorm``)."""
+        return norm_batch < NORM_EVAL_BATCH if self.norm_eval == "auto" else bool(self.norm_eval)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (tuples as lists); ``TrainConfig.from_dict(d)`` restores it."""
