@@ -93,6 +93,14 @@ def test_nproc_must_be_a_positive_integer():
                                                            "--nproc-per-node", "3", "-m"]
 
 
+def test_one_process_per_gpu_at_most(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    distributed.check_devices(2, torch.device("cuda"))
+    distributed.check_devices(8, torch.device("cpu"))  # CPU processes share the cores
+    with pytest.raises(ConfigError, match="--nproc 3: this machine has 2 GPU\\(s\\); one process per GPU at most"):
+        distributed.check_devices(3, torch.device("cuda"))
+
+
 def test_call_file_round_trip(tmp_path):
     cfg = TrainConfig(iters=3, batch_size=2, lr=0.01)
     path = launch.write_call(tmp_path / "call.json", desc=TINY, data=CocoSource("s3://b/d", "2014", "x"),
@@ -259,3 +267,40 @@ def test_spnas_train_nproc_2_killed_mid_epoch_resumes_to_the_uninterrupted_weigh
     a, b = (torch.load(tmp_path / d / "model_0.pth", weights_only=True) for d in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "cut" / "performance_0.json").read_text())["iters"] == 8
+
+
+@pytest.mark.slow
+def test_reignition_runs_data_parallel_and_rank0_writes(ddp_data, tmp_path):
+    from spnas.training.reignite import reignite
+    from spnas.training.schedule import ReignitionSettings
+    torch.manual_seed(0)
+    desc = normalize_desc({**TINY, "num_classes": 4})
+    model = build_detector(desc)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    settings = ReignitionSettings(epochs=1, batch_size=8, lr=0.05, recalibrate_images=8, head_iters=2,
+                                  detection_batch_size=2, probe_iters=5)
+    perf = reignite(desc, tmp_path / "w.pth", tmp_path / "out", settings, detection=CocoSource(str(ddp_data)),
+                    arch_id=3, device="cpu", nproc=2)
+    assert (perf["world_size"], perf["head_iters"], perf["recalibrated"]) == (2, 2, 8)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["desc_3.json", "model_3.pth", "performance_3.json"]
+    after = torch.load(tmp_path / "out" / "model_3.pth", weights_only=True)
+    before = model.state_dict()
+    body = [k for k in before if k.startswith("backbone.body.") and k.endswith("conv1.weight")]
+    assert body and all(not torch.equal(after[k], before[k]) for k in body)  # the classifier trained the backbone
+    assert json.loads((tmp_path / "out" / "performance_3.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_spnas_run_nproc_2_trains_one_model_phases_data_parallel(tiny_data, tmp_path):
+    from helpers import run_argv
+    assert cli([*run_argv(tiny_data, tmp_path / "w"), "--nproc", "2"]) == 0
+    reports = json.loads((tmp_path / "w" / "output" / "reports.json").read_text())
+    ft = reports["phases"]["fine_tune"]["records"][0]
+    assert (ft["world_size"], ft["global_batch"]) == (2, 8)
+    full = reports["phases"]["fully_train"]["records"]
+    assert full and all(r["world_size"] == 2 for r in full)
+    assert reports["phases"]["fully_train"]["control"]["world_size"] == 2
+    assert reports["phases"]["serial"]["control"]["world_size"] == 2
+    assert reports["phases"]["reignition"]["records"][0]["reignition"]["world_size"] == 2
+    perf = json.loads((tmp_path / "w" / "output" / "serial" / "performance_1.json").read_text())
+    assert perf["world_size"] == 1  # candidates train one process each (--workers)

@@ -80,7 +80,9 @@ def _train_config(args: argparse.Namespace):
     from ..training.schedule import TrainConfig
     kw = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
               schedule=args.schedule, warmup_iters=args.warmup_iters, clip_grad_norm=args.clip_grad_norm,
-              lr_scaling=args.lr_scaling, checkpoint_every=args.checkpoint_every)
+              lr_scaling=args.lr_scaling, checkpoint_every=args.checkpoint_every, amp=not args.no_amp,
+              channels_last=not args.no_channels_last, cudnn_benchmark=not args.no_cudnn_benchmark,
+              pin_memory=not args.no_pin_memory)
     if args.iters is not None:
         kw["iters"] = args.iters
     else:
@@ -110,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..training.architecture import train_architecture
     distributed.check_nproc(args.nproc)
     if args.nproc > 1 and not distributed.in_launch():
+        from ..training.device import device_of
+        distributed.check_devices(args.nproc, device_of(args.device))
         return _relaunch(args, args.argv)
     perf = train_architecture(_load_desc(args), CocoSource(args.data), args.out, _train_config(args), arch_id=args.id,
                               init=args.init, device=args.device, resume=not args.no_resume, progress=True,
@@ -143,7 +147,7 @@ def cmd_reignite(args: argparse.Namespace) -> int:
                                   detection_batch_size=args.detection_batch_size)
     detection = CocoSource(args.from_detection, args.img_prefix, args.ann_prefix) if args.from_detection else None
     perf = reignite(_load_desc(args), args.weights, args.out, settings, folder=args.data, detection=detection,
-                    arch_id=args.id, device=args.device, progress=True)
+                    arch_id=args.id, device=args.device, progress=True, nproc=args.nproc)
     print(f"{args.out}: reignited backbone, top-1 {perf['top1_train']:.1f}% (train) on {perf['source']}, "
           f"BN recalibrated on {perf['recalibrated']} detection image(s), {perf['head_iters']} head iteration(s)")
     return 0
@@ -243,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["step", "cosine"], default="step")
     p.add_argument("--warmup-iters", type=int, default=100)
     p.add_argument("--clip-grad-norm", type=float, default=None)
+    for flag, what in (("amp", "mixed precision (bf16 where supported, else fp16 with a grad scaler)"),
+                       ("channels-last", "the channels_last memory format"),
+                       ("cudnn-benchmark", "cudnn.benchmark (kernel autotuning for fixed sizes)"),
+                       ("pin-memory", "pinned host memory for the data loader")):
+        p.add_argument(f"--no-{flag}", action="store_true", help=f"turn off {what} (on by default on CUDA)")
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="also write the resumable checkpoint every N iterations (default 0: at each epoch's end)")
     p.add_argument("--min-size", type=int, default=None, help="detector resize: shorter side")
@@ -287,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detection images the BN statistics are recalibrated on; 0: off (default 64)")
     p.add_argument("--head-iters", type=int, default=0,
                    help="iterations of FPN + heads fine-tune with the backbone frozen (default 0)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine, one per GPU (default 1); --batch-size is per process")
     p.add_argument("--detection-batch-size", type=int, default=4,
                    help="batch of the recalibration and head fine-tune (default 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -303,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="candidates trained at once (default: config)")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes (one per GPU) for each training of one model: fine_tune, full "
-                        "train, controls (default 1)")
+                        "train, reignition, controls (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--publish", default=None, metavar="URI",
                    help="upload the output folder to an s3:// or minio:// prefix at the end")

@@ -104,7 +104,7 @@ _SEARCH_SPACE_KEYS = {"type", "hyperparameters"}
 _HYPERPARAMETER_KEYS = {"key", "type", "range"}
 _TRAINER_KEYS = {"type", "epochs", "iters", "with_train", "optimizer", "lr_scheduler", "callbacks", "clip_grad_norm",
                  "amp", "eval_every", "checkpoint_every", "image_size", "lr_scaling", "lr_reference_batch", "norm_eval",
-                 "recalibrate_images", "head_iters",
+                 "recalibrate_images", "head_iters", "channels_last", "cudnn_benchmark", "pin_memory",
                  *_VEGA_ALIASES}
 _OPTIMIZER_KEYS = {"type", "params"}
 _SGD_KEYS = {"lr", "momentum", "weight_decay"}

@@ -204,6 +204,9 @@ def _trainer(sec: Any, path: str, batch_size: int, seed: int, ignored: list[str]
     amp = _aliased(sec, "amp", path)
     if amp is not None:
         kw["amp"] = _bool(amp[1], amp[0])
+    for key in ("channels_last", "cudnn_benchmark", "pin_memory"):  # CUDA speed-ups, on by default
+        if key in sec:
+            kw[key] = _bool(sec[key], f"{path}.{key}")
     every = _aliased(sec, "eval_every", path)
     if every is not None:
         kw["eval_every"] = _int(every[1], every[0], 0)

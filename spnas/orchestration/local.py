@@ -2,7 +2,7 @@
 
 Rounds of a search train up to ``workers`` candidates at once: one process per candidate, one
 GPU each when GPUs exist, otherwise CPU threads shared out. The trainings of one model
-(fine_tune, the full train, the equal-budget controls) run data-parallel over ``nproc``
+(fine_tune, reignition, the full train, the equal-budget controls) run data-parallel over ``nproc``
 processes (one per GPU; :mod:`spnas.training.distributed`). The same phase functions and the same
 step-to-phase mapping (:mod:`.steps`) serve the Kubeflow pod functions (:mod:`.pods`).
 
@@ -64,14 +64,13 @@ class Runner:
 
     def __init__(self, config: RunConfig, workers: int | None = None, progress: bool = True,
                  publish: str | None = None, resume: bool = False, nproc: int = 1) -> None:
-        from ..training.distributed import check_nproc, in_launch
+        from ..training.distributed import check_devices, check_nproc, in_launch
         self.nproc = check_nproc(nproc)
         if in_launch():
             raise SpnasError("spnas run is not a rank of a torchrun launch: run it once, with --nproc N, and it "
                              "launches the data-parallel trainings itself")
-        if nproc > 1 and config.device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
-            raise ConfigError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s); one process "
-                              "per GPU at most")
+        from ..training.device import device_of
+        check_devices(nproc, device_of(config.device))
         config = _fetch_data(config)
         self.config = config
         self.publish = publish
@@ -151,12 +150,9 @@ class Runner:
         return self.reports
 
     # -- phases -----------------------------------------------------------------------
-    def _opts(self, one_model: bool = True) -> dict[str, Any]:
-        """The trainings' keywords; ``one_model``: a training of one model (data-parallel over ``nproc``)."""
-        opts: dict[str, Any] = {"device": self.config.device, "progress": self.progress, "resume": self.resume}
-        if one_model:
-            opts["nproc"] = self.nproc
-        return opts
+    def _opts(self) -> dict[str, Any]:
+        """The keywords of the trainings of one model (data-parallel over ``nproc``)."""
+        return {"device": self.config.device, "progress": self.progress, "resume": self.resume, "nproc": self.nproc}
 
     def _fine_tune(self, step: StepConfig, _prev: list[dict]) -> list[dict]:
         res = phases.fine_tune(step, steps.data_source(step), self.out / step.name, **self._opts())
@@ -239,7 +235,7 @@ class Runner:
             return front
         done = phases.reignition(chosen, step, self.out / step.name,
                                  detection=steps.detection_source(self.config, step), seed=self.config.seed,
-                                 **self._opts(one_model=False))
+                                 **self._opts())
         done = [{**r, "phase": step.name} for r in done]
         self.reports["phases"][step.name] = {"role": step.role, "records": done}
         for r in done:
@@ -281,7 +277,7 @@ class Runner:
         _say(f"{step.name}: the front's best mAP has not improved for {state['plateau']['stale_rounds']} round(s): "
              f"reignition {k + 1} of at most {state['settings']['max_reignitions']} ({[r['id'] for r in chosen]})")
         done = phases.reignition(chosen, rstep, out / f"reignition_{k}", detection=steps.detection_source(self.config, step),
-                                 seed=self.config.seed, **self._opts(one_model=False))
+                                 seed=self.config.seed, **self._opts())
         rounds.search_add_reignited(state_path, done)
 
     def _phase_control(self, step: StepConfig, recs: list[dict], data: Any, out: Path) -> dict | None:
@@ -343,5 +339,6 @@ def run(config: RunConfig, workers: int | None = None, progress: bool = True,
     ``publish``: an ``s3://``/``minio://`` prefix that receives the whole output folder.
     ``resume``: continue the interrupted run in the workdir (see the module docstring); without
     it a workdir that already holds a run is refused. ``nproc``: processes of each training of
-    one model (fine_tune, full train, controls), data-parallel; candidates train one per worker."""
+    one model (fine_tune, reignition, full train, controls), data-parallel; candidates train one
+    per worker."""
     return Runner(config, workers, progress, publish, resume, nproc).run()

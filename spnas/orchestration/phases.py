@@ -270,7 +270,7 @@ def _map(metrics: Mapping[str, Any]) -> float:
 
 def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: str | Path, *,
                detection: CocoSource, seed: int, device: str | None = None, progress: bool = False,
-               resume: bool = False) -> list[dict[str, Any]]:
+               resume: bool = False, nproc: int = 1) -> list[dict[str, Any]]:
     """Reignite each model and keep the better of before/after on validation mAP.
 
     ``models`` are records ``{"id", "desc", "weights"}``. For each, the detector is evaluated
@@ -281,7 +281,8 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
     one (after, unless its mAP is lower than before's; the re-trained weights are then kept as
     ``reignited_<id>.pth``). Returns records whose metrics and weights are the kept model's;
     ``record["reignition"]`` holds the classification figures, ``before``/``after`` metrics,
-    ``kept`` (``"after"``/``"before"``) and ``reason``."""
+    ``kept`` (``"after"``/``"before"``) and ``reason``. ``nproc``: processes of each
+    (data-parallel) reignition."""
     out = Path(out_dir)
     settings = steps.reignition_settings(step, seed)
     folder = steps.classification_folder(step)
@@ -290,7 +291,7 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
         arch_id, weights_in = m["id"], local_path(m["weights"])
         before = evaluate_architecture(m["desc"], weights_in, detection, device=device)
         perf = reignite(m["desc"], weights_in, out, settings, folder=local_path(folder) if folder else None,
-                        detection=detection, arch_id=arch_id, device=device, progress=progress)
+                        detection=detection, arch_id=arch_id, device=device, progress=progress, nproc=nproc)
         weights = out / f"model_{arch_id}.pth"
         after = evaluate_architecture(m["desc"], weights, detection, device=device)
         adapted = f"BN recalibrated on {perf['recalibrated']} image(s), {perf['head_iters']} head iteration(s)"
@@ -352,7 +353,8 @@ def control(name: str, desc: Mapping[str, Any], weights: str, trainers: Sequence
             perf = train_architecture(desc, data, out, cfg, arch_id=final_id, init=init, device=device, progress=progress,
                                       nproc=nproc)
             _cleanup(out, final_id)
-            saved = {k: perf.get(k) for k in (*RECORD_METRICS, "iters", "images", "train_seconds")}
+            saved = {k: perf.get(k) for k in (*RECORD_METRICS, "iters", "images", "train_seconds", "world_size",
+                                              "global_batch")}
             atomic_write_json(_result_file(out, final_id), saved)
         perfs.append(saved)
         init = out / f"model_{final_id}.pth"

@@ -176,6 +176,13 @@ def check_nproc(nproc: Any, where: str = "--nproc") -> int:
     return nproc
 
 
+def check_devices(nproc: int, device: torch.device) -> None:
+    """Refuse more processes than GPUs for a CUDA training (one process per GPU)."""
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s); one process per "
+                          "GPU at most")
+
+
 def launch_argv(nproc: int, module_args: Sequence[str]) -> list[str]:
     """The command that runs ``python <module_args>`` as ``nproc`` ranks on this machine
     through ``torch.distributed.run`` (torchrun's engine; a free port is chosen by

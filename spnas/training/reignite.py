@@ -32,6 +32,7 @@ from ..models.desc import normalize_desc
 from ..models.detector import build_classifier, build_detector
 from ..utils.errors import DataError, NonFiniteLossError, SpnasError
 from ..utils.fileio import atomic_write_json
+from . import distributed
 from .adapt import batch_norms, finetune_heads, recalibrate_bn, sample_indices
 from .device import device_of
 from .schedule import ReignitionSettings
@@ -82,7 +83,7 @@ def _fit_head(clf: torch.nn.Module, dataset: torch.utils.data.Dataset, indices: 
 def reignite(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping, out_dir: str | os.PathLike,
              settings: ReignitionSettings, *, folder: str | os.PathLike | None = None,
              detection: CocoSource | None = None, arch_id: int | str = 0, device: str | None = None,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, nproc: int = 1) -> dict[str, Any]:
     """Re-train the backbone of ``desc``/``weights`` as a classifier, put it back, adapt the
     detector to it, and write ``desc_<id>.json``, ``model_<id>.pth`` (the detector with the
     re-trained backbone) and ``performance_<id>.json`` into ``out_dir``. Returns the
@@ -93,13 +94,36 @@ def reignite(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping, out_
     The classification data is ``folder`` (a folder-per-class set) when given, else object crops
     of ``detection``; one of the two is needed. ``detection`` (with its own file prefixes) is
     also what the BN statistics are recalibrated on and the heads fine-tuned on (see
-    ``settings``); without it neither happens."""
-    from tqdm import tqdm
+    ``settings``); without it neither happens.
+
+    ``nproc`` > 1: data-parallel over ``nproc`` processes on this machine (launched through
+    ``torch.distributed.run``; inside a launch the processes of the launch): the classifier's
+    epochs are sharded (``settings.batch_size`` per process, the lr scaled by the number of
+    processes, linear rule) and the head fine-tune runs on the training engine's DDP; the
+    linear probe and the BN recalibration, cheap and deterministic, run whole on every rank.
+    Rank 0 alone writes; ``world_size`` is in the returned dict."""
+    distributed.check_nproc(nproc, "nproc")
     if folder is None and detection is None:
         raise SpnasError("reignition needs a classification folder or a detection data set to cut crops from")
-    epochs, batch_size, lr, seed = settings.epochs, settings.batch_size, settings.lr, settings.seed
+    if nproc > 1 and not distributed.in_launch():
+        from .launch import reignite_launched
+        return reignite_launched(nproc, desc, weights, out_dir, settings, folder=folder, detection=detection,
+                                 arch_id=arch_id, device=device, progress=progress)
+    base = device_of(device)
+    with distributed.process_group(base) as ctx:
+        return _reignite_here(desc, weights, Path(out_dir), settings, folder, detection, arch_id,
+                              distributed.rank_device(base, ctx), ctx, progress)
+
+
+def _reignite_here(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping, out: Path,
+                   settings: ReignitionSettings, folder: str | os.PathLike | None, detection: CocoSource | None,
+                   arch_id: int | str, dev: torch.device, ctx: distributed.DistContext,
+                   progress: bool) -> dict[str, Any]:
+    """:func:`reignite` in this process (one rank of ``ctx``)."""
+    from tqdm import tqdm
+    epochs, batch_size, seed = settings.epochs, settings.batch_size, settings.seed
+    lr = settings.lr * ctx.world_size  # linear scaling: settings.lr is the rate for batch_size images
     image_size = settings.image_size or (FOLDER_IMAGE_SIZE if folder is not None else CROP_IMAGE_SIZE)
-    dev = device_of(device)
     d = normalize_desc(desc)
     detector = build_detector(d)
     load_weights(detector, d, weights)
@@ -118,9 +142,15 @@ def reignite(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping, out_
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, n // 10) if n >= 10 else 0
     val_idx, train_idx = order[:n_val], order[n_val:]
-    g = torch.Generator().manual_seed(seed + 1)
-    train_loader = DataLoader(torch.utils.data.Subset(dataset, train_idx), batch_size=batch_size, shuffle=True,
-                              generator=g)
+    g = torch.Generator().manual_seed(seed + 1 + ctx.rank * 2 ** 32)  # order (one process) and flips: per rank
+    train_part = torch.utils.data.Subset(dataset, train_idx)
+    sampler = None
+    if ctx.distributed:
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(train_part, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed + 1)
+        train_loader = DataLoader(train_part, batch_size=batch_size, sampler=sampler, generator=g)
+    else:
+        train_loader = DataLoader(train_part, batch_size=batch_size, shuffle=True, generator=g)
     val_loader = DataLoader(torch.utils.data.Subset(dataset, val_idx), batch_size=batch_size)
 
     with torch.random.fork_rng(devices=[]):
@@ -133,8 +163,12 @@ def reignite(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping, out_
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     total = epochs * len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / max(total, 1))))
-    bar = tqdm(total=total, desc="reignite", unit="it", disable=not progress)
-    for _epoch in range(epochs):
+    net = torch.nn.parallel.DistributedDataParallel(
+        clf, device_ids=[dev.index] if dev.type == "cuda" else None) if ctx.distributed else clf
+    bar = tqdm(total=total, desc="reignite", unit="it", disable=not progress or not ctx.is_main)
+    for epoch in range(epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         clf.train()
         if settings.freeze_bn_stats:
             for bn in batch_norms(clf):
@@ -142,8 +176,9 @@ def reignite(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping, out_
         for x, y in train_loader:
             if torch.rand((), generator=g) < 0.5:
                 x = x.flip(-1)
-            loss = F.cross_entropy(clf(x.to(dev)), y.to(dev))
-            if not math.isfinite(loss.item()):
+            loss = F.cross_entropy(net(x.to(dev)), y.to(dev))
+            mean_loss = distributed.mean_across(loss.detach()).item()
+            if not math.isfinite(mean_loss):  # every rank stops at the same step
                 raise NonFiniteLossError(f"non-finite reignition loss at step {step}: {loss.item()}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -151,13 +186,14 @@ def reignite(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping, out_
             sched.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
     bar.close()
+    distributed.sync_buffers(clf)
     perf: dict[str, Any] = {
-        "top1_train": round(_accuracy(clf, train_loader, dev), 2),
+        "top1_train": round(_accuracy(clf, DataLoader(train_part, batch_size=batch_size), dev), 2),
         "top1_val": round(_accuracy(clf, val_loader, dev), 2) if n_val else None,
         "top1_probe": probe, "classes": len(classes), "images": n, "epochs": epochs, "image_size": image_size,
-        "source": source}
+        "source": source, "world_size": ctx.world_size}
     detector.backbone.body.load_state_dict(clf.body.cpu().state_dict(), strict=True)
     perf["recalibrated"], perf["head_iters"] = 0, 0
     if detection is not None:
@@ -172,10 +208,11 @@ def reignite(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping, out_
                     "recalibrated and the heads not fine-tuned", arch_id)
     perf["seconds"] = round(time.perf_counter() - t0, 2)
     detector.cpu()
-    out = Path(out_dir)
-    atomic_write_json(out / f"desc_{arch_id}.json", d)
-    save_checkpoint(out / f"model_{arch_id}.pth", detector.state_dict())
-    atomic_write_json(out / f"performance_{arch_id}.json", perf)
+    if ctx.is_main:
+        atomic_write_json(out / f"desc_{arch_id}.json", d)
+        save_checkpoint(out / f"model_{arch_id}.pth", detector.state_dict())
+        atomic_write_json(out / f"performance_{arch_id}.json", perf)
+    distributed.barrier()
     log.info("reignition of %s: top-1 %.1f%% (train) on %s, BN recalibrated on %d detection image(s), "
              "%d head iteration(s)", arch_id, perf["top1_train"], source, perf["recalibrated"], perf["head_iters"])
     return perf
