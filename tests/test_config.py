@@ -350,6 +350,7 @@ def test_every_accepted_key_of_ours_is_honoured():
     assert (t.warmup_epochs, t.warmup_factor, t.warmup_type) == (1, 0.01, "exp")  # by_epoch: true
     assert (t.schedule, t.milestones, t.decay_unit, t.gamma) == ("step", (20, 30), "iter", 0.5)  # by_epoch: false
     assert (t.clip_grad_norm, t.amp, t.eval_every, t.checkpoint_every) == (10.0, False, 2, 7)  # and Vega's spellings
+    assert (t.channels_last, t.cudnn_benchmark, t.pin_memory) == (False, False, False)
     assert ft.pretrained_model_file == "/cache/models/fasterrcnn_resnet50_fpn_coco.pth" and ft.convert_pretrained
     assert ft.codes == ("11-21-21-21",) and ft.model_desc["backbone"]["code"] == "11-21-21-21"
     assert serial.trainer.epochs == 2 and serial.freeze_swap_keys and serial.codes == ("11-21-21-21", "11-211-21-21")
