@@ -304,3 +304,35 @@ def test_spnas_run_nproc_2_trains_one_model_phases_data_parallel(tiny_data, tmp_
     assert reports["phases"]["reignition"]["records"][0]["reignition"]["world_size"] == 2
     perf = json.loads((tmp_path / "w" / "output" / "serial" / "performance_1.json").read_text())
     assert perf["world_size"] == 1  # candidates train one process each (--workers)
+
+
+def test_killing_the_launching_process_group_stops_the_ranks(tmp_path):
+    """A pod's training child is cut at its time limit by killing its process group: the ranks
+    of a launch inside it must die with it, not train on as orphans."""
+    import signal
+    import time
+    script = tmp_path / "rank.py"
+    script.write_text("import os, pathlib, sys, time, torch\n"
+                      "from spnas.training import distributed\n"
+                      "with distributed.process_group(torch.device('cpu')):\n"
+                      "    pathlib.Path(sys.argv[1], os.environ['RANK']).write_text(str(os.getpid()))\n"
+                      "    time.sleep(120)\n")
+    parent = ("import sys; from spnas.training import distributed; "
+              f"distributed.launch(2, [{str(script)!r}, {str(tmp_path)!r}])")
+    proc = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / r).is_file() for r in ("0", "1")):
+            assert time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.1)
+        pids = [int((tmp_path / r).read_text()) for r in ("0", "1")]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+                  for p in pids):
+            assert time.monotonic() < deadline, f"ranks {pids} outlived their launching process group"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -102,6 +102,24 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + rank * 2 ** 32
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent (torchrun's agent) dies (Linux;
+    elsewhere nothing). torchrun starts each rank in a session of its own, so killing the
+    launching process group (a pod's training child cut at its time limit) would otherwise leave
+    the ranks training on as orphans."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the rank merely outlives a killed agent
+        return
+    if os.getppid() == 1:  # the agent died before the call: follow it now
+        os._exit(1)
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[DistContext]:
     """Join the process group torchrun's environment describes for the block (NCCL when
@@ -113,6 +131,7 @@ def process_group(device: torch.device) -> Iterator[DistContext]:
         return
     if not dist.is_available():
         raise SpnasError("this torch build has no torch.distributed: data-parallel training is not possible")
+    die_with_parent()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
@@ -203,7 +222,9 @@ def launch(nproc: int, module_args: Sequence[str], *, watch: Path | None = None,
     argv = launch_argv(nproc, module_args)
     log.info("%s: launching %d processes: %s", what, nproc, " ".join(argv[1:]))
     seen = _stamp(watch)
-    proc = subprocess.Popen(argv, start_new_session=True)
+    # the launch stays in this process group: whoever stops this process's group (a pod's
+    # training child cut at its time limit, Ctrl-C) stops the ranks too
+    proc = subprocess.Popen(argv)
     try:
         while True:
             try:
@@ -217,7 +238,7 @@ def launch(nproc: int, module_args: Sequence[str], *, watch: Path | None = None,
             if rc is not None:
                 break
     except BaseException:
-        _kill_group(proc)
+        _stop(proc)
         raise
     if rc != 0:
         raise LaunchFailed(f"{what}: the distributed launch of {nproc} processes exited with status {rc} "
@@ -234,15 +255,13 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    import signal
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a launch: SIGTERM (torchrun's agent then stops its ranks), SIGKILL after 10 s."""
+    proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
         proc.wait()
 
 
