@@ -8,9 +8,12 @@ under kfp.local) that the library fetches and caches; the data set enters once, 
 artifact of ``stage_data`` (its root and version in the metadata, staged in the run's workspace
 when there is one), and every training task takes it with the workspace path. A candidate's
 failure (its training crashed, was killed or ran too long included) comes back as data, so one
-bad candidate cannot fail a ParallelFor. Importing this module imports no torch.
+bad candidate cannot fail a ParallelFor. A training pod given several GPUs trains data-parallel
+across them; with ``full_train_nodes > 1`` the full-train task runs its training as a Kubeflow
+Trainer TrainJob on that many nodes. Importing this module imports no torch.
 """
 from types import SimpleNamespace
+from typing import Optional
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
@@ -18,7 +21,8 @@ from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 DEFAULT_IMAGE = "ghcr.io/spnas-kfp/spnas:0.1.0"
 
 
-def prepare(config: str, seed: int, candidate_epochs: int, full_epochs: int) -> str:
+def prepare(config: str, seed: int, candidate_epochs: int, full_epochs: int, full_train_nodes: int = 1,
+            full_train_gpus_per_node: int = 0, shared_volume: bool = True) -> str:
     """Validate the run config with this run's parameters, before any pod trains.
 
     Args:
@@ -26,13 +30,19 @@ def prepare(config: str, seed: int, candidate_epochs: int, full_epochs: int) -> 
         seed: the run's seed (-1 keeps the config's).
         candidate_epochs: epochs of every search candidate (-1 keeps the config's).
         full_epochs: epochs of the full train (-1 keeps the config's).
+        full_train_nodes: nodes of the full train (more than 1: a Kubeflow Trainer TrainJob).
+        full_train_gpus_per_node: GPUs of each node of a multi-node full train (>= 1 when
+            full_train_nodes > 1).
+        shared_volume: whether the pipeline stages the data on a volume every pod mounts
+            (compiled in; a multi-node full train needs one).
 
     Returns the config overrides as a JSON list of ``key=value``.
     """
     import json
 
     from spnas.orchestration import pods
-    return json.dumps(pods.prepare(config, seed, candidate_epochs, full_epochs))
+    return json.dumps(pods.prepare(config, seed, candidate_epochs, full_epochs, full_train_nodes,
+                                   full_train_gpus_per_node, shared_volume))
 
 
 def preflight(config: str, overrides: str, data_uri: str, run_uri: str, expected: str) -> str:
@@ -87,8 +97,10 @@ def stage_data(config: str, overrides: str, data_uri: str, workspace: str, run_u
 
 
 def fine_tune(config: str, step: str, dataset: Input[Dataset], workspace: str, run_uri: str, overrides: str,
-              model: Output[Model], metrics: Output[Metrics]) -> list[dict]:
-    """The seed detector, converted from torchvision when configured, fine-tuned.
+              model: Output[Model], metrics: Output[Metrics], accelerator_type: str = "nvidia.com/gpu",
+              gpus_per_task: int = 0, cpu_per_task: str = "", memory_per_task: str = "") -> list[dict]:
+    """The seed detector, converted from torchvision when configured, fine-tuned
+    (data-parallel across the pod's GPUs when it has more than one).
 
     Args:
         config: the run config text.
@@ -97,11 +109,15 @@ def fine_tune(config: str, step: str, dataset: Input[Dataset], workspace: str, r
         workspace: the run's workspace path ("" without one).
         run_uri: this run's prefix.
         overrides: JSON list of config overrides (from prepare).
+        accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests,
+            recorded with the model (one training process per GPU).
 
     Returns ``[seed record]``: the serial search's seeds.
     """
     from spnas.orchestration import pods
-    return pods.fine_tune_task(config, step, dataset, workspace, run_uri, overrides, model, metrics)
+    return pods.fine_tune_task(config, step, dataset, workspace, run_uri, overrides, model, metrics,
+                               {"accelerator": accelerator_type, "gpus": gpus_per_task,
+                                "cpu": cpu_per_task, "memory": memory_per_task})
 
 
 def search_init(config: str, step: str, seeds: list[dict], run_uri: str, overrides: str, dataset: Input[Dataset],
@@ -167,7 +183,7 @@ def train_candidate(config: str, step: str, candidate: dict, dataset: Input[Data
         workspace: the run's workspace path ("" without one).
         time_limit: seconds the training may take (0: no limit) before it is a failed candidate.
         accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests,
-            recorded with the model.
+            recorded with the model (one training process per GPU).
     """
     from spnas.orchestration import pods
     return pods.train_candidate_task(config, step, candidate, dataset, workspace, model, metrics,
@@ -249,22 +265,36 @@ def collect(records: list[dict], run_uri: str, step: str) -> list[dict]:
 
 def full_train(config: str, step: str, item: dict, dataset: Input[Dataset], workspace: str, accelerator_type: str,
                gpus_per_task: int, cpu_per_task: str, memory_per_task: str, model: Output[Model],
-               metrics: Output[Metrics]) -> dict:
-    """Train one chosen model with the full schedule.
+               metrics: Output[Metrics], full_train_nodes: int = 1, full_train_gpus_per_node: int = 0,
+               trainjob: str = "{}",
+               node_selector: Optional[dict] = None,  # noqa: UP045 (kfp parses no `X | None` annotation)
+               tolerations: Optional[list] = None) -> dict:  # noqa: UP045
+    """Train one chosen model with the full schedule: in this pod (data-parallel across its GPUs
+    when it has more than one), or with full_train_nodes > 1 as a Kubeflow Trainer TrainJob on
+    that many nodes, created and watched by this pod, its result read back from the workspace.
 
     Args:
         config: the run config text.
         step: the full train step's name.
         item: one chosen model (from choose).
         dataset: the run's data set (from stage_data).
-        workspace: the run's workspace path ("" without one).
+        workspace: the run's workspace path ("" without one); a TrainJob's nodes mount it too.
         accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests,
-            recorded with the model.
+            recorded with the model; the cpu and memory of each TrainJob node.
+        full_train_nodes: nodes of the training (1: this pod trains).
+        full_train_gpus_per_node: GPUs of each TrainJob node, one process each.
+        trainjob: the TrainJob's compiled-in settings (JSON: image, shm_size, image_pull_secret,
+            time_limit).
+        node_selector, tolerations: where the TrainJob's nodes may run.
     """
+    import json
+
     from spnas.orchestration import pods
+    cluster = {**json.loads(trainjob or "{}"), "node_selector": node_selector or {}, "tolerations": tolerations or []}
     return pods.full_train_task(config, step, item, dataset, workspace, model, metrics,
                                 {"accelerator": accelerator_type, "gpus": gpus_per_task,
-                                 "cpu": cpu_per_task, "memory": memory_per_task})
+                                 "cpu": cpu_per_task, "memory": memory_per_task},
+                                full_train_nodes, full_train_gpus_per_node, cluster)
 
 
 def finish(records: list[dict], run_uri: str, step: str) -> dict:
@@ -316,7 +346,8 @@ def phase_control(config: str, step: str, state: str, dataset: Input[Dataset], w
         workspace: the run's workspace path ("" without one).
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.
-        accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests.
+        accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests
+            (one training process per GPU).
     """
     from spnas.orchestration import pods
     return pods.phase_control_task(config, step, state, dataset, workspace, run_uri, overrides, model, metrics,
@@ -340,7 +371,8 @@ def final_control(config: str, step: str, fine_tuned: list[dict], best: dict, da
         workspace: the run's workspace path ("" without one).
         run_uri: this run's prefix.
         overrides: JSON list of config overrides.
-        accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests.
+        accelerator_type, gpus_per_task, cpu_per_task, memory_per_task: the pod's own requests
+            (one training process per GPU).
 
     Returns ``{"searched": ..., "control": ...}``.
     """

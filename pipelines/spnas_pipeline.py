@@ -11,7 +11,10 @@ candidates_per_round), each a ``dsl.ParallelFor`` over the proposed candidates w
 full train fan out over the ``top_k`` models their step takes from the front (the same choice
 ``spnas run`` makes). The data set is staged once per run into the run's workspace (KFP >= 2.15;
 ``--data-volume pvc:NAME`` mounts an existing claim instead, ``none`` lets every pod cache its own
-copy) and enters every training task as the stage task's Dataset artifact. Wiring only.
+copy) and enters every training task as the stage task's Dataset artifact. A training pod with
+several GPUs trains data-parallel across them; ``full_train_nodes > 1`` makes each full-train task
+run its training as a Kubeflow Trainer TrainJob on that many nodes (``full_train_gpus_per_node``
+GPUs each). Wiring only.
 """
 
 import argparse
@@ -90,7 +93,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                    timeouts: "dict[str, int] | None" = None, shm_size: str = "2Gi",
                    image_pull_secret: "str | None" = None, require_digest: bool = False,
                    data_volume: str = "workspace", workspace_size: str = "100Gi",
-                   workspace_storage_class: "str | None" = None, retry_backoff: int = 60):
+                   workspace_storage_class: "str | None" = None, retry_backoff: int = 60,
+                   full_train_nodes: int = 1, full_train_gpus_per_node: int = 0):
     """Return the ``@dsl.pipeline`` function for ``config_path`` (read now, embedded as text),
     every component running on ``image``.
 
@@ -100,13 +104,23 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     ``/dev/shm`` of ``shm_size`` and take the run's node selector and tolerations. The data set
     is staged once into ``data_volume`` (:func:`data_volume_path`): a run workspace of
     ``workspace_size`` (ReadWriteMany, ``workspace_storage_class`` or the cluster's default), an
-    existing claim, or none."""
+    existing claim, or none. ``full_train_nodes`` and ``full_train_gpus_per_node`` are the
+    defaults of the pipeline parameters of those names, refused here when a run could not use
+    them (several nodes need GPUs and a shared data volume); every run's values are checked again
+    by its first task."""
     from kfp import dsl, kubernetes
     from kfp.dsl import Dataset, Input
 
     from components.spnas_components import build_components
     from spnas.config import load_config
     from spnas.orchestration.pods import compiled_contract
+    from spnas.orchestration.trainjob import check_shape
+    from spnas.utils.errors import ConfigError
+    try:
+        check_shape(full_train_nodes, full_train_gpus_per_node, data_volume != "none")
+    except ConfigError as exc:
+        raise SystemExit(f"--full-train-nodes {full_train_nodes} --full-train-gpus-per-node "
+                         f"{full_train_gpus_per_node}: {exc}") from None
     c = build_components(check_image(image, require_digest))
     limits = {**TIMEOUTS, **(timeouts or {})}
     workspace = data_volume_path(data_volume)
@@ -182,14 +196,15 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                 "res": {"cpu": cpu_per_task, "memory": memory_per_task, "accelerator": accelerator_type,
                         "gpus": gpus_per_task}}
 
-    def fan_out(step, front, component, ctx, loop_name, kind):
-        """The step's top-k models of ``front``, one ``component`` pod each (``parallelism`` at once)."""
+    def fan_out(step, front, component, ctx, loop_name, kind, extra=None):
+        """The step's top-k models of ``front``, one ``component`` pod each (``parallelism`` at once;
+        ``extra``: more inputs of ``component``)."""
         chosen = light(c.choose(config=ctx["config"], step=step.name, front=front, run_uri=ctx["run_uri"],
                                 overrides=ctx["overrides"]))
         chosen.set_display_name(f"{step.name}: choose models")
         with dsl.ParallelFor(chosen.output, parallelism=parallelism, name=loop_name) as item:
             task = heavy(component(config=ctx["config"], step=step.name, item=item, **ctx["data"],
-                                   **resource_inputs(ctx["res"])), ctx, ctx["res"], kind=kind)
+                                   **resource_inputs(ctx["res"]), **(extra or {})), ctx, ctx["res"], kind=kind)
             task.set_display_name(step.name)
         return dsl.Collected(task.outputs["Output"])
 
@@ -266,10 +281,14 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         ``best`` and ``controls``."""
         def full_train(config: str, front: list, fine_tuned: list, run_uri: str, overrides: str,
                        dataset: Input[Dataset], accelerator_type: str, full_train_gpus: int, full_train_cpu: str,
-                       full_train_memory: str, node_selector: dict, tolerations: list):
+                       full_train_memory: str, node_selector: dict, tolerations: list, full_train_nodes: int,
+                       full_train_gpus_per_node: int):
             ctx = phase_ctx(config, run_uri, overrides, dataset, accelerator_type, full_train_gpus, full_train_cpu,
                             full_train_memory, node_selector, tolerations)
-            best = light(c.finish(records=fan_out(step, front, c.full_train, ctx, "full-train", "long"),
+            # with full_train_nodes > 1 each full-train pod creates and watches a TrainJob instead
+            multi_node = {"full_train_nodes": full_train_nodes, "full_train_gpus_per_node": full_train_gpus_per_node,
+                          "trainjob": trainjob_settings, "node_selector": node_selector, "tolerations": tolerations}
+            best = light(c.finish(records=fan_out(step, front, c.full_train, ctx, "full-train", "long", multi_node),
                                   run_uri=run_uri, step=step.name))
             best.set_display_name("full train: best model")
             if not cfg.control:
@@ -286,6 +305,11 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                             description=f"SP-NAS full train ({step.name}): the parallel front's top {step.top_k}")
 
     contract = compiled_contract(Path(config_path).read_text())
+    # what a multi-node full train's TrainJob is made of besides the run's parameters: the image
+    # of every node, /dev/shm, the pull secret and its deadline (the full-train pod's time limit
+    # less a margin); the shared volume's claim is the one the full-train pod finds mounted
+    trainjob_settings = json.dumps({"image": image, "shm_size": shm_size, "image_pull_secret": image_pull_secret or "",
+                                    "time_limit": candidate_time_limit(limits["long"])}, sort_keys=True)
     pipeline_config = None
     if data_volume == "workspace":
         patch = {"accessModes": ["ReadWriteMany"]}  # candidate pods on several nodes read it at once
@@ -305,9 +329,12 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                        accelerator_type: str = "nvidia.com/gpu", gpus_per_task: int = 0,
                        cpu_per_task: str = "2", memory_per_task: str = "8G",
                        full_train_gpus: int = 0, full_train_cpu: str = "4", full_train_memory: str = "16G",
+                       full_train_nodes: int = full_train_nodes, full_train_gpus_per_node: int = full_train_gpus_per_node,
                        node_selector: dict = {}, tolerations: list = [],  # noqa: B006 (kfp pipeline defaults)
                        config: str = text):
-        prep = light(c.prepare(config=config, seed=seed, candidate_epochs=candidate_epochs, full_epochs=full_epochs))
+        prep = light(c.prepare(config=config, seed=seed, candidate_epochs=candidate_epochs, full_epochs=full_epochs,
+                               full_train_nodes=full_train_nodes, full_train_gpus_per_node=full_train_gpus_per_node,
+                               shared_volume=data_volume != "none"))
         prep.set_display_name("validate config")
         prefix = light(c.run_prefix(results_uri=results_uri, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
         prefix.set_display_name("run prefix")
@@ -333,7 +360,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                 "gpus": full_train_gpus}
         root = {"node_selector": node_selector, "tolerations": tolerations}
         ft = heavy(c.fine_tune(config=config, step=roles["fine_tune"].name, dataset=stage.output, workspace=workspace,
-                               run_uri=prefix.output, overrides=prep.output), root, full, kind="long")
+                               run_uri=prefix.output, overrides=prep.output, **resource_inputs(full)), root, full,
+                   kind="long")
         ft.set_display_name("fine_tune")
         serial = serial_search(seeds=ft.outputs["Output"], **run, **per_task)
         serial.set_display_name("serial search")
@@ -348,7 +376,8 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         parallel_front = parallel.outputs["front"] if cfg.control else parallel.output
         trained = full_train(front=parallel_front, fine_tuned=ft.outputs["Output"], **run,
                              accelerator_type=accelerator_type, full_train_gpus=full_train_gpus,
-                             full_train_cpu=full_train_cpu, full_train_memory=full_train_memory)
+                             full_train_cpu=full_train_cpu, full_train_memory=full_train_memory,
+                             full_train_nodes=full_train_nodes, full_train_gpus_per_node=full_train_gpus_per_node)
         trained.set_display_name("full train")
         best = trained.outputs["best"] if cfg.control else trained.output
         controls = trained.outputs["controls"] if cfg.control else {}
@@ -415,6 +444,11 @@ def main() -> None:
     ap.add_argument("--workspace-size", default="100Gi", help="size of the run's workspace (the data set and its cache)")
     ap.add_argument("--workspace-storage-class", default=None,
                     help="storage class of the workspace claim (ReadWriteMany; default: the cluster's)")
+    ap.add_argument("--full-train-nodes", type=int, default=1, metavar="N",
+                    help="default of the full_train_nodes parameter (more than 1: each full train runs as a Kubeflow "
+                         "Trainer TrainJob on N nodes; default 1)")
+    ap.add_argument("--full-train-gpus-per-node", type=int, default=0, metavar="G",
+                    help="default of the full_train_gpus_per_node parameter (GPUs of each TrainJob node; default 0)")
     ap.add_argument("--max-spec-bytes", type=int, default=MAX_SPEC_BYTES,
                     help=f"refuse a compiled pipeline larger than this (default {MAX_SPEC_BYTES})")
     for kind, seconds in TIMEOUTS.items():
@@ -429,7 +463,8 @@ def main() -> None:
                            shm_size=args.shm_size, image_pull_secret=args.image_pull_secret,
                            require_digest=args.require_digest, data_volume=args.data_volume,
                            workspace_size=args.workspace_size, workspace_storage_class=args.workspace_storage_class,
-                           retry_backoff=args.retry_backoff))
+                           retry_backoff=args.retry_backoff, full_train_nodes=args.full_train_nodes,
+                           full_train_gpus_per_node=args.full_train_gpus_per_node))
 
 
 if __name__ == "__main__":

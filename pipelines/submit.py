@@ -56,6 +56,25 @@ def required_parameters(package: Path = PACKAGE) -> list[str]:
                   if "defaultValue" not in v and not v.get("isOptional"))
 
 
+def check_full_train_shape(params: dict[str, Any], package: Path = PACKAGE) -> None:
+    """Refuse, before any request, a run whose full train cannot start: several nodes without
+    GPUs (:func:`spnas.orchestration.trainjob.check_shape`, on ``params`` over the compiled
+    defaults; the compiled data volume is checked at compile time and again by the run's first
+    task)."""
+    from spnas.orchestration.trainjob import check_shape
+    from spnas.utils.errors import ConfigError
+    spec = next(yaml.safe_load_all(package.read_text()))
+    defined = spec["root"]["inputDefinitions"]["parameters"]
+    if "full_train_nodes" not in defined:
+        return
+    value = {k: params.get(k, defined.get(k, {}).get("defaultValue")) for k in ("full_train_nodes",
+                                                                               "full_train_gpus_per_node")}
+    try:
+        check_shape(value["full_train_nodes"], value["full_train_gpus_per_node"] or 0)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def _typed(kind: str, value: str) -> Any:
     """``value`` as the Python type the API server expects for a parameter of KFP type ``kind``;
     ValueError when it is not one."""
@@ -289,6 +308,8 @@ def _submit(args: argparse.Namespace, auth: Auth) -> None:
         raise SystemExit(f"pipeline parameter{'s' if len(missing) > 1 else ''} {', '.join(missing)} required: "
                          + " ".join(f"--param {n}=..." for n in missing)
                          + (" (the data set's s3:// or minio:// URI)" if missing == ["data_uri"] else ""))
+    if args.cmd != "upload":
+        check_full_train_shape(params, args.package)
     cron = check_cron(args.cron) if args.cmd == "schedule" else None
     namespace = args.namespace or os.environ.get("KFP_NAMESPACE") or None
     c = client(namespace, auth)

@@ -18,6 +18,9 @@ def test_parameters_are_typed_by_the_compiled_pipeline():
     assert types["seed"] == "NUMBER_INTEGER" and types["data_uri"] == "STRING"
     got = submit.parse_params(["seed=7", "data_uri=minio://datasets/coco", "gpus_per_task=1", "memory_per_task=32G"])
     assert got == {"seed": 7, "data_uri": "minio://datasets/coco", "gpus_per_task": 1, "memory_per_task": "32G"}
+    # the full train's shape: nodes and GPUs per node are integers
+    assert submit.parse_params(["full_train_nodes=2", "full_train_gpus_per_node=8"]) == {
+        "full_train_nodes": 2, "full_train_gpus_per_node": 8}
 
 
 @pytest.mark.parametrize("items, message", [
@@ -344,3 +347,16 @@ def test_a_run_or_schedule_without_the_data_set_is_refused_before_any_request(fa
     assert fake.calls == [] and fake.inits == []
     submit.main(["upload"])
     assert fake.names() == ["healthz", "upload_pipeline"]
+
+
+def test_a_multi_node_full_train_without_gpus_is_refused_before_any_request(fake):
+    """full_train_nodes > 1 needs full_train_gpus_per_node >= 1 (the compiled default is 0):
+    submit says so before it talks to the server."""
+    for cmd in ("run", "schedule"):
+        with pytest.raises(SystemExit, match=r"full_train_nodes=2, full_train_gpus_per_node=0: a full train on "
+                                             r"several nodes runs one process per GPU"):
+            submit.main([cmd, "--param", "data_uri=s3://b/d", "--param", "full_train_nodes=2"])
+    assert fake.calls == [] and fake.inits == []
+    submit.main(["run", "--param", "data_uri=s3://b/d", "--param", "full_train_nodes=2",
+                 "--param", "full_train_gpus_per_node=4"])
+    assert "create_run_from_pipeline_package" in fake.names()

@@ -15,6 +15,11 @@ metadata. Weights are stored once, in the task's KFP Model artifact (:func:`_pub
 and the run's result is copied to ``<run>/model_final.pth``. A candidate trains in a child
 process (:mod:`.child`), so a crash or kill of its training is a failed record.
 
+A pod given several GPUs trains data-parallel across them (:func:`ddp_processes`: one process per
+GPU, launched by ``torch.distributed.run`` inside the pod); a full train on several nodes runs as
+a Kubeflow Trainer ``TrainJob`` created and watched by the full-train pod
+(:func:`full_train_trainjob`, :mod:`.trainjob`).
+
 Light functions (prepare, propose's bookkeeping, candidates, update, search_front, choose,
 collect, report) import no torch: the heavy ones import the phase functions when called.
 """
@@ -24,11 +29,14 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +63,7 @@ from ..storage import (
     upload,
 )
 from ..utils.errors import ConfigError, PhaseError, PreflightError, SpnasError
-from ..utils.fileio import atomic_write_bytes, atomic_write_json
+from ..utils.fileio import atomic_write, atomic_write_bytes, atomic_write_json, read_json
 from . import steps
 from .reports import control_summary, report_markdown, write_output_csv
 from .rounds import STATE_FILE
@@ -249,6 +257,14 @@ def artifact_holds_weights(model_uri: str) -> bool:
     return bool(model_uri) and (is_uri(model_uri) or "://" not in model_uri)
 
 
+def ddp_processes(gpus: Any) -> int:
+    """The processes a training of a pod with ``gpus`` GPUs runs: one per GPU, data-parallel,
+    when it has more than one; else one."""
+    from ..utils.checks import integer
+    n = integer(gpus, "the pod's GPU count (gpus_per_task / full_train_gpus)", minimum=0)
+    return n if n > 1 else 1
+
+
 def _publish_model(out: Path, arch_id: Any, run_uri: str, step: str, model_path: str | None = None,
                    model_uri: str = "") -> str:
     """Publish a model's files (desc, performance, inherit report) under ``run_uri/<step>/``; its
@@ -276,9 +292,14 @@ def _publish_model(out: Path, arch_id: Any, run_uri: str, step: str, model_path:
 
 # ----------------------------------------------------------------------------- light tasks
 
-def prepare(config_text: str, seed: int, candidate_epochs: int, full_epochs: int) -> list[str]:
+def prepare(config_text: str, seed: int, candidate_epochs: int, full_epochs: int, full_train_nodes: int = 1,
+            full_train_gpus_per_node: int = 0, shared_volume: bool = True) -> list[str]:
     """Turn the run's pipeline parameters into config overrides (``-1`` keeps the config's
-    value), validated here, once, before any pod trains anything."""
+    value), validated here, once, before any pod trains anything: also the full train's shape
+    (:func:`.trainjob.check_shape`: several nodes need GPUs and ``shared_volume``, a volume
+    every node mounts)."""
+    from .trainjob import check_shape
+    check_shape(full_train_nodes, full_train_gpus_per_node, shared_volume)
     raw = yaml.safe_load(config_text)
     cfg = load_config(raw, workdir=tempfile.gettempdir())
     overrides = [f"general.seed={int(seed)}"] if int(seed) >= 0 else []
@@ -524,12 +545,15 @@ def _phase_records(run_uri: str, phase_controls: Mapping[str, Mapping[str, Any]]
 # ----------------------------------------------------------------------------- heavy tasks
 
 def fine_tune(config_text: str, step_name: str, data_uri: str, run_uri: str, model_path: str,
-              overrides: Sequence[str] | str = (), model_uri: str = "") -> dict[str, Any]:
-    """fine_tune on one pod: returns the seed record (weights = its URI under ``run_uri``)."""
+              overrides: Sequence[str] | str = (), model_uri: str = "", gpus: int = 0) -> dict[str, Any]:
+    """fine_tune on one pod with ``gpus`` GPUs (data-parallel across them when more than one):
+    returns the seed record (weights = its URI under ``run_uri``)."""
     from . import phases
     cfg, step = load_step(config_text, step_name, overrides)
+    nproc = ddp_processes(gpus)
     with tempfile.TemporaryDirectory(prefix="spnas-ft-") as tmp, durable(Path(tmp), run_uri, step_name, "0") as again:
-        res = phases.fine_tune(step, steps.data_source(step, data_uri), tmp, device=cfg.device, resume=again)
+        res = phases.fine_tune(step, steps.data_source(step, data_uri), tmp, device=cfg.device, resume=again,
+                               nproc=nproc)
         weights = _publish_model(Path(tmp), 0, run_uri, step_name, model_path, model_uri)
         publish(Path(tmp) / "output.csv", run_uri, step_name)
     return struct({**res["record"], "weights": weights, "phase": step_name})
@@ -555,18 +579,21 @@ def search_init(config_text: str, step_name: str, seeds: Sequence[Mapping[str, A
 
 
 def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                    model_path: str, time_limit: float | None = None, model_uri: str = "") -> dict[str, Any]:
-    """Train one candidate (a fan-out item) on one pod, in a child process
-    (:func:`~.child.run_isolated`): a bad candidate, a crash of its training (a signal such as
-    the OOM killer's SIGKILL, a non-zero exit) and a training over ``time_limit`` seconds all
-    come back as a failed record naming the cause; nothing here raises for a candidate."""
+                    model_path: str, time_limit: float | None = None, model_uri: str = "",
+                    gpus: int = 0) -> dict[str, Any]:
+    """Train one candidate (a fan-out item) on one pod with ``gpus`` GPUs (data-parallel across
+    them when more than one), in a child process (:func:`~.child.run_isolated`): a bad
+    candidate, a crash of its training (a signal such as the OOM killer's SIGKILL, a non-zero
+    exit) and a training over ``time_limit`` seconds all come back as a failed record naming
+    the cause; nothing here raises for a candidate."""
     from .child import ChildFailed, run_isolated
     candidate, _, _ = _item(item)
     cid = candidate.get("id")
     try:
         return struct(run_isolated("train_candidate_here", {
             "config_text": config_text, "step_name": step_name, "item": plain(dict(item)),
-            "data_uri": data_uri, "model_path": model_path, "model_uri": model_uri}, what=f"candidate {cid}",
+            "data_uri": data_uri, "model_path": model_path, "model_uri": model_uri, "nproc": ddp_processes(gpus)},
+            what=f"candidate {cid}",
             timeout=time_limit if time_limit and time_limit > 0 else None))
     except ChildFailed as exc:
         log.warning("%s", exc)
@@ -574,9 +601,9 @@ def train_candidate(config_text: str, step_name: str, item: Mapping[str, Any], d
 
 
 def train_candidate_here(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                         model_path: str, model_uri: str = "") -> dict[str, Any]:
-    """:func:`train_candidate` in this process (what its child process runs). Never raises for
-    a bad candidate: failures are data."""
+                         model_path: str, model_uri: str = "", nproc: int = 1) -> dict[str, Any]:
+    """:func:`train_candidate` in this process (what its child process runs; ``nproc``
+    data-parallel processes). Never raises for a bad candidate: failures are data."""
     from ..utils.faults import failpoint
     candidate, run_uri, overrides = _item(item)
     failpoint("candidate_child", f"{step_name}/{candidate.get('id')}")
@@ -589,7 +616,8 @@ def train_candidate_here(config_text: str, step_name: str, item: Mapping[str, An
     with tempfile.TemporaryDirectory(prefix="spnas-cand-") as tmp:
         try:
             with durable(Path(tmp), run_uri, step_name, str(candidate.get("id"))) as again:
-                result = dict(phases.train_candidate(candidate, step, data, tmp, device=cfg.device, resume=again))
+                result = dict(phases.train_candidate(candidate, step, data, tmp, device=cfg.device, resume=again,
+                                                     nproc=nproc))
                 result.pop("traceback", None)
                 if result["status"] == "ok":
                     result["weights"] = _publish_model(Path(tmp), candidate["id"], run_uri, step_name, model_path,
@@ -600,28 +628,31 @@ def train_candidate_here(config_text: str, step_name: str, item: Mapping[str, An
 
 
 def reignite_one(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                 model_path: str, model_uri: str = "") -> dict[str, Any]:
-    """Reignite one chosen model (a fan-out item of :func:`choose`); returns its new record."""
+                 model_path: str, model_uri: str = "", gpus: int = 0) -> dict[str, Any]:
+    """Reignite one chosen model (a fan-out item of :func:`choose`) on one pod with ``gpus``
+    GPUs (data-parallel across them when more than one); returns its new record."""
     from . import phases
     model, run_uri, overrides = _item(item)
     cfg, step = load_step(config_text, step_name, overrides)
     with tempfile.TemporaryDirectory(prefix="spnas-re-") as tmp:
         rec = phases.reignition([model], step, tmp, detection=steps.detection_source(cfg, step, data_uri),
-                                seed=cfg.seed, device=cfg.device)[0]
+                                seed=cfg.seed, device=cfg.device, nproc=ddp_processes(gpus))[0]
         rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path, model_uri)
     return struct({**rec, "phase": step_name})
 
 
 def full_train_one(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str,
-                   model_path: str, model_uri: str = "") -> dict[str, Any]:
-    """Full-train one chosen model (a fan-out item of :func:`choose`); returns its record."""
+                   model_path: str, model_uri: str = "", gpus: int = 0) -> dict[str, Any]:
+    """Full-train one chosen model (a fan-out item of :func:`choose`) on this pod with ``gpus``
+    GPUs (data-parallel across them when more than one); returns its record."""
     from . import phases
     model, run_uri, overrides = _item(item)
     cfg, step = load_step(config_text, step_name, overrides)
+    nproc = ddp_processes(gpus)
     with tempfile.TemporaryDirectory(prefix="spnas-full-") as tmp, \
             durable(Path(tmp), run_uri, step_name, str(model.get("id"))) as again:
         rec = phases.full_train([model], step, steps.data_source(step, data_uri), tmp, device=cfg.device,
-                                resume=again)[0]
+                                resume=again, nproc=nproc)[0]
         rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path, model_uri)
     return struct({**rec, "phase": step_name})
 
@@ -629,10 +660,129 @@ def full_train_one(config_text: str, step_name: str, item: Mapping[str, Any], da
 
 
 
+#: Where the run's shared volume keeps each multi-node full train: ``<volume>/spnas/trainjobs/<step>/<id>/``
+#: holds ``call.json``, rank 0's ``result.json``, the initial weights ``init.pth`` and the training's
+#: files under ``out/`` (its checkpoints included: a TrainJob created again resumes from them).
+TRAINJOB_DIR = "spnas/trainjobs"
+#: How much longer than the TrainJob's own deadline (``spec.activeDeadlineSeconds``) its watcher
+#: waits before it gives up and deletes the job: the controller's ``DeadlineExceeded`` comes first.
+TRAINJOB_GRACE_S = 300
+
+
+def pod_namespace(namespace_file: str | Path | None = None) -> str:
+    """The namespace this pod runs in (its service account's namespace file,
+    :data:`NAMESPACE_FILE` unless given)."""
+    namespace_file = namespace_file or NAMESPACE_FILE
+    try:
+        namespace = Path(namespace_file).read_text(encoding="utf-8").strip()
+    except OSError:
+        namespace = ""
+    if not namespace:
+        raise PhaseError(f"this task runs in no Kubernetes namespace ({namespace_file} is missing): a TrainJob "
+                         "is created from a pod of the cluster")
+    return namespace
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While the block runs, SIGTERM (a pod being stopped) raises ``SystemExit`` instead of
+    ending the process at once, so the block can clean up (the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+    saved = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
+def full_train_trainjob(config_text: str, step_name: str, item: Mapping[str, Any], data_uri: str, workspace: str,
+                        model_path: str, model_uri: str = "", *, nodes: int, gpus_per_node: int,
+                        resources: Mapping[str, Any], cluster: Mapping[str, Any], api: Any = None,
+                        core_api: Any = None, namespace_file: str | Path | None = None, poll: float = 30.0,
+                        clock: Callable[[], float] = time.monotonic,
+                        sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full-train one chosen model (a fan-out item of :func:`choose`) on ``nodes`` nodes of
+    ``gpus_per_node`` GPUs each, as a Kubeflow Trainer ``TrainJob`` (:mod:`.trainjob`) created in
+    this pod's namespace and watched from here; the record is the one :func:`full_train_one`
+    returns for the same training, and the weights go to the Model artifact the same way.
+
+    ``workspace`` is the run's shared volume as mounted here (its claim is read from this pod's
+    own spec, through ``core_api``); every node mounts it at the same path and finds there the
+    call, the data (call this inside :func:`data_cache` of it, so a data set in an object store
+    is read from the run's staged copy) and the initial weights; rank 0 writes the result and
+    the training's files there (:data:`TRAINJOB_DIR`). A result already there (a retried task)
+    is read back without a new TrainJob. ``resources`` gives each node's ``accelerator``, ``cpu``
+    and ``memory``; ``cluster`` the pipeline's settings: ``image``, ``shm_size``,
+    ``image_pull_secret``, ``time_limit`` (seconds: the job's deadline), and the run's
+    ``node_selector`` and ``tolerations``. The job is named after the run's id (the last part
+    of the run's prefix), step and model. Returns ``(record, {"trainjob": "<namespace>/<name>",
+    "nodes", "gpus_per_node", "world_size"})``; raises :class:`~.trainjob.TrainJobError`
+    (``TrainJobFailed`` with the job's reason and message)."""
+    from ..training import launch
+    from . import phases
+    from . import trainjob as tj
+    model, run_uri, overrides = _item(item)
+    cfg, step = load_step(config_text, step_name, overrides)
+    nodes, gpus_per_node = tj.check_shape(nodes, gpus_per_node, bool(workspace))
+    mid = model.get("id")
+    shared = Path(workspace)
+    job_dir = shared / TRAINJOB_DIR / step_name / str(mid)
+    out, call, result = job_dir / "out", job_dir / "call.json", job_dir / "result.json"
+    run_id = run_uri.rstrip("/").rsplit("/", 1)[-1]
+    namespace = pod_namespace(namespace_file)
+    name = tj.job_name(run_id, step_name, mid)
+    if result.is_file():
+        log.info("TrainJob %s/%s: rank 0's result of an earlier attempt is there (%s); not training again",
+                 namespace, name, result)
+    else:
+        data = steps.data_source(step, data_uri).local()
+        if not Path(data.root).resolve().is_relative_to(shared.resolve()):
+            raise tj.TrainJobError(f"the data set {data.root} is not on the run's shared volume {shared}: the nodes of "
+                                   "a TrainJob read it there (give the data set as an s3:// or minio:// URI, staged "
+                                   "into the run's workspace, or as a path on the --data-volume claim)")
+        init = job_dir / "init.pth"
+        if not init.is_file():
+            with open(local_path(model["weights"]), "rb") as src:
+                atomic_write(init, lambda fh: shutil.copyfileobj(src, fh))
+        launch.write_call(call, desc=model["desc"], data=data, out_dir=out, cfg=step.trainer, arch_id=mid, init=init,
+                          device=cfg.device, resume=True)
+        time_limit = int(cluster.get("time_limit") or 0)
+        pod = tj.this_pod(core_api if core_api is not None else tj.core_v1_api(), namespace)
+        plan = tj.TrainJobPlan(
+            name=name, namespace=namespace, image=str(cluster["image"]), nodes=nodes, gpus_per_node=gpus_per_node,
+            claim=tj.claim_at(pod, str(shared)), mount_path=str(shared),
+            args=tuple(launch.rank_command(call, result)), accelerator=str(resources.get("accelerator") or ""),
+            cpu=str(resources.get("cpu") or ""), memory=str(resources.get("memory") or ""),
+            shm_size=str(cluster.get("shm_size") or "2Gi"),
+            labels=tj.run_labels(run_id, step_name, mid, tj.workflow_of(pod)),
+            node_selector={str(k): str(v) for k, v in (cluster.get("node_selector") or {}).items()},
+            tolerations=[plain(dict(t)) for t in cluster.get("tolerations") or []],
+            image_pull_secret=str(cluster.get("image_pull_secret") or ""), deadline_seconds=time_limit or None)
+        with _sigterm_stops():
+            tj.run(api if api is not None else tj.custom_objects_api(), plan,
+                   timeout=time_limit + TRAINJOB_GRACE_S if time_limit else math.inf, poll=poll, clock=clock,
+                   sleep=sleep)
+        if not result.is_file():
+            raise tj.TrainJobError(f"TrainJob {namespace}/{name} completed without rank 0's result {result}")
+    perf = read_json(result, "rank 0's result")
+    rec = phases._record(mid, perf, read_json(out / f"desc_{mid}.json"), out / f"model_{mid}.pth", mid,
+                         lineage_iters=(model.get("lineage_iters") or 0) + perf["iters"])
+    shutil.rmtree(out / f"train_{mid}", ignore_errors=True)  # the checkpoints: the training is over
+    rec["weights"] = _publish_model(out, mid, run_uri, step_name, model_path, model_uri)
+    return struct({**rec, "phase": step_name}), {"trainjob": f"{namespace}/{name}", "nodes": nodes,
+                                                 "gpus_per_node": gpus_per_node, "world_size": nodes * gpus_per_node}
+
+
 def fill_artifacts(record: Mapping[str, Any], model: Any = None, metrics: Any = None, **metadata: Any) -> None:
     """Describe a record on a component's KFP artifacts (duck-typed: no kfp here): the Model's
     metadata gets id, status, weights URI, description, error and ``metadata`` (the data
-    version, the pod's resources); every numeric metric is logged on the Metrics artifact. A
+    version, the pod's resources, the training's ``world_size``, a multi-node full train's
+    ``trainjob``); every numeric metric is logged on the Metrics artifact. A
     model that did not train (a failed candidate, a skipped control) is marked in the metadata
     (``status``) and its artifact is an empty folder, never a file posing as weights."""
     if model is not None:
@@ -691,10 +841,12 @@ def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[s
 
 
 def phase_control(config_text: str, step_name: str, state: str | Mapping[str, Any], data_uri: str, run_uri: str,
-                  model_path: str, overrides: Sequence[str] | str = (), model_uri: str = "") -> dict[str, Any]:
-    """A search phase's equal-budget control on one pod (see :func:`steps.phase_control_plan`):
-    its record, weights published under ``run_uri/<step>/``; ``{"status": "skipped"}`` when no
-    candidate of the phase succeeded."""
+                  model_path: str, overrides: Sequence[str] | str = (), model_uri: str = "",
+                  gpus: int = 0) -> dict[str, Any]:
+    """A search phase's equal-budget control on one pod with ``gpus`` GPUs (data-parallel across
+    them when more than one; see :func:`steps.phase_control_plan`): its record, weights
+    published under ``run_uri/<step>/``; ``{"status": "skipped"}`` when no candidate of the
+    phase succeeded."""
     from ..search import records
     from . import phases
     cfg, step = load_step(config_text, step_name, overrides)
@@ -706,7 +858,7 @@ def phase_control(config_text: str, step_name: str, state: str | Mapping[str, An
             durable(Path(tmp), run_uri, step_name, "control") as again:
         rec = phases.control("control", seed["desc"], seed["weights"], [step.trainer] * plan["generations"],
                              steps.data_source(step, data_uri), tmp, base_lineage=seed.get("lineage_iters") or 0,
-                             device=cfg.device, resume=again)
+                             device=cfg.device, resume=again, nproc=ddp_processes(gpus))
         rec.update(best=plan["best"]["id"], seed=seed["id"], planned_iters=plan["iters"])
         rec["weights"] = _publish_model(Path(tmp), f"control_{rec['generations'] - 1}", run_uri, step_name, model_path,
                                         model_uri)
@@ -715,10 +867,11 @@ def phase_control(config_text: str, step_name: str, state: str | Mapping[str, An
 
 def final_control(config_text: str, step_name: str, fine_tuned: Sequence[Mapping[str, Any]], best_: Mapping[str, Any],
                   data_uri: str, run_uri: str, model_path: str, overrides: Sequence[str] | str = (),
-                  model_uri: str = "") -> dict[str, Any]:
-    """The run's equal-budget control on one pod: the fine-tuned seed trained as long as the final
-    model's lineage (the full train's schedule stretched); both measured for latency and memory.
-    Returns ``{"searched": best record, "control": control record}``."""
+                  model_uri: str = "", gpus: int = 0) -> dict[str, Any]:
+    """The run's equal-budget control on one pod with ``gpus`` GPUs (data-parallel across them
+    when more than one): the fine-tuned seed trained as long as the final model's lineage (the
+    full train's schedule stretched); both measured for latency and memory. Returns
+    ``{"searched": best record, "control": control record}``."""
     from . import phases
     cfg, step = load_step(config_text, step_name, overrides)
     seed, best_ = plain(dict(fine_tuned[0])), plain(dict(best_))
@@ -726,7 +879,8 @@ def final_control(config_text: str, step_name: str, fine_tuned: Sequence[Mapping
             durable(Path(tmp), run_uri, step_name, "final_control") as again:
         rec = phases.control("control", steps.seed_architecture(seed), seed["weights"],
                              [steps.final_control_trainer(step, best_["lineage_iters"])],
-                             steps.data_source(step, data_uri), tmp, device=cfg.device, resume=again)
+                             steps.data_source(step, data_uri), tmp, device=cfg.device, resume=again,
+                             nproc=ddp_processes(gpus))
         rec["weights"] = _publish_model(Path(tmp), "control_0", run_uri, step_name, model_path, model_uri)
     size, batch = int(best_["desc"].get("max_size", 800)), step.trainer.batch_size
     searched, control = (phases.measure_costs(r, size, batch, cfg.device) for r in (best_, rec))
@@ -744,12 +898,16 @@ def stage_data_task(config_text: str, overrides: str, data_uri: str, workspace: 
 
 
 def fine_tune_task(config_text: str, step_name: str, dataset: Any, workspace: str, run_uri: str, overrides: str,
-                   model: Any, metrics: Any) -> list[dict]:
-    """The fine_tune component: :func:`fine_tune`, its artifacts described; returns ``[seed]``."""
+                   model: Any, metrics: Any, resources: Mapping[str, Any] | None = None) -> list[dict]:
+    """The fine_tune component: :func:`fine_tune` on the pod's GPUs (``resources["gpus"]``), its
+    artifacts described (the pod's resources and the training's world size with the model);
+    returns ``[seed]``."""
     root, version = dataset_of(dataset)
+    res = dict(resources or {})
     with data_cache(workspace):
-        rec = fine_tune(config_text, step_name, root, run_uri, model.path, overrides, model.uri)
-    fill_artifacts(rec, model, metrics, data_version=version)
+        rec = fine_tune(config_text, step_name, root, run_uri, model.path, overrides, model.uri, gpus=res.get("gpus", 0))
+    pod = {"resources": res} if res else {}
+    fill_artifacts(rec, model, metrics, **pod, world_size=ddp_processes(res.get("gpus", 0)), data_version=version)
     return [rec]
 
 
@@ -764,23 +922,26 @@ def search_init_task(config_text: str, step_name: str, seeds: Sequence[Mapping[s
 def train_candidate_task(config_text: str, step_name: str, item: Mapping[str, Any], dataset: Any, workspace: str,
                          model: Any, metrics: Any, resources: Mapping[str, Any], time_limit: float | None = None) -> dict:
     """The train-candidate component: :func:`train_candidate` (in a child process, at most
-    ``time_limit`` seconds), its artifacts described (data version and the pod's resources
-    recorded with the model)."""
+    ``time_limit`` seconds, on the pod's GPUs), its artifacts described (data version, the pod's
+    resources and the training's world size recorded with the model)."""
     root, version = dataset_of(dataset)
+    gpus = resources.get("gpus", 0)
     with data_cache(workspace):  # the child process inherits the cache folder
-        result = train_candidate(config_text, step_name, item, root, model.path, time_limit, model.uri)
+        result = train_candidate(config_text, step_name, item, root, model.path, time_limit, model.uri, gpus=gpus)
     fill_artifacts({**result, "desc": dict(item).get("desc", {})}, model, metrics, resources=dict(resources),
-                   data_version=version)
+                   world_size=ddp_processes(gpus), data_version=version)
     return result
 
 
 def reignite_task(config_text: str, step_name: str, item: Mapping[str, Any], dataset: Any, workspace: str, model: Any,
                   resources: Mapping[str, Any]) -> dict:
-    """The reignite component: :func:`reignite_one`, its Model described."""
+    """The reignite component: :func:`reignite_one` (data-parallel across the pod's GPUs when
+    it has several), its Model described."""
     root, version = dataset_of(dataset)
+    gpus = dict(resources).get("gpus", 0)
     with data_cache(workspace):
-        rec = reignite_one(config_text, step_name, item, root, model.path, model.uri)
-    fill_artifacts(rec, model, resources=dict(resources), data_version=version)
+        rec = reignite_one(config_text, step_name, item, root, model.path, model.uri, gpus=gpus)
+    fill_artifacts(rec, model, resources=dict(resources), world_size=ddp_processes(gpus), data_version=version)
     return rec
 
 
@@ -798,35 +959,52 @@ def reignite_if_plateau_task(config_text: str, step_name: str, state: str, datas
 
 
 def full_train_task(config_text: str, step_name: str, item: Mapping[str, Any], dataset: Any, workspace: str, model: Any,
-                    metrics: Any, resources: Mapping[str, Any]) -> dict:
-    """The full-train component: :func:`full_train_one`, its artifacts described."""
+                    metrics: Any, resources: Mapping[str, Any], nodes: int = 1, gpus_per_node: int = 0,
+                    cluster: Mapping[str, Any] | None = None) -> dict:
+    """The full-train component: with ``nodes`` 1, :func:`full_train_one` on the pod's GPUs;
+    with more, :func:`full_train_trainjob` (``gpus_per_node`` GPUs and the pod's ``cpu`` and
+    ``memory`` per node; ``cluster``: its settings). Its artifacts are described alike (the
+    pod's resources, the training's world size, and ``trainjob`` when one ran)."""
     root, version = dataset_of(dataset)
+    res = dict(resources)
     with data_cache(workspace):
-        rec = full_train_one(config_text, step_name, item, root, model.path, model.uri)
-    fill_artifacts(rec, model, metrics, resources=dict(resources), data_version=version)
+        if int(nodes) > 1:
+            rec, job = full_train_trainjob(config_text, step_name, item, root, workspace, model.path, model.uri,
+                                           nodes=nodes, gpus_per_node=gpus_per_node, resources=res,
+                                           cluster=cluster or {})
+            extra = {"world_size": job.pop("world_size"), "trainjob": job}
+        else:
+            rec = full_train_one(config_text, step_name, item, root, model.path, model.uri, gpus=res.get("gpus", 0))
+            extra = {"world_size": ddp_processes(res.get("gpus", 0))}
+    fill_artifacts(rec, model, metrics, resources=res, **extra, data_version=version)
     return rec
 
 
 def phase_control_task(config_text: str, step_name: str, state: str, dataset: Any, workspace: str, run_uri: str,
                        overrides: str, model: Any, metrics: Any, resources: Mapping[str, Any]) -> dict:
-    """The phase-control component: :func:`phase_control`, its artifacts described (``status``
-    ``skipped`` and an empty Model folder when no candidate of the phase succeeded)."""
+    """The phase-control component: :func:`phase_control` on the pod's GPUs, its artifacts
+    described (``status`` ``skipped`` and an empty Model folder when no candidate of the phase
+    succeeded)."""
     root, version = dataset_of(dataset)
+    gpus = resources.get("gpus", 0)
     with data_cache(workspace):
-        rec = phase_control(config_text, step_name, state, root, run_uri, model.path, overrides, model.uri)
-    fill_artifacts(rec, model, metrics, resources=dict(resources), data_version=version)
+        rec = phase_control(config_text, step_name, state, root, run_uri, model.path, overrides, model.uri, gpus=gpus)
+    fill_artifacts(rec, model, metrics, resources=dict(resources), world_size=ddp_processes(gpus), data_version=version)
     return rec
 
 
 def final_control_task(config_text: str, step_name: str, fine_tuned: Sequence[Mapping[str, Any]], best_: Mapping[str, Any],
                        dataset: Any, workspace: str, run_uri: str, overrides: str, model: Any, metrics: Any,
                        resources: Mapping[str, Any]) -> dict:
-    """The final-control component: :func:`final_control`, its artifacts described."""
+    """The final-control component: :func:`final_control` on the pod's GPUs, its artifacts
+    described."""
     root, version = dataset_of(dataset)
+    gpus = resources.get("gpus", 0)
     with data_cache(workspace):
         out = final_control(config_text, step_name, fine_tuned, best_, root, run_uri, model.path, overrides,
-                            model.uri)
-    fill_artifacts(out["control"], model, metrics, resources=dict(resources), data_version=version)
+                            model.uri, gpus=gpus)
+    fill_artifacts(out["control"], model, metrics, resources=dict(resources), world_size=ddp_processes(gpus),
+                   data_version=version)
     return out
 
 
@@ -836,4 +1014,5 @@ __all__ = ["plain", "struct", "load_step", "publish", "prepare", "run_prefix", "
            "final_control", "reignite_if_plateau", "phase_control_task", "final_control_task",
            "train_candidate_task", "reignite_task", "full_train_task", "train_candidate_here", "stage_data",
            "stage_data_task", "search_init_task", "reignite_if_plateau_task", "data_cache", "dataset_of",
-           "WORKSPACE_CACHE", "keep_final_model", "FINAL_MODEL", "artifact_holds_weights"]
+           "WORKSPACE_CACHE", "keep_final_model", "FINAL_MODEL", "artifact_holds_weights", "ddp_processes",
+           "full_train_trainjob", "pod_namespace", "TRAINJOB_DIR"]
