@@ -46,8 +46,9 @@ def test_wheel_builds(tmp_path):
     assert len(wheels) == 1
     names = set(zipfile.ZipFile(wheels[0]).namelist())
     packages = sorted(p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "spnas").rglob("__init__.py"))
-    assert packages == ["spnas", *(f"spnas/{n}" for n in ("cli", "config", "data", "devtools", "models",
-                                                          "orchestration", "search", "storage", "training", "utils"))]
+    assert packages == ["spnas", *(f"spnas/{n}" for n in ("cli", "config", "data", "devtools", "export",
+                                                          "models", "orchestration", "search", "storage", "training",
+                                                          "utils"))]
     for pkg in packages:
         for module in (ROOT / pkg).glob("*.py"):
             assert module.relative_to(ROOT).as_posix() in names, module

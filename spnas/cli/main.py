@@ -193,6 +193,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..data.source import CocoSource
+    from ..export.bundle import export_model, lineage
+    from ..utils.fileio import read_json
+    control, lin = None, None
+    if args.run:
+        from pathlib import Path
+        reports = read_json(Path(args.run) / "reports.json", "run reports")
+        best = reports.get("best")
+        if not best:
+            raise SpnasError(f"{args.run}/reports.json names no result model (an unfinished run?)")
+        desc, weights = best["desc"], args.weights or best["weights"]
+        control, lin = reports.get("control"), lineage(reports, best)
+        data = args.data
+        if not data:
+            raise SpnasError("spnas export --run needs --data: the data set whose val split gates the export")
+    else:
+        if not (args.desc and args.weights and args.data):
+            raise SpnasError("spnas export needs --desc, --weights and --data (or --run OUTPUT_DIR of a spnas run "
+                             "and --data)")
+        desc, weights, data = _load_desc(args), args.weights, args.data
+    if args.control:
+        control = read_json(args.control, "control summary")
+    info = export_model(desc, weights, CocoSource(data), args.out, name=args.name, control=control, lineage_=lin,
+                        max_images=args.max_images)
+    costs = info["costs"]
+    print(f"{args.out}: model.onnx, model.torchscript.pt, labels.json, parity.json, export.json, MODEL_CARD.md; "
+          f"mAP {info['metrics']['mAP'] or 0:.2f}, {costs['params']:,} params, latency CPU PyTorch "
+          f"{costs['latency_ms']['pytorch_cpu']} ms / ONNX Runtime {costs['latency_ms']['onnxruntime_cpu']} ms")
+    if not info["parity"]["passed"]:
+        print(f"spnas export: parity gate FAILED (see {args.out}/parity.json): this export is refused for publishing",
+              file=sys.stderr)
+        return 3
+    print("parity gate passed")
+    return 0
+
+
 def _arch_args(p: argparse.ArgumentParser, desc: bool = True) -> None:
     if desc:
         p.add_argument("--desc", default=None, help="model description JSON (desc_<id>.json)")
@@ -322,6 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted run in --workdir: finished phases and candidates are kept, "
                         "an interrupted training continues from its last checkpoint")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="export a trained detector: ONNX and TorchScript programs, a parity gate "
+                                      "against PyTorch, labels.json and a model card")
+    p.add_argument("--run", default=None, metavar="OUTPUT_DIR",
+                   help="a spnas run's output folder: export its result model with its control and lineage")
+    p.add_argument("--desc", default=None, help="model description JSON (desc_<id>.json)")
+    p.add_argument("--weights", default=None, help="the weights (model_<id>.pth)")
+    p.add_argument("--data", default=None, help="COCO-layout data root: its val split is the parity gate's set")
+    p.add_argument("--control", default=None, help="a run's control.json (searched vs equal-budget control)")
+    p.add_argument("--name", default="spnas", help="the model's name (default spnas)")
+    p.add_argument("--max-images", type=int, default=None, help="gate on the first N val images (default all)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export, code="111-2111-211111-211", block=None, base_channels=None)
 
     from .storage import register
     register(sub)

@@ -1,0 +1,171 @@
+"""``spnas export``: a trained detector as a folder a server or a registry can take.
+
+``export_model`` writes, into ``out_dir`` (every file atomically):
+
+* ``model.onnx`` and ``model.torchscript.pt``: the whole detector (:mod:`.programs`);
+* ``labels.json``: ``{"labels": [{"label", "category_id", "name"}]}``, the detector's contiguous
+  labels mapped to the data set's category ids and names;
+* ``parity.json``: the parity gate (:mod:`.parity`) of both programs against PyTorch on the
+  data set's validation images, ``"passed": true|false`` with the measured figures;
+* ``export.json``: what the folder holds (format version, input and outputs, opset, the model
+  description, the data version, metrics, costs, parity verdict);
+* ``MODEL_CARD.md`` (:mod:`.card`).
+
+An export whose gate fails is still written (its ``parity.json`` says why) but
+:func:`check_publishable` refuses it: nothing may publish or serve it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..data.source import CocoSource
+from ..models.checkpoint import load_weights
+from ..models.cost import count_params, forward_cost, train_memory_mb
+from ..models.desc import normalize_desc
+from ..models.detector import build_detector
+from ..utils.errors import SpnasError
+from ..utils.fileio import atomic_write_json, atomic_write_text, read_json
+from . import card, parity
+from .programs import OPSET, OUTPUTS, Runner, eager_runner, export_onnx, export_torchscript, onnx_runner, torchscript_runner
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ONNX_FILE, TORCHSCRIPT_FILE = "model.onnx", "model.torchscript.pt"
+
+
+class ExportRefused(SpnasError):
+    """An export that failed its parity gate (or has none) was asked to be published or served."""
+
+
+def labels_of(dataset: Any) -> list[dict[str, Any]]:
+    """``[{"label", "category_id", "name"}]`` of a COCO split (label order)."""
+    cats = dataset.coco.cats
+    return [{"label": int(lab), "category_id": int(cat), "name": str(cats.get(cat, {}).get("name", cat))}
+            for lab, cat in sorted(dataset.label_to_cat.items())]
+
+
+def _latency_ms(run: Runner, image: torch.Tensor, repeats: int = 5) -> float:
+    run(image)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(image)
+        times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def lineage(reports: Mapping[str, Any], record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The training lineage of ``record`` in a ``spnas run``'s ``reports.json``: the record,
+    then its parent (in its own phase, else in an earlier one), and so on back to fine_tune.
+    Each entry: phase, id, serial and parallel codes, mAP, iterations."""
+    phases = list(reports.get("phases", {}).items())
+    names = [n for n, _ in phases]
+    out: list[dict[str, Any]] = []
+    cur, phase = dict(record), record.get("phase")
+    seen: set[tuple[Any, Any]] = set()
+    while cur is not None and (phase, cur.get("id")) not in seen:
+        seen.add((phase, cur.get("id")))
+        desc = normalize_desc(cur.get("desc"))
+        out.append({"phase": phase, "id": cur.get("id"), "serial": desc["backbone"]["code"],
+                    "parallel": list(desc["neck"]["code"]), "mAP": (cur.get("metrics") or {}).get("mAP"),
+                    "iters": cur.get("iters")})
+        parent = cur.get("parent")
+        if parent is None or phase not in names:
+            break
+        nxt = None
+        for name in reversed(names[: names.index(phase) + 1]):  # own phase first, then earlier ones
+            recs = reports["phases"][name].get("records") or []
+            found = [r for r in recs if r.get("id") == parent and not (name == phase and r.get("id") == cur.get("id"))]
+            if found:
+                nxt, phase = found[0], name
+                break
+        cur = nxt
+    return out
+
+
+def export_model(desc: Mapping[str, Any], weights: str | os.PathLike, data: CocoSource, out_dir: str | os.PathLike,
+                 *, name: str = "spnas", control: Mapping[str, Any] | None = None,
+                 lineage_: Sequence[Mapping[str, Any]] | None = None, max_images: int | None = None,
+                 gate: parity.Gate | None = None, opset: int = OPSET) -> dict[str, Any]:
+    """Export ``desc``/``weights`` into ``out_dir`` (see the module docstring); the gate runs on
+    ``data``'s validation split (its first ``max_images`` images; all by default). ``control``: a
+    run's ``control.json`` (searched vs equal-budget control), ``lineage_``: :func:`lineage`'s
+    entries; both go into the model card. Returns ``export.json``'s content."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    val = data.load("val", train=False)
+    if len(val) == 0:
+        raise SpnasError(f"the validation split of {data.root!r} has no image: the parity gate needs some")
+    d = normalize_desc(desc)
+    if d["num_classes"] != val.num_classes:
+        raise SpnasError(f"the description has num_classes {d['num_classes']} but the data set {data.root!r} has "
+                         f"{val.num_classes - 1} categories (+ background = {val.num_classes})")
+    detector = build_detector(d)
+    load_weights(detector, d, weights)
+    detector.eval()
+    val.set_epoch(0)
+    sample = val[0][0]
+    log.info("exporting %s to %s (ONNX opset %d, TorchScript)", weights, out, opset)
+    export_onnx(detector, out / ONNX_FILE, sample, opset)
+    export_torchscript(detector, out / TORCHSCRIPT_FILE, sample)
+    labels = labels_of(val)
+    atomic_write_json(out / "labels.json", {"labels": labels}, mode=0o644)
+    eager = eager_runner(detector)
+    runners = {"onnx": onnx_runner(out / ONNX_FILE), "torchscript": torchscript_runner(out / TORCHSCRIPT_FILE)}
+    report = parity.check(eager, runners, val, gate, max_images)
+    atomic_write_json(out / "parity.json", report, mode=0o644)
+    size = int(d.get("max_size", 800))
+    gflops, _ = forward_cost(detector.backbone, size, "cpu")
+    costs = {"params": count_params(detector)["total"], "gflops": round(gflops, 3), "size": size,
+             "latency_ms": {"pytorch_cpu": _latency_ms(eager, sample), "onnxruntime_cpu": _latency_ms(runners["onnx"], sample),
+                            "image": list(sample.shape[-2:]), "threads": torch.get_num_threads()},
+             "train_memory_mb_batch4": round(train_memory_mb(d, size, 4), 1),
+             "files_mb": {f: round((out / f).stat().st_size / 2 ** 20, 2) for f in (ONNX_FILE, TORCHSCRIPT_FILE)}}
+    manifest = data.manifest()
+    info = {"name": name, "format_version": FORMAT_VERSION, "spnas": __version__,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "opset": opset, "labels": "labels.json",
+            "input": {"name": "images", "dtype": "float32", "shape": [3, "H", "W"],
+                      "meaning": "one RGB image, values in [0, 1], any size"},
+            "outputs": [{"name": "boxes", "dtype": "float32", "shape": ["N", 4], "meaning": "x1 y1 x2 y2, input pixels"},
+                        {"name": "labels", "dtype": "int64", "shape": ["N"], "meaning": "labels.json label"},
+                        {"name": "scores", "dtype": "float32", "shape": ["N"], "meaning": "descending"}],
+            "desc": d, "weights": str(weights),
+            "data": {"root": data.root, "version": manifest["version"], "val_images": len(val),
+                     "classes": len(labels)},
+            "metrics": report["reference"], "costs": costs, "parity": {"passed": report["passed"],
+                                                                       "file": "parity.json"},
+            "control": dict(control) if control else None, "lineage": list(lineage_ or [])}
+    assert tuple(o["name"] for o in info["outputs"]) == OUTPUTS
+    atomic_write_json(out / "export.json", info, mode=0o644)
+    atomic_write_text(out / "MODEL_CARD.md", card.render(info, report))
+    (out / "MODEL_CARD.md").chmod(0o644)
+    return info
+
+
+def check_publishable(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """``export.json`` of an export folder whose parity gate passed; :class:`ExportRefused`
+    naming the file otherwise (no ``parity.json``, or ``"passed": false`` with the figures)."""
+    out = Path(out_dir)
+    path = out / "parity.json"
+    if not path.is_file():
+        raise ExportRefused(f"{path} does not exist: an export without a parity gate cannot be published")
+    report = read_json(path, "parity report")
+    if report.get("passed") is not True:
+        why = "; ".join(f"{n}: {p['val']['unmatched']} unmatched detection(s), {p['val']['score_mismatch']} score "
+                        f"mismatch(es), mAP difference {p['mAP_diff']}" for n, p in report.get("programs", {}).items()
+                        if not p.get("passed"))
+        raise ExportRefused(f"{path}: the exported programs do not compute what PyTorch computed ({why}); "
+                            "this export is refused for publishing")
+    return read_json(out / "export.json", "export description")

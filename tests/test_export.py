@@ -1,0 +1,169 @@
+"""spnas export: ONNX and TorchScript programs of the whole detector, the parity gate, labels,
+the model card, and the refusal to publish an export that failed its gate."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spnas.cli.main import main as cli
+from spnas.data.source import CocoSource
+from spnas.export import parity
+from spnas.export.bundle import ExportRefused, check_publishable, export_model, lineage
+from spnas.export.programs import eager_runner, onnx_runner, torchscript_runner
+from spnas.models.cost import count_params
+from spnas.models.desc import normalize_desc
+from spnas.models.detector import build_detector
+
+pytest.importorskip("onnxruntime")
+
+TINY = {"backbone": {"code": "1-1-2-1", "block": "basic", "base_channels": 8}, "neck": {"code": [0, 1, 0, 0]},
+        "min_size": 96, "max_size": 96, "num_classes": 4}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_data, tmp_path_factory):
+    """A random-weight detector (with a parallel column, so the neck's connections are in the
+    graph) exported against the tiny data set's 6 val images."""
+    tmp = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = build_detector(TINY)
+    torch.save(model.state_dict(), tmp / "w.pth")
+    info = export_model(TINY, tmp / "w.pth", CocoSource(str(tiny_data)), tmp / "out", name="tiny")
+    return tmp / "out", info, model
+
+
+def test_the_export_folder_holds_every_file_and_its_description(exported, tiny_data):
+    out, info, model = exported
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "export.json", "labels.json", "model.onnx",
+                                                     "model.torchscript.pt", "parity.json"]
+    assert json.loads((out / "export.json").read_text()) == info
+    assert (info["name"], info["format_version"], info["opset"], info["onnx"]) == ("tiny", 1, 17, "model.onnx")
+    assert [o["name"] for o in info["outputs"]] == ["boxes", "labels", "scores"]
+    assert info["desc"] == normalize_desc(TINY)
+    assert info["costs"]["params"] == count_params(model)["total"]
+    assert info["data"]["version"] == CocoSource(str(tiny_data)).manifest()["version"]
+    assert info["data"]["val_images"] == 6 and info["parity"]["passed"] is True
+    ann = json.loads((tiny_data / "annotations" / "instances_val2017.json").read_text())
+    cats = sorted((c["id"], c["name"]) for c in ann["categories"])
+    labels = json.loads((out / "labels.json").read_text())["labels"]
+    assert [(e["category_id"], e["name"]) for e in labels] == cats and [e["label"] for e in labels] == [1, 2, 3]
+
+
+def test_both_programs_compute_what_pytorch_computes_at_any_size(exported, tiny_data):
+    out, _, model = exported
+    ds = CocoSource(str(tiny_data)).load("val", train=False)
+    ref = eager_runner(model)
+    runners = {"onnx": onnx_runner(out / "model.onnx"), "torchscript": torchscript_runner(out / "model.torchscript.pt")}
+    torch.manual_seed(1)
+    for image in (ds[0][0], ds[5][0], torch.rand(3, 96, 64)):
+        want = ref(image)
+        assert len(want["scores"]) > 0
+        for name, run in runners.items():
+            got = run(image)
+            assert torch.equal(got["labels"], want["labels"]), name
+            torch.testing.assert_close(got["boxes"], want["boxes"], atol=1e-3, rtol=0)
+            torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
+
+
+def test_the_parity_report_has_the_measured_figures(exported):
+    out, _, _ = exported
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is True and report["images"] == 6
+    assert report["gate"] == {"iou": 0.99, "score": 1e-3, "map": 0.1}
+    for name in ("onnx", "torchscript"):
+        p = report["programs"][name]
+        assert p["passed"] and p["val"]["unmatched"] == 0 and p["val"]["score_mismatch"] == 0
+        assert p["val"]["matched"] == p["val"]["detections"] > 0 and p["val"]["min_iou"] >= 0.99
+        assert p["mAP_diff"] <= 0.1 and p["probes"]["images"] == 12
+    assert check_publishable(out)["name"] == "tiny"
+
+
+def test_the_model_card_states_architecture_cost_parity_and_limits(exported):
+    out, info, _ = exported
+    card = (out / "MODEL_CARD.md").read_text()
+    for text in ("# Model card: tiny", "serial code `1-1-2-1`", "parallel code `[0, 1, 0, 0]`",
+                 f"parameters: {info['costs']['params']:,}", "ONNX Runtime", "GPU: not measured",
+                 f"version `{info['data']['version']}`", "Verdict: **passed**", "| onnx | passed | ",
+                 "| torchscript | passed | ", "No equal-budget control was given", "## Intended use and limits"):
+        assert text in card, text
+
+
+def test_match_counts_unmatched_boxes_labels_and_score_differences():
+    gate = parity.Gate()
+    ref = {"boxes": torch.tensor([[0., 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]]),
+           "labels": torch.tensor([1, 2, 1]), "scores": torch.tensor([0.9, 0.8, 0.7])}
+    same = parity.match(ref, ref, gate)
+    assert (same["matched"], same["unmatched"], same["score_mismatch"], same["min_iou"]) == (3, 0, 0, 1.0)
+    got = {"boxes": torch.tensor([[0., 0, 10, 10], [20, 20, 40, 41], [50, 50, 60, 60], [70, 70, 80, 80]]),
+           "labels": torch.tensor([1, 2, 3, 1]), "scores": torch.tensor([0.9005, 0.8, 0.7, 0.5])}
+    m = parity.match(ref, got, gate)  # box 2 moved (IoU 0.952), box 3 relabelled, one extra detection
+    assert (m["reference"], m["program"], m["matched"], m["unmatched"], m["score_mismatch"]) == (3, 4, 1, 5, 0)
+    got["scores"] = torch.tensor([0.902, 0.8, 0.7, 0.5])
+    assert parity.match(ref, got, gate)["score_mismatch"] == 1
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+    assert parity.match(ref, empty, gate)["unmatched"] == 3 and parity.match(empty, empty, gate)["unmatched"] == 0
+
+
+def test_a_program_that_drifts_fails_the_gate_and_is_refused(exported, tiny_data, tmp_path):
+    out, _, model = exported
+    ds = CocoSource(str(tiny_data)).load("val", train=False)
+    onnx = onnx_runner(out / "model.onnx")
+
+    def drifting(image):
+        res = onnx(image)
+        return {**res, "scores": res["scores"] - 0.01}
+    report = parity.check(eager_runner(model), {"onnx": onnx, "drifting": drifting}, ds, probes=False)
+    assert report["programs"]["onnx"]["passed"] and not report["programs"]["drifting"]["passed"]
+    assert report["passed"] is False and report["programs"]["drifting"]["val"]["score_mismatch"] > 0
+    folder = tmp_path / "failed"
+    folder.mkdir()
+    (folder / "parity.json").write_text(json.dumps(report))
+    with pytest.raises(ExportRefused, match=r"drifting: 0 unmatched detection\(s\), \d+ score mismatch\(es\).*"
+                                            r"refused for publishing"):
+        check_publishable(folder)
+    with pytest.raises(ExportRefused, match="parity.json does not exist"):
+        check_publishable(tmp_path)
+
+
+def test_cli_export_exits_3_when_the_gate_fails(tiny_data, tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    torch.save(build_detector(TINY).state_dict(), tmp_path / "w.pth")
+    (tmp_path / "d.json").write_text(json.dumps(TINY))
+    args = ["export", "--desc", str(tmp_path / "d.json"), "--weights", str(tmp_path / "w.pth"), "--data",
+            str(tiny_data), "--max-images", "2"]
+    monkeypatch.setattr(parity.Gate, "__init__", lambda self, iou=1.01, score=1e-3, map=0.1:  # noqa: ARG005
+                        object.__setattr__(self, "iou", iou) or object.__setattr__(self, "score", score)
+                        or object.__setattr__(self, "map", map))
+    assert cli([*args, "--out", str(tmp_path / "x")]) == 3  # IoU >= 1.01 cannot be met
+    assert "parity gate FAILED" in capsys.readouterr().err
+    assert json.loads((tmp_path / "x" / "parity.json").read_text())["passed"] is False
+
+
+def test_lineage_follows_parents_back_through_the_phases():
+    def rec(i, parent, code, phase):
+        return {"id": i, "parent": parent, "phase": phase, "desc": {"backbone": {"code": code}},
+                "metrics": {"mAP": float(i)}, "iters": 10}
+    reports = {"phases": {
+        "fine_tune": {"records": [rec(0, None, "1-2-2-2", "fine_tune")]},
+        "serial": {"records": [rec(0, None, "1-2-2-2", "serial"), rec(1, 0, "11-2-2-2", "serial"),
+                               rec(3, 1, "11-2-2-12", "serial")]},
+        "parallel": {"records": [rec(0, None, "11-2-2-12", "parallel"), rec(2, 0, "11-2-2-12", "parallel")]},
+        "fully_train": {"records": [rec(2, 2, "11-2-2-12", "fully_train")]}}}
+    chain = lineage(reports, reports["phases"]["fully_train"]["records"][0])
+    assert [(e["phase"], e["id"]) for e in chain] == [("fully_train", 2), ("parallel", 2), ("parallel", 0)]
+    chain = lineage(reports, reports["phases"]["serial"]["records"][2])
+    assert [(e["phase"], e["id"], e["serial"]) for e in chain] == [("serial", 3, "11-2-2-12"), ("serial", 1, "11-2-2-2"),
+                                                                   ("serial", 0, "1-2-2-2")]
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_run_carries_its_control_and_lineage(tiny_run, tiny_data, tmp_path, capsys):
+    workdir, reports = tiny_run
+    assert cli(["export", "--run", str(workdir / "output"), "--data", str(tiny_data), "--out", str(tmp_path / "e")]) == 0
+    assert "parity gate passed" in capsys.readouterr().out
+    info = json.loads((tmp_path / "e" / "export.json").read_text())
+    assert info["control"] == reports["control"] and info["lineage"][0]["id"] == reports["best"]["id"]
+    card = (tmp_path / "e" / "MODEL_CARD.md").read_text()
+    assert "equal-budget control (in the run)" in card and "| phase | id | serial |" in card
