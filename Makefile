@@ -19,7 +19,7 @@ install: $(STAMP) ## create .venv with every dependency (idempotent: a second ca
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,store,export]'
+	$(BIN)/python -m pip install -q -e '.[dev,store,export,serve]'
 	touch $(STAMP)
 
 DEMO_DATA ?= data/demo

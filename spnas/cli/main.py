@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .storage import register
     register(sub)
+    from ..serve.cli import register as register_serve
+    register_serve(sub)
     return parser
 
 

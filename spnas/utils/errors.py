@@ -69,3 +69,9 @@ def brief(value: object, limit: int = 200) -> str:
 class PreflightError(SpnasError):
     """A pipeline run refused before any training: every problem found, each naming its key,
     URI or version."""
+
+
+class ServeError(SpnasError):
+    """An export folder cannot be served or described (a file missing or malformed, the parity
+    gate not passed, the ``serve`` extra not installed) or the model server cannot start. The
+    message names the file, setting or address at fault."""
