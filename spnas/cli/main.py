@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)
     from ..serve.cli import register as register_serve
     register_serve(sub)
+    from ..registry.cli import register as register_registry
+    register_registry(sub)
     return parser
 
 

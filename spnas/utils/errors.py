@@ -75,3 +75,10 @@ class ServeError(SpnasError):
     """An export folder cannot be served or described (a file missing or malformed, the parity
     gate not passed, the ``serve`` extra not installed) or the model server cannot start. The
     message names the file, setting or address at fault."""
+
+
+class RegistryError(SpnasError):
+    """The model registry is unreachable, a model, version or alias is missing, or an export
+    cannot be registered (its parity gate did not pass, a file or key is missing, the
+    ``registry`` extra is not installed). The message names the registry URI (without
+    credentials) and the model, version or alias at fault."""
