@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint bench compile run schedule upload image push clean
+.PHONY: help install demo test test-fast lint bench compile run retrain schedule upload image push clean
 IMAGE  ?= ghcr.io/spnas-kfp/spnas:0.1.0
 CONFIG ?= configs/demo.yml
 PARAMS ?=
@@ -19,7 +19,7 @@ install: $(STAMP) ## create .venv with every dependency (idempotent: a second ca
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,store,export,serve]'
+	$(BIN)/python -m pip install -q -e '.[dev,store,export,serve,registry]'
 	touch $(STAMP)
 
 DEMO_DATA ?= data/demo
@@ -53,14 +53,18 @@ test-fast: install ## the inner loop: every test not marked slow (under 2 minute
 bench: install ## run the benchmarks in bench/ (ratios measured side by side)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
-compile: install ## compile the Kubeflow pipeline from $(CONFIG) to pipelines/spnas_pipeline.yaml (IMAGE=...)
+compile: install ## compile the SP-NAS and the retraining pipelines from $(CONFIG) to pipelines/*.yaml (IMAGE=...)
 	$(BIN)/python -m pipelines.spnas_pipeline --config $(CONFIG) --output pipelines/spnas_pipeline.yaml --image $(IMAGE)
+	$(BIN)/python -m pipelines.retrain_pipeline --config $(CONFIG) --output pipelines/retrain_pipeline.yaml --image $(IMAGE)
 
 # run, schedule and upload are not echoed: PARAMS may carry --token (prefer KFP_TOKEN)
 run: install ## submit the compiled pipeline to KFP_ENDPOINT (PARAMS="--param data_uri=s3://...")
 	@$(BIN)/python -m pipelines.submit run $(PARAMS)
 
-schedule: install ## nightly recurring run on KFP_ENDPOINT (CRON="0 0 2 * * *", PARAMS=...)
+retrain: install ## one run of the retraining pipeline on KFP_ENDPOINT (PARAMS="--param data_uri=s3://... --param model_name=spnas")
+	@$(BIN)/python -m pipelines.submit run --package pipelines/retrain_pipeline.yaml $(PARAMS)
+
+schedule: install ## nightly retraining on KFP_ENDPOINT: no catch-up, one run at a time (CRON="0 0 2 * * *", PARAMS=...)
 	@$(BIN)/python -m pipelines.submit schedule --cron "$(or $(CRON),0 0 2 * * *)" $(PARAMS)
 
 upload: install ## upload the compiled pipeline (VERSION=v2 adds a version)

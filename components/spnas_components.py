@@ -406,9 +406,145 @@ def publish(config: str, serial_front: list[dict], parallel_front: list[dict], b
                        {"serial": serial_control, "parallel": parallel_control}, run_uri, report.path, overrides)
 
 
+# ----------------------------------------------------------------------------- shipping and retraining
+
+def export_model(config: str, step: str, record: dict, controls: dict, weights: str, dataset: Input[Dataset],
+                 workspace: str, run_uri: str, name: str, overrides: str, gate_images: int,
+                 parity: Output[Metrics]) -> dict:
+    """Export a trained model (ONNX and TorchScript, labels, model card) to ``<run>/export/``
+    behind the parity gate: ONNX Runtime and TorchScript against PyTorch on the data set's val
+    images. A failed gate fails this task (the folder and its parity.json are still published).
+
+    Args:
+        config: the run config text.
+        step: the step whose data settings read the data set (the full train's).
+        record: the model's record (its description): the full train's best.
+        controls: final_control's output ({}: none); when the run's control.json says the
+            control won, the control is exported instead (the run's result).
+        weights: the result's weights (URI or path).
+        dataset: the run's data set (from stage_data).
+        workspace: the run's workspace path ("" without one).
+        run_uri: this run's prefix.
+        name: the model's name (registry and serving).
+        overrides: JSON list of config overrides.
+        gate_images: val images the parity gate runs on (0: all).
+
+    Returns the export's summary (export_uri, weights, passed, mAP, params, GFLOPs, latency, parity figures).
+    """
+    from spnas.orchestration import ship
+    return ship.export_task(config, step, record, controls, weights, dataset, workspace, run_uri, name, overrides,
+                            gate_images, parity)
+
+
+def register_model(export: dict, model_name: str, registry_uri: str, note: Output[Markdown]) -> dict:
+    """Register the export in the MLflow Model Registry: the champion when the model has none,
+    else the challenger. Without a registry (registry_uri empty and no MLFLOW_TRACKING_URI)
+    nothing is registered and the note says so.
+
+    Args:
+        export: export_model's summary.
+        model_name: the registered model's name.
+        registry_uri: the MLflow tracking URI ("" = the pod's MLFLOW_TRACKING_URI).
+    """
+    from spnas.orchestration import ship
+    return ship.register_task(export, model_name, registry_uri, note)
+
+
+def retrain_preflight(config: str, overrides: str, data_uri: str, run_uri: str, expected: str, model_name: str,
+                      registry_uri: str) -> dict:
+    """Refuse in seconds a retraining that cannot succeed: preflight's checks, then the registry
+    (reachable, the model has a champion).
+
+    Args:
+        config: the run config text.
+        overrides: JSON list of config overrides (from prepare).
+        data_uri: the new data set (COCO layout).
+        run_uri: this run's prefix.
+        expected: what the pipeline was compiled for (JSON).
+        model_name: the registered model.
+        registry_uri: the MLflow tracking URI ("" = MLFLOW_TRACKING_URI).
+    """
+    from spnas.orchestration import ship
+    return ship.retrain_preflight(config, overrides, data_uri, run_uri, expected, model_name, registry_uri)
+
+
+def fetch_champion(model_name: str, run_uri: str, overrides: str, registry_uri: str) -> dict:
+    """The registered champion as a record to train from (its weights copied under the run).
+
+    Args:
+        model_name: the registered model.
+        run_uri: this run's prefix.
+        overrides: JSON list of config overrides.
+        registry_uri: the MLflow tracking URI ("" = MLFLOW_TRACKING_URI).
+    """
+    from spnas.orchestration import ship
+    return ship.fetch_champion(model_name, run_uri, overrides, registry_uri)
+
+
+def evaluate_model(config: str, step: str, record: dict, dataset: Input[Dataset], workspace: str, role: str,
+                   overrides: str, metrics: Output[Metrics]) -> dict:
+    """COCO metrics of a model on the data set's validation split.
+
+    Args:
+        config: the run config text.
+        step: the step whose data settings read the data set.
+        record: the model's record (description and weights).
+        dataset: the run's data set (from stage_data).
+        workspace: the run's workspace path ("" without one).
+        role: "champion" or "challenger" (shown with the metrics).
+        overrides: JSON list of config overrides.
+    """
+    from spnas.orchestration import ship
+    return ship.evaluate_task(config, step, record, dataset, workspace, role, overrides, metrics)
+
+
+def decide(champion: dict, challenger: dict, margin: float, run_uri: str, verdict: Output[Markdown]) -> str:
+    """Promote when the challenger beats the champion by at least margin mAP on the same split.
+
+    Args:
+        champion: evaluate_model's result for the champion.
+        challenger: evaluate_model's result for the challenger.
+        margin: the mAP points the challenger must gain.
+        run_uri: this run's prefix (verdict.json is written there).
+
+    Returns "promote" or "keep".
+    """
+    from spnas.orchestration import ship
+    return ship.decide_task(champion, challenger, margin, run_uri, verdict)
+
+
+def promote(export: dict, model_name: str, run_uri: str, image: str, registry_uri: str,
+            release: Output[Markdown]) -> dict:
+    """Release the winning challenger: its KServe InferenceService manifest beside the export,
+    a new registered version, and the champion alias moved to it.
+
+    Args:
+        export: export_model's summary.
+        model_name: the registered model.
+        run_uri: this run's prefix (its verdict.json).
+        image: the image the InferenceService runs (`spnas serve`).
+        registry_uri: the MLflow tracking URI ("" = MLFLOW_TRACKING_URI).
+    """
+    from spnas.orchestration import ship
+    return ship.promote_task(export, model_name, run_uri, image, registry_uri, release)
+
+
+def keep_champion(model_name: str, run_uri: str, registry_uri: str, note: Output[Markdown]) -> dict:
+    """Record that the champion stays (both figures); the registry is left unchanged.
+
+    Args:
+        model_name: the registered model.
+        run_uri: this run's prefix (its verdict.json).
+        registry_uri: the MLflow tracking URI ("" = MLFLOW_TRACKING_URI).
+    """
+    from spnas.orchestration import ship
+    return ship.keep_task(model_name, run_uri, registry_uri, note)
+
+
 _FUNCTIONS = (prepare, preflight, run_prefix, stage_data, fine_tune, search_init, propose, candidates, train_candidate, update,
               search_front, choose, reignite, collect, full_train, finish, reignite_if_plateau, phase_control, final_control,
-              publish)
+              publish, export_model, register_model, retrain_preflight, fetch_champion, evaluate_model, decide, promote,
+              keep_champion)
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:

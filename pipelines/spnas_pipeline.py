@@ -3,7 +3,7 @@
     python -m pipelines.spnas_pipeline --config configs/demo.yml --output pipelines/spnas_pipeline.yaml
 
 preflight -> stage data -> fine_tune -> serial rounds -> reignition -> parallel rounds -> full train ->
-publish, with an
+publish -> export (parity gate) -> register (MLflow Model Registry), with an
 equal-budget control after each search and after the full train (``general.control``). Search
 rounds are unrolled here (KFP v2 has no while loop): rounds = ceil(max_sample /
 candidates_per_round), each a ``dsl.ParallelFor`` over the proposed candidates with
@@ -42,6 +42,13 @@ HEAVY_RETRY_WINDOW = "259200s"   # 72 h
 LIGHT_RETRY_WINDOW = "3600s"
 #: The stage-data task: no GPU, enough memory for the object listing of a COCO-sized data set.
 STAGE_RESOURCES = {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "4Gi"}
+#: The export task (ONNX and TorchScript tracing, the parity gate, CPU latency): a CPU pod, no GPU,
+#: no node selector (compiled constants: inside a dsl.If branch kfp.local cannot resolve pipeline
+#: parameters used only in resource requests).
+EXPORT_RESOURCES = {"cpu": "4", "memory": "16Gi"}
+#: Val images the export's parity gate runs on by default (a pipeline parameter; 0: all): ONNX
+#: Runtime, TorchScript and PyTorch each detect every one on CPU, ~1-3 s per COCO image.
+GATE_IMAGES = 200
 #: Where ``--data-volume pvc:NAME`` mounts the claim in every pod that reads the data set.
 PVC_MOUNT_PATH = "/spnas-data"
 
@@ -56,6 +63,75 @@ class FullTrainOutputs(NamedTuple):
     """The outputs of the full-train phase (controls on): the best model and the final control."""
     best: dict
     controls: dict
+
+
+class TaskStyle:
+    """How the tasks of a pipeline are dressed (shared by the SP-NAS and the retraining pipeline):
+    ``heavy`` training pods (requests = limits, a long retry window, a time limit, node selector and
+    tolerations, a memory-backed /dev/shm), ``light`` bookkeeping pods, and for every task the
+    caching option, the time limit of its kind, the pull secret and the object store's secret as
+    environment variables."""
+
+    def __init__(self, *, caching: bool, limits: "dict[str, int]", image_pull_secret: "str | None",
+                 secret: "str | None", retries: int, retry_backoff: int, shm_size: str, pvc: "str | None"):
+        self.caching, self.limits, self.image_pull_secret, self.secret = caching, limits, image_pull_secret, secret
+        self.retries, self.retry_backoff, self.shm_size, self.pvc = retries, retry_backoff, shm_size, pvc
+
+    def heavy(self, task, ctx, res, kind="candidate"):
+        """Training pods: requests = limits (an OOM stays in its pod), a long retry window, a time
+        limit, the run's node selector and tolerations, shared memory for the data loaders."""
+        from kfp import kubernetes
+        task.set_cpu_request(res["cpu"]).set_cpu_limit(res["cpu"])
+        task.set_memory_request(res["memory"]).set_memory_limit(res["memory"])
+        task.set_accelerator_type(res["accelerator"]).set_accelerator_limit(res["gpus"])
+        self.common(task, kind)
+        task.set_retry(self.retries, backoff_duration=f"{int(self.retry_backoff)}s", backoff_factor=2.0,
+                       backoff_max_duration=HEAVY_RETRY_WINDOW)
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=self.shm_size)
+        kubernetes.add_node_selector_json(task, node_selector_json=ctx["node_selector"])
+        kubernetes.add_toleration_json(task, toleration_json=ctx["tolerations"])
+        return self.reads_data(task)
+
+    def cpu_heavy(self, task, res, kind="candidate"):
+        """A CPU-bound task that reads the data set (the export): compiled requests = limits, the
+        heavy retry policy and time limit, /dev/shm, no accelerator."""
+        from kfp import kubernetes
+        task.set_cpu_request(res["cpu"]).set_cpu_limit(res["cpu"])
+        task.set_memory_request(res["memory"]).set_memory_limit(res["memory"])
+        self.common(task, kind)
+        task.set_retry(self.retries, backoff_duration=f"{int(self.retry_backoff)}s", backoff_factor=2.0,
+                       backoff_max_duration=HEAVY_RETRY_WINDOW)
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=self.shm_size)
+        return self.reads_data(task)
+
+    def reads_data(self, task):
+        """A task that reads the data set: the claim mounted when the data volume is a PVC (the
+        workspace is mounted by the backend for every task that takes its path)."""
+        from kfp import kubernetes
+        if self.pvc:
+            kubernetes.mount_pvc(task, pvc_name=self.pvc, mount_path=PVC_MOUNT_PATH)
+        return task
+
+    def light(self, task):
+        """Bookkeeping pods: small requests and limits, retries within an hour, a short time limit."""
+        task.set_cpu_request(LIGHT_RESOURCES["cpu_request"]).set_cpu_limit(LIGHT_RESOURCES["cpu_limit"])
+        task.set_memory_request(LIGHT_RESOURCES["memory_request"]).set_memory_limit(LIGHT_RESOURCES["memory_limit"])
+        self.common(task, "light")
+        task.set_retry(self.retries, backoff_duration="10s", backoff_factor=2.0,
+                       backoff_max_duration=LIGHT_RETRY_WINDOW)
+        return task
+
+    def common(self, task, kind):
+        from kfp import kubernetes
+        task.set_caching_options(self.caching)
+        kubernetes.set_timeout(task, int(self.limits[kind]))
+        if self.image_pull_secret:
+            kubernetes.set_image_pull_secrets(task, [self.image_pull_secret])
+        if self.secret:
+            kubernetes.use_secret_as_env(task, secret_name=self.secret, secret_key_to_env={
+                "endpoint": "SPNAS_S3_ENDPOINT", "accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"})
 
 
 def candidate_time_limit(pod_seconds: int) -> int:
@@ -108,7 +184,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     defaults of the pipeline parameters of those names, refused here when a run could not use
     them (several nodes need GPUs and a shared data volume); every run's values are checked again
     by its first task."""
-    from kfp import dsl, kubernetes
+    from kfp import dsl
     from kfp.dsl import Dataset, Input
 
     from components.spnas_components import build_components
@@ -138,44 +214,9 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
     # data_uri has no default (the config's data_root is a path on the compiling machine) and an
     # empty results_uri means the namespace's private prefix (pods.run_prefix)
 
-    def heavy(task, ctx, res, kind="candidate"):
-        """Training pods: requests = limits (an OOM stays in its pod), a long retry window, a time
-        limit, the run's node selector and tolerations, shared memory for the data loaders."""
-        task.set_cpu_request(res["cpu"]).set_cpu_limit(res["cpu"])
-        task.set_memory_request(res["memory"]).set_memory_limit(res["memory"])
-        task.set_accelerator_type(res["accelerator"]).set_accelerator_limit(res["gpus"])
-        _common(task, kind)
-        task.set_retry(retries, backoff_duration=f"{int(retry_backoff)}s", backoff_factor=2.0,
-                       backoff_max_duration=HEAVY_RETRY_WINDOW)
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                   size_limit=shm_size)
-        kubernetes.add_node_selector_json(task, node_selector_json=ctx["node_selector"])
-        kubernetes.add_toleration_json(task, toleration_json=ctx["tolerations"])
-        return reads_data(task)
-
-    def reads_data(task):
-        """A task that reads the data set: the claim mounted when the data volume is a PVC (the
-        workspace is mounted by the backend for every task that takes its path)."""
-        if pvc:
-            kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=PVC_MOUNT_PATH)
-        return task
-
-    def light(task):
-        """Bookkeeping pods: small requests and limits, retries within an hour, a short time limit."""
-        task.set_cpu_request(LIGHT_RESOURCES["cpu_request"]).set_cpu_limit(LIGHT_RESOURCES["cpu_limit"])
-        task.set_memory_request(LIGHT_RESOURCES["memory_request"]).set_memory_limit(LIGHT_RESOURCES["memory_limit"])
-        _common(task, "light")
-        task.set_retry(retries, backoff_duration="10s", backoff_factor=2.0, backoff_max_duration=LIGHT_RETRY_WINDOW)
-        return task
-
-    def _common(task, kind):
-        task.set_caching_options(caching)
-        kubernetes.set_timeout(task, int(limits[kind]))
-        if image_pull_secret:
-            kubernetes.set_image_pull_secrets(task, [image_pull_secret])
-        if secret:
-            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={
-                "endpoint": "SPNAS_S3_ENDPOINT", "accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"})
+    style = TaskStyle(caching=caching, limits=limits, image_pull_secret=image_pull_secret, secret=secret,
+                      retries=retries, retry_backoff=retry_backoff, shm_size=shm_size, pvc=pvc)
+    heavy, light, reads_data, _common = style.heavy, style.light, style.reads_data, style.common
 
     def resource_inputs(res):
         """The resource parameters as inputs too: a task inside a ParallelFor resolves pipeline
@@ -331,6 +372,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                        full_train_gpus: int = 0, full_train_cpu: str = "4", full_train_memory: str = "16G",
                        full_train_nodes: int = full_train_nodes, full_train_gpus_per_node: int = full_train_gpus_per_node,
                        node_selector: dict = {}, tolerations: list = [],  # noqa: B006 (kfp pipeline defaults)
+                       model_name: str = "spnas", registry_uri: str = "", gate_images: int = GATE_IMAGES,
                        config: str = text):
         prep = light(c.prepare(config=config, seed=seed, candidate_epochs=candidate_epochs, full_epochs=full_epochs,
                                full_train_nodes=full_train_nodes, full_train_gpus_per_node=full_train_gpus_per_node,
@@ -387,6 +429,15 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
                               parallel_control=parallel.outputs["control"] if cfg.control else {},
                               run_uri=prefix.output, overrides=prep.output))
         pub.set_display_name("publish report")
+        # the tail: the run's result exported behind the parity gate, then registered (the
+        # champion when the model has none, else the challenger; skipped without a registry)
+        exp = style.cpu_heavy(c.export_model(config=config, step=roles["full_train"].name, record=best, controls=controls,
+                                   weights=pub.outputs["Output"], dataset=stage.output, workspace=workspace,
+                                   run_uri=prefix.output, name=model_name, overrides=prep.output,
+                                   gate_images=gate_images), EXPORT_RESOURCES)
+        exp.set_display_name("export + parity gate")
+        reg = light(c.register_model(export=exp.outputs["Output"], model_name=model_name, registry_uri=registry_uri))
+        reg.set_display_name("register model")
 
     return spnas_pipeline
 

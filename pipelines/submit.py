@@ -1,8 +1,13 @@
 """Submit, schedule and upload the compiled SP-NAS pipeline through the kfp Client.
 
     python -m pipelines.submit run      [--namespace NS] [--param data_uri=s3://datasets/coco ...]
+    python -m pipelines.submit run      --package pipelines/retrain_pipeline.yaml --param data_uri=...  # retrain once
     python -m pipelines.submit schedule --cron "0 0 2 * * *" [--catchup] [--param ...]   # 6 fields, seconds first
     python -m pipelines.submit upload   [--version v2]
+
+``schedule`` schedules the retraining pipeline (the champion retrained on the latest data and
+promoted only when better; no catch-up, one run at a time); the NAS pipeline runs on demand and
+is refused there unless ``--allow-search``.
 
 The endpoint comes from ``KFP_ENDPOINT`` (e.g. http://localhost:8080 after a port-forward of
 ml-pipeline-ui). Multi-user Kubeflow: ``--namespace`` (or ``KFP_NAMESPACE``) is the profile
@@ -29,6 +34,10 @@ import yaml
 log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).parent / "spnas_pipeline.yaml"
+#: The retraining pipeline (pipelines/retrain_pipeline.py): what ``schedule`` schedules by default.
+RETRAIN_PACKAGE = Path(__file__).parent / "retrain_pipeline.yaml"
+#: The compiled name of the NAS pipeline, which runs on demand only (days of search per run).
+SEARCH_PIPELINE = "spnas"
 
 # The backend floor: KFP resolves a dsl.Collected fan-in (candidates -> update, the Pareto front's
 # top-k -> the next phase) only from backend 2.14.0 on (Kubeflow Platform 1.10 ships 2.5.0).
@@ -54,6 +63,20 @@ def required_parameters(package: Path = PACKAGE) -> list[str]:
     spec = next(yaml.safe_load_all(package.read_text()))
     return sorted(k for k, v in spec["root"]["inputDefinitions"]["parameters"].items()
                   if "defaultValue" not in v and not v.get("isOptional"))
+
+
+def pipeline_name(package: Path) -> str:
+    """The compiled pipeline's name (``pipelineInfo.name``)."""
+    spec = next(yaml.safe_load_all(package.read_text()))
+    return str(spec.get("pipelineInfo", {}).get("name", ""))
+
+
+def check_schedulable(package: Path, allow_search: bool) -> None:
+    """Refuse to schedule the NAS pipeline: a recurring search (days per run) is not retraining;
+    the retraining pipeline is what runs on a schedule."""
+    if pipeline_name(package) == SEARCH_PIPELINE and not allow_search:
+        raise SystemExit(f"--package {package}: the SP-NAS search pipeline runs on demand (make run); schedule the "
+                         f"retraining pipeline ({RETRAIN_PACKAGE.name}, the default), or pass --allow-search")
 
 
 def check_full_train_shape(params: dict[str, Any], package: Path = PACKAGE) -> None:
@@ -265,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("run", "schedule", "upload"):
         p = sub.add_parser(name)
-        p.add_argument("--package", type=Path, default=PACKAGE)
+        p.add_argument("--package", type=Path, default=RETRAIN_PACKAGE if name == "schedule" else PACKAGE,
+                       help="compiled pipeline (default: the retraining pipeline for schedule, the SP-NAS pipeline "
+                            "otherwise)")
         p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
         p.add_argument("--experiment", default="spnas")
         p.add_argument("--namespace", default=None,
@@ -277,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="submit without checking that the KFP backend is >= 2.14.0 (dsl.Collected)")
         if name == "schedule":
             p.add_argument("--cron", default="0 0 2 * * *", help="6-field cron, seconds first (default 02:00 daily)")
-            p.add_argument("--job-name", default="spnas-nightly")
+            p.add_argument("--job-name", default="spnas-retrain")
+            p.add_argument("--allow-search", action="store_true",
+                           help="schedule the SP-NAS search pipeline itself (days per run; normally on demand)")
             p.add_argument("--max-concurrency", type=int, default=1)
             p.add_argument("--catchup", action="store_true",
                            help="backfill every interval missed while paused or down (default: only the latest)")
@@ -311,6 +338,8 @@ def _submit(args: argparse.Namespace, auth: Auth) -> None:
     if args.cmd != "upload":
         check_full_train_shape(params, args.package)
     cron = check_cron(args.cron) if args.cmd == "schedule" else None
+    if args.cmd == "schedule":
+        check_schedulable(args.package, args.allow_search)
     namespace = args.namespace or os.environ.get("KFP_NAMESPACE") or None
     c = client(namespace, auth)
     check_backend(c, skip=args.skip_version_check)

@@ -74,8 +74,9 @@ def test_dag_shape(compiled):
         "preflight": "preflight: image, config shape, data set, results prefix",
         "stage-data": "stage data set (once per run)", "fine-tune": "fine_tune", "serial-search": "serial search",
         "reignition": "reignition", "parallel-search": "parallel search", "full-train": "full train",
-        "publish": "publish report"}
-    order = ["stage-data", "fine-tune", "serial-search", "reignition", "parallel-search", "full-train", "publish"]
+        "publish": "publish report", "export-model": "export + parity gate", "register-model": "register model"}
+    order = ["stage-data", "fine-tune", "serial-search", "reignition", "parallel-search", "full-train", "publish",
+             "export-model", "register-model"]
     for before, after in itertools.pairwise(order):
         assert before in tasks[after]["dependentTasks"], (before, after)
     assert "fine-tune" in tasks["full-train"]["dependentTasks"]  # the final control starts from its weights
@@ -140,17 +141,23 @@ def test_every_task_has_requests_limits_retries_and_a_time_limit(compiled):
     _, docs = compiled
     spec, k8s = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     execs = spec["deploymentSpec"]["executors"]
-    assert len(execs) == 35
+    assert len(execs) == 37
     for name, e in execs.items():
         res = e["container"]["resources"]
         assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(res), name
         heavy = any(h in name for h in HEAVY)
         plat = k8s[name]
         assert int(plat["activeDeadlineSeconds"]) == TIMEOUTS["long" if any(h in name for h in LONG) else
-                                                              "candidate" if heavy or "stage-data" in name else "light"], name
+                                                              "candidate" if heavy or "stage-data" in name or
+                                                              "export-model" in name else "light"], name
         if "stage-data" in name:  # downloads the data set once: no GPU, more memory, a long time limit
             assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("2", "4Gi")
             assert "nodeSelector" not in plat and "emptyDirMounts" not in plat
+        elif "export-model" in name:  # traces and gates on CPU: compiled requests = limits, no GPU
+            assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == ("4", "4"), res
+            assert res["resourceMemoryRequest"] == res["resourceMemoryLimit"] == "16Gi"
+            assert "accelerator" not in res and "nodeSelector" not in plat
+            assert plat["emptyDirMounts"][0]["sizeLimit"] == "2Gi"
         elif heavy:
             params = "full_train" if any(h in name for h in LONG) else "per_task"
             want = "{{$.inputs.parameters['pipelinechannel--%s']}}"
@@ -167,13 +174,13 @@ def test_every_task_has_requests_limits_retries_and_a_time_limit(compiled):
             assert (res["resourceCpuLimit"], res["resourceMemoryLimit"]) == ("1", "2Gi"), name
             assert "nodeSelector" not in plat and "emptyDirMounts" not in plat
     tasks = _container_tasks(spec)
-    assert len(tasks) == 35
+    assert len(tasks) == 37
     for dag, name, t in tasks:
         policy = t.get("retryPolicy")
         assert policy and policy["maxRetryCount"] == (1 if name == "preflight" else 2), (dag, name)
         window = int(policy["backoffMaxDuration"].rstrip("s"))
         ex = spec["components"][t["componentRef"]["name"]]["executorLabel"]
-        if any(h in ex for h in (*HEAVY, "stage-data")):
+        if any(h in ex for h in (*HEAVY, "stage-data", "export-model")):
             assert window == int(HEAVY_RETRY_WINDOW.rstrip("s")) >= 24 * 3600, (dag, name)
         else:
             assert window == 3600, (dag, name)
@@ -285,11 +292,11 @@ def test_compile_options_image_digest_pull_secret_time_limits_shm_parallelism_pv
     # an existing claim instead of the run workspace, mounted in every task that reads the data
     assert "pipelineConfig" not in docs[1]["platforms"]["kubernetes"]
     mounted = {k for k, v in k8s.items() if v.get("pvcMount")}
-    assert mounted == {k for k in k8s if any(n in k for n in (*HEAVY, "stage-data", "search-init"))}
+    assert mounted == {k for k in k8s if any(n in k for n in (*HEAVY, "stage-data", "search-init", "export-model"))}
     assert all(k8s[k]["pvcMount"] == [{"constant": "coco-data", "mountPath": "/spnas-data",
                                        "pvcNameParameter": {"runtimeValue": {"constant": "coco-data"}}}] for k in mounted)
     tasks = [t for _, _, t in _container_tasks(docs[0]) if "workspace" in t["inputs"].get("parameters", {})]
-    assert len(tasks) == 14 and {t["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] for t in tasks} == \
+    assert len(tasks) == 15 and {t["inputs"]["parameters"]["workspace"]["runtimeValue"]["constant"] for t in tasks} == \
         {"/spnas-data"}
     plateau = docs[0]["components"]["comp-reignite-if-plateau"]
     assert plateau["outputDefinitions"]["artifacts"]["models"]["artifactType"]["schemaTitle"] == "system.Model"
@@ -319,8 +326,8 @@ def test_data_set_is_staged_once_and_enters_every_training_as_a_dataset_artifact
                if "dataset" in spec["components"][t["componentRef"]["name"]].get("inputDefinitions", {}).get("artifacts", {})]
     kinds = {re.sub(r"(-\d+)+$", "", t["componentRef"]["name"]) for _, _, t in readers}
     assert kinds == {"comp-fine-tune", "comp-search-init", "comp-train-candidate", "comp-reignite", "comp-full-train",
-                     "comp-phase-control", "comp-final-control"}
-    assert len(readers) == 1 + 2 + 4 + 1 + 1 + 2 + 1
+                     "comp-phase-control", "comp-final-control", "comp-export-model"}
+    assert len(readers) == 1 + 2 + 4 + 1 + 1 + 2 + 1 + 1
     for dag, name, t in readers:
         # at the root from stage-data; inside a phase from the phase's own Dataset input
         assert _artifact_source(t) in ({"stage-data"} if dag == "root" else {"dataset", "pipelinechannel--dataset"}), \
@@ -359,6 +366,10 @@ def _summary(recs):
     """What must agree between two runs of one config: ids, parents, codes, status, metrics."""
     return [(r["id"], r.get("parent"), r["desc"]["backbone"]["code"], r["desc"]["neck"]["code"], r.get("status"),
              (r.get("metrics") or {}).get("mAP"), (r.get("metrics") or {}).get("AP50")) for r in recs]
+
+
+def winner_of(run):
+    return json.loads((run / "control.json").read_text())["winner"]
 
 
 def _csv_records(path):
@@ -402,8 +413,14 @@ def test_compiled_yaml_runs_under_kfp_local_and_agrees_with_spnas_run(tiny_data,
     run = runs[0]
     for f in ("fine_tune/desc_0.json", "serial/state.json", "serial/output.csv", "serial/pareto.png",
               "reignition/output.csv", "parallel/state.json", "parallel/pareto.png", "fully_train/output.csv",
-              "data/manifest.json", "control.json", "model_final.pth"):
+              "data/manifest.json", "control.json", "model_final.pth", "export/model.onnx",
+              "export/model.torchscript.pt", "export/labels.json", "export/export.json", "export/MODEL_CARD.md"):
         assert (run / f).is_file(), f
+    # the tail: the run's result exported behind the gate (registered only with a registry: none here)
+    assert json.loads((run / "export" / "parity.json").read_text())["passed"] is True
+    exported = json.loads((run / "export" / "export.json").read_text())
+    assert exported["weights"] == str(run / "model_final.pth") and exported["control"]["winner"] == winner_of(run)
+    assert "Not registered" in logs.out + logs.err or "not registering" in logs.out + logs.err
     # weights are stored once: each in its task's Model artifact (the KFP store); the run's prefix
     # keeps records, plots, the report's files and the final model only
     assert [p.relative_to(run).as_posix() for p in run.rglob("*.pth")] == ["model_final.pth"]

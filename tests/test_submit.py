@@ -243,12 +243,34 @@ def test_schedule_does_not_catch_up_unless_asked(fake):
     submit.main(["schedule", *DATA, "--namespace", "team-a", "--catchup", "--cron", "0 30 1 * * *"])
     assert fake.names() == ["healthz", "create_experiment", "create_recurring_run"] * 2
     assert fake.calls[1][1:] == (("spnas",), {"namespace": "team-a"})
-    common = {"experiment_id": "exp-1", "job_name": "spnas-nightly", "pipeline_package_path": str(submit.PACKAGE),
+    common = {"experiment_id": "exp-1", "job_name": "spnas-retrain", "pipeline_package_path": str(submit.RETRAIN_PACKAGE),
               "max_concurrency": 1, "enable_caching": False}
     data = {"data_uri": "minio://datasets/coco"}
     assert fake.calls[2][2] == {**common, "cron_expression": "0 0 2 * * *", "params": {**data, "seed": 1},
                                 "no_catchup": True}
     assert fake.calls[5][2] == {**common, "cron_expression": "0 30 1 * * *", "params": data, "no_catchup": False}
+
+
+def test_schedule_schedules_the_retraining_pipeline_and_refuses_the_search(fake):
+    """The NAS pipeline runs on demand: scheduling it is refused before any request unless
+    --allow-search; the retraining pipeline is the default package of schedule (and run's is the
+    NAS pipeline)."""
+    assert submit.pipeline_name(submit.RETRAIN_PACKAGE) == "spnas-retrain"
+    assert submit.pipeline_name(submit.PACKAGE) == submit.SEARCH_PIPELINE
+    assert submit.build_parser().parse_args(["schedule"]).package == submit.RETRAIN_PACKAGE
+    assert submit.build_parser().parse_args(["run"]).package == submit.PACKAGE
+    with pytest.raises(SystemExit, match=r"--package .*spnas_pipeline.yaml: the SP-NAS search pipeline runs on "
+                                         r"demand \(make run\); schedule the retraining pipeline"):
+        submit.main(["schedule", *DATA, "--package", str(submit.PACKAGE)])
+    assert fake.names() == []
+    submit.main(["schedule", *DATA, "--package", str(submit.PACKAGE), "--allow-search"])
+    assert fake.names() == ["healthz", "create_experiment", "create_recurring_run"]
+    assert fake.calls[2][2]["pipeline_package_path"] == str(submit.PACKAGE)
+    # the retraining pipeline's own parameters are typed from its compiled file
+    submit.main(["schedule", *DATA, "--param", "margin=0.5", "--param", "model_name=detector"])
+    assert fake.calls[-1][2]["params"] == {"data_uri": "minio://datasets/coco", "margin": 0.5, "model_name": "detector"}
+    with pytest.raises(SystemExit, match="'gpus_per_task' is not a pipeline parameter"):
+        submit.main(["schedule", *DATA, "--param", "gpus_per_task=1"])
 
 
 def test_upload_goes_to_the_namespace(fake):
@@ -352,10 +374,10 @@ def test_a_run_or_schedule_without_the_data_set_is_refused_before_any_request(fa
 def test_a_multi_node_full_train_without_gpus_is_refused_before_any_request(fake):
     """full_train_nodes > 1 needs full_train_gpus_per_node >= 1 (the compiled default is 0):
     submit says so before it talks to the server."""
-    for cmd in ("run", "schedule"):
+    for cmd in (["run"], ["schedule", "--package", str(submit.PACKAGE), "--allow-search"]):
         with pytest.raises(SystemExit, match=r"full_train_nodes=2, full_train_gpus_per_node=0: a full train on "
                                              r"several nodes runs one process per GPU"):
-            submit.main([cmd, "--param", "data_uri=s3://b/d", "--param", "full_train_nodes=2"])
+            submit.main([*cmd, "--param", "data_uri=s3://b/d", "--param", "full_train_nodes=2"])
     assert fake.calls == [] and fake.inits == []
     submit.main(["run", "--param", "data_uri=s3://b/d", "--param", "full_train_nodes=2",
                  "--param", "full_train_gpus_per_node=4"])

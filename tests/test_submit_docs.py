@@ -58,13 +58,13 @@ def make_submits() -> list[tuple[str, list[str]]]:
     for path in DOCS:
         for words in command_lines(path):
             _, cmd = split_command(words)
-            if cmd[:2] in (["make", "run"], ["make", "schedule"]):
+            if cmd[:2] in (["make", "run"], ["make", "schedule"], ["make", "retrain"]):
                 out.append((path.name, cmd))
     return out
 
 
-def assert_typed(params: dict, where: str) -> None:
-    types = submit.pipeline_parameters()
+def assert_typed(params: dict, where: str, package=submit.PACKAGE) -> None:
+    types = submit.pipeline_parameters(package)
     assert params, f"{where}: no parameters"
     for name, value in params.items():
         assert name in types, f"{where}: {name!r} is not a pipeline parameter"
@@ -124,10 +124,12 @@ def test_the_kfp_cli_reads_an_unquoted_8_as_a_number():
 def test_make_lines_send_the_pipelines_types(doc, cmd):
     """Make hands $(PARAMS) unquoted to the recipe's shell, which splits it again."""
     assigned = dict(w.split("=", 1) for w in cmd[2:] if ASSIGNMENT.match(w))
-    argv = [cmd[1], *shlex.split(assigned.get("PARAMS", ""))]
+    # the Makefile's recipes: `make retrain` is `submit run --package pipelines/retrain_pipeline.yaml`
+    verb = ["run", "--package", str(submit.RETRAIN_PACKAGE)] if cmd[1] == "retrain" else [cmd[1]]
+    argv = [*verb, *shlex.split(assigned.get("PARAMS", ""))]
     if cmd[1] == "schedule":
         argv += ["--cron", assigned.get("CRON", "0 0 2 * * *")]
         submit.check_cron(assigned.get("CRON", "0 0 2 * * *"))
     args = submit.build_parser().parse_args(argv)
     if args.param:
-        assert_typed(submit.parse_params(args.param, args.package), f"{doc}: {shlex.join(cmd)}")
+        assert_typed(submit.parse_params(args.param, args.package), f"{doc}: {shlex.join(cmd)}", args.package)
