@@ -66,6 +66,47 @@ def test_both_programs_compute_what_pytorch_computes_at_any_size(exported, tiny_
             torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
 
 
+def _sizes_torchvision_tracing_misses(min_size: int, max_size: int, count: int) -> list[tuple[int, int]]:
+    """Image sizes that torchvision's own traced resize (its size computed in float32) makes a
+    pixel smaller than eager PyTorch does (Python floats): what an export must not inherit."""
+    from torchvision.models.detection.transform import _resize_image_and_masks
+
+    class Resize(torch.nn.Module):
+        def forward(self, x):
+            return _resize_image_and_masks(x, min_size, max_size)[0]
+    eager = Resize()
+    traced = torch.jit.trace(eager, (torch.zeros(3, min_size, min_size),), check_trace=False)
+    found = []
+    for h in range(min_size // 2, 4 * min_size):
+        for w in (h * 3 // 5, h * 5 // 3):
+            x = torch.zeros(3, h, w)
+            if traced(x).shape != eager(x).shape:
+                found.append((h, w))
+                if len(found) == count:
+                    return found
+    return found
+
+
+def test_programs_resize_every_size_as_pytorch_does(exported, tiny_data):
+    """The programs are traced on one 96 px image; on images whose resize torchvision's traced
+    arithmetic gets a pixel wrong they still give PyTorch's detections exactly."""
+    out, _, model = exported
+    sizes = _sizes_torchvision_tracing_misses(96, 96, 3)
+    assert len(sizes) == 3, sizes  # the hazard exists at these settings (else this test proves nothing)
+    image = CocoSource(str(tiny_data)).load("val", train=False)[0][0]
+    ref = eager_runner(model)
+    runners = {"onnx": onnx_runner(out / "model.onnx"), "torchscript": torchscript_runner(out / "model.torchscript.pt")}
+    for h, w in sizes:
+        x = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        want = ref(x)
+        assert len(want["scores"]) > 0
+        for name, run in runners.items():
+            got = run(x)
+            assert torch.equal(got["labels"], want["labels"]), (name, h, w)
+            torch.testing.assert_close(got["boxes"], want["boxes"], atol=1e-3, rtol=0)
+            torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
+
+
 def test_the_parity_report_has_the_measured_figures(exported):
     out, _, _ = exported
     report = json.loads((out / "parity.json").read_text())
@@ -76,6 +117,7 @@ def test_the_parity_report_has_the_measured_figures(exported):
         assert p["passed"] and p["val"]["unmatched"] == 0 and p["val"]["score_mismatch"] == 0
         assert p["val"]["matched"] == p["val"]["detections"] > 0 and p["val"]["min_iou"] >= 0.99
         assert p["mAP_diff"] <= 0.1 and p["probes"]["images"] == 12
+        assert p["probes"]["unmatched"] == 0 and p["probes"]["score_mismatch"] == 0  # probes gate too
     assert check_publishable(out)["name"] == "tiny"
 
 
@@ -94,11 +136,15 @@ def test_match_counts_unmatched_boxes_labels_and_score_differences():
     ref = {"boxes": torch.tensor([[0., 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]]),
            "labels": torch.tensor([1, 2, 1]), "scores": torch.tensor([0.9, 0.8, 0.7])}
     same = parity.match(ref, ref, gate)
-    assert (same["matched"], same["unmatched"], same["score_mismatch"], same["min_iou"]) == (3, 0, 0, 1.0)
+    assert (same["matched"], same["unmatched"], same["score_mismatch"], same["min_iou"], same["max_box_diff"]) == \
+        (3, 0, 0, 1.0, 0.0)
     got = {"boxes": torch.tensor([[0., 0, 10, 10], [20, 20, 40, 41], [50, 50, 60, 60], [70, 70, 80, 80]]),
            "labels": torch.tensor([1, 2, 3, 1]), "scores": torch.tensor([0.9005, 0.8, 0.7, 0.5])}
     m = parity.match(ref, got, gate)  # box 2 moved (IoU 0.952), box 3 relabelled, one extra detection
     assert (m["reference"], m["program"], m["matched"], m["unmatched"], m["score_mismatch"]) == (3, 4, 1, 5, 0)
+    assert m["max_box_diff"] == 0.0  # the one matched pair is box 1, unmoved
+    got["boxes"][0, 2] = 10.0625  # IoU 0.994: still matched
+    assert parity.match(ref, got, gate)["max_box_diff"] == 0.0625
     got["scores"] = torch.tensor([0.902, 0.8, 0.7, 0.5])
     assert parity.match(ref, got, gate)["score_mismatch"] == 1
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}

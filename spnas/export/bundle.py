@@ -163,9 +163,13 @@ def check_publishable(out_dir: str | os.PathLike) -> dict[str, Any]:
         raise ExportRefused(f"{path} does not exist: an export without a parity gate cannot be published")
     report = read_json(path, "parity report")
     if report.get("passed") is not True:
+        def probes(p: Mapping[str, Any]) -> str:
+            pr = p.get("probes")
+            return (f", on resized probes {pr['unmatched']} unmatched and {pr['score_mismatch']} score mismatch(es)"
+                    if pr and (pr["unmatched"] or pr["score_mismatch"]) else "")
         why = "; ".join(f"{n}: {p['val']['unmatched']} unmatched detection(s), {p['val']['score_mismatch']} score "
-                        f"mismatch(es), mAP difference {p['mAP_diff']}" for n, p in report.get("programs", {}).items()
-                        if not p.get("passed"))
+                        f"mismatch(es), mAP difference {p['mAP_diff']}{probes(p)}"
+                        for n, p in report.get("programs", {}).items() if not p.get("passed"))
         raise ExportRefused(f"{path}: the exported programs do not compute what PyTorch computed ({why}); "
                             "this export is refused for publishing")
     return read_json(out / "export.json", "export description")

@@ -67,7 +67,8 @@ def render(info: Mapping[str, Any], report: Mapping[str, Any]) -> str:
               "", "## Metrics", "", *_metrics_rows(info), "", "## Parity of the exported programs", ""]
     gate = report["gate"]
     lines.append(f"Gate: every detection matched (same label, IoU >= {gate['iou']}), scores within {gate['score']}, "
-                 f"mAP within {gate['map']}, on {report['images']} validation image(s). Verdict: "
+                 f"mAP within {gate['map']}, on {report['images']} validation image(s) and on probes (the first "
+                 f"of them resized to other sizes and aspect ratios). Verdict: "
                  f"**{'passed' if report['passed'] else 'FAILED: not to be published'}**.")
     lines += ["", "| program | verdict | matched / detections | min IoU | max score diff | mAP | "
               "probes: unmatched, max score diff |", "|---|---|---|---|---|---|---|"]
@@ -78,7 +79,7 @@ def render(info: Mapping[str, Any], report: Mapping[str, Any]) -> str:
                      f"{pr.get('unmatched', 'n/a')}, {_e(pr.get('max_score_diff'))} |")
     scales = [tuple(s) for p in list(report["programs"].values())[:1] for s in (p.get("probes") or {}).get("scales", [])]
     lines += ["", f"Probes: the first validation images resized by (height, width) factors {scales}: both programs "
-              "are traced, so sizes unlike the validation images are checked here, for information.",
+              "are traced on one image, so sizes unlike it are checked too, and gate like the validation images.",
               "", "## Lineage", ""]
     if info.get("lineage"):
         lines += ["| phase | id | serial | parallel | mAP | iterations |", "|---|---|---|---|---|---|"]

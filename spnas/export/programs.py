@@ -7,13 +7,21 @@ sub-networks, FPN, RPN, RoI heads and post-processing. One image in (``images``:
 training labels; ``labels.json`` maps them to the data set's category ids) and ``scores`` float32
 ``[N]``. Both are traced (torchvision's ONNX path; TorchScript's scripting is deprecated in
 torch 2.x), so what they compute is checked, not assumed: see :mod:`.parity`.
+
+Traced as torchvision traces it, the resize computes its output size in float32 where eager
+PyTorch computes it in Python floats (doubles): ``floor(200 * 0.8)`` is 160 eagerly and 159 in the
+traced program, so an image of another aspect ratio than the tracing sample is resized one pixel
+short and every detection moves. :func:`_exact_resize` gives the traced programs eager PyTorch's
+arithmetic (float64), so the programs equal PyTorch on any image size.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,35 @@ class SingleImage(nn.Module):
         return out["boxes"], out["labels"], out["scores"]
 
 
+def _resize_in_doubles(self: Any, image: torch.Tensor, target: Any = None) -> tuple[torch.Tensor, Any]:
+    """``GeneralizedRCNNTransform.resize`` (eval, no fixed size) with eager PyTorch's output
+    size, ``floor(side * min(min_size / short, max_size / long))`` in float64, as tensor
+    operations the tracer records (the sides stay dynamic)."""
+    if self.training or self.fixed_size is not None or target is not None:
+        return type(self).resize(self, image, target)
+    sides = torch._shape_as_tensor(image)[-2:].to(torch.float64)
+    # 1-D tensors throughout: the ONNX exporter computes 0-dim operands in float32 (the
+    # scalar-promotion rule), which gives 159 where eager PyTorch gives 160
+    goals = torch.tensor([float(self.min_size[-1]), float(self.max_size)], dtype=torch.float64)
+    scale = torch.amin(goals / torch.sort(sides).values, dim=0, keepdim=True)  # min(goal/short, goal/long)
+    size = torch.floor(sides * scale).to(torch.int64)
+    resized = torch.nn.functional.interpolate(image[None], size=(size[0], size[1]), mode="bilinear",
+                                              align_corners=False)[0]
+    return resized, target
+
+
+@contextlib.contextmanager
+def _exact_resize(detector: nn.Module) -> Iterator[nn.Module]:
+    """While tracing: ``detector.transform.resize`` computes its output size as eager PyTorch
+    does (see the module docstring); the detector is restored afterwards."""
+    transform = detector.transform
+    transform.resize = types.MethodType(_resize_in_doubles, transform)
+    try:
+        yield detector
+    finally:
+        del transform.resize
+
+
 def export_onnx(detector: nn.Module, path: str | os.PathLike, sample: torch.Tensor, opset: int = OPSET) -> Path:
     """Write ``detector`` (eval mode, CPU) as ONNX to ``path`` (atomically), traced on
     ``sample`` (``[3, H, W]``) with dynamic height and width."""
@@ -60,8 +97,9 @@ def export_onnx(detector: nn.Module, path: str | os.PathLike, sample: torch.Tens
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on torchvision's shape arithmetic
         try:
-            torch.onnx.export(detector, ([sample],), buf, opset_version=opset, dynamo=False, input_names=[INPUT],
-                              output_names=list(OUTPUTS), dynamic_axes={INPUT: {1: "height", 2: "width"}})
+            with _exact_resize(detector):
+                torch.onnx.export(detector, ([sample],), buf, opset_version=opset, dynamo=False, input_names=[INPUT],
+                                  output_names=list(OUTPUTS), dynamic_axes={INPUT: {1: "height", 2: "width"}})
         except Exception as exc:  # an operator ONNX lacks, a tracing failure
             raise ExportError(f"ONNX export (opset {opset}) failed: {type(exc).__name__}: {exc}") from None
     return atomic_write(path, lambda fh: fh.write(buf.getvalue()), mode=0o644)
@@ -73,7 +111,8 @@ def export_torchscript(detector: nn.Module, path: str | os.PathLike, sample: tor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in torch 2.x; still the portable program
         try:
-            traced = torch.jit.trace(SingleImage(detector.eval().cpu()), (sample,), check_trace=False)
+            with _exact_resize(detector.eval().cpu()):
+                traced = torch.jit.trace(SingleImage(detector), (sample,), check_trace=False)
         except Exception as exc:
             raise ExportError(f"TorchScript trace failed: {type(exc).__name__}: {exc}") from None
         buf = io.BytesIO()
