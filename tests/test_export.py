@@ -187,20 +187,32 @@ def test_cli_export_exits_3_when_the_gate_fails(tiny_data, tmp_path, monkeypatch
 
 
 def test_lineage_follows_parents_back_through_the_phases():
-    def rec(i, parent, code, phase):
-        return {"id": i, "parent": parent, "phase": phase, "desc": {"backbone": {"code": code}},
-                "metrics": {"mAP": float(i)}, "iters": 10}
+    """Records as ``spnas run`` writes them: candidates name a parent in their phase, search
+    seeds (round -1) start from an earlier record's weights, reignition and full-train records
+    name the previous phase's id; the result record (reports' ``best``) carries no phase."""
+    def rec(i, parent, code, weights, rnd=None, **extra):
+        r = {"id": i, "parent": parent, "desc": {"backbone": {"code": code}}, "metrics": {"mAP": float(i)},
+             "iters": 10, "weights": weights, **extra}
+        return r if rnd is None else {**r, "round": rnd}
     reports = {"phases": {
-        "fine_tune": {"records": [rec(0, None, "1-2-2-2", "fine_tune")]},
-        "serial": {"records": [rec(0, None, "1-2-2-2", "serial"), rec(1, 0, "11-2-2-2", "serial"),
-                               rec(3, 1, "11-2-2-12", "serial")]},
-        "parallel": {"records": [rec(0, None, "11-2-2-12", "parallel"), rec(2, 0, "11-2-2-12", "parallel")]},
-        "fully_train": {"records": [rec(2, 2, "11-2-2-12", "fully_train")]}}}
-    chain = lineage(reports, reports["phases"]["fully_train"]["records"][0])
-    assert [(e["phase"], e["id"]) for e in chain] == [("fully_train", 2), ("parallel", 2), ("parallel", 0)]
-    chain = lineage(reports, reports["phases"]["serial"]["records"][2])
-    assert [(e["phase"], e["id"], e["serial"]) for e in chain] == [("serial", 3, "11-2-2-12"), ("serial", 1, "11-2-2-2"),
-                                                                   ("serial", 0, "1-2-2-2")]
+        "fine_tune": {"role": "fine_tune", "records": [rec(0, None, "1-2-2-2", "ft/0", phase="fine_tune")]},
+        "serial": {"role": "serial", "records": [rec(0, None, "1-2-2-2", "ft/0", -1), rec(1, 0, "11-2-2-2", "s/1", 0),
+                                                  rec(3, 1, "11-2-2-12", "s/3", 1), rec(4, 0, "1-2-12-2", "s/4", 1)]},
+        "reignition": {"role": "reignition", "records": [rec(3, 3, "11-2-2-12", "r/3", phase="reignition"),
+                                                          rec(4, 4, "1-2-12-2", "r/4", phase="reignition")]},
+        "parallel": {"role": "parallel", "records": [rec(0, None, "11-2-2-12", "r/3", -1),
+                                                      rec(1, None, "1-2-12-2", "r/4", -1),
+                                                      rec(2, 0, "11-2-2-12", "p/2", 0), rec(3, 1, "1-2-12-2", "p/3", 0)]},
+        "fully_train": {"role": "full_train", "records": [rec(2, 2, "11-2-2-12", "f/2")]}}}
+    best = dict(reports["phases"]["fully_train"]["records"][0])
+    chain = lineage(reports, best)
+    assert [(e["phase"], e["id"]) for e in chain] == [
+        ("fully_train", 2), ("parallel", 2), ("parallel", 0), ("reignition", 3), ("serial", 3), ("serial", 1),
+        ("serial", 0), ("fine_tune", 0)]
+    chain = lineage(reports, reports["phases"]["parallel"]["records"][3])
+    assert [(e["phase"], e["id"], e["serial"]) for e in chain] == [
+        ("parallel", 3, "1-2-12-2"), ("parallel", 1, "1-2-12-2"), ("reignition", 4, "1-2-12-2"),
+        ("serial", 4, "1-2-12-2"), ("serial", 0, "1-2-2-2"), ("fine_tune", 0, "1-2-2-2")]
 
 
 @pytest.mark.slow
@@ -210,5 +222,6 @@ def test_cli_export_of_a_run_carries_its_control_and_lineage(tiny_run, tiny_data
     assert "parity gate passed" in capsys.readouterr().out
     info = json.loads((tmp_path / "e" / "export.json").read_text())
     assert info["control"] == reports["control"] and info["lineage"][0]["id"] == reports["best"]["id"]
+    assert info["lineage"][0]["phase"] == "fully_train" and info["lineage"][-1]["phase"] == "fine_tune"
     card = (tmp_path / "e" / "MODEL_CARD.md").read_text()
     assert "equal-budget control (in the run)" in card and "| phase | id | serial |" in card

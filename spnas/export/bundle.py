@@ -66,13 +66,46 @@ def _latency_ms(run: Runner, image: torch.Tensor, repeats: int = 5) -> float:
 
 
 def lineage(reports: Mapping[str, Any], record: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The training lineage of ``record`` in a ``spnas run``'s ``reports.json``: the record,
-    then its parent (in its own phase, else in an earlier one), and so on back to fine_tune.
-    Each entry: phase, id, serial and parallel codes, mAP, iterations."""
-    phases = list(reports.get("phases", {}).items())
-    names = [n for n, _ in phases]
+    """The training lineage of ``record`` in a ``spnas run``'s ``reports.json``: the record, then
+    the one it was trained from, and so on back to fine_tune. A search candidate's parent is the
+    record of its own phase with the ``parent`` id; a search seed (round -1) comes from the
+    earlier record whose weights it starts from; a reignition or full-train record from the
+    previous phase's record of its ``parent`` id. Each entry: phase, id, serial and parallel
+    codes, mAP, iterations."""
+    phases = {name: list(p.get("records") or []) for name, p in (reports.get("phases") or {}).items()}
+    roles = {name: p.get("role", name) for name, p in (reports.get("phases") or {}).items()}
+    names = list(phases)
+
+    def phase_of(rec: Mapping[str, Any]) -> str | None:
+        if rec.get("phase") in phases:
+            return rec["phase"]
+        for name in reversed(names):  # the latest phase holding this very record
+            if any(r.get("id") == rec.get("id") and r.get("weights") == rec.get("weights") for r in phases[name]):
+                return name
+        return None
+
+    def source(rec: Mapping[str, Any], phase: str) -> tuple[dict[str, Any] | None, str | None]:
+        earlier = list(reversed(names[: names.index(phase)]))
+        if roles[phase] in ("serial", "parallel") and (rec.get("round") is None or rec["round"] >= 0):
+            found = [r for r in phases[phase] if r.get("id") == rec.get("parent") and r is not rec]
+            return (found[0], phase) if found and rec.get("parent") is not None else (None, None)
+        if roles[phase] in ("serial", "parallel"):  # a seed: the earlier record trained into its weights
+            for name in earlier:
+                found = [r for r in phases[name] if rec.get("weights") and r.get("weights") == rec["weights"]]
+                if found:
+                    return found[0], name
+            return None, None
+        if rec.get("parent") is None:
+            return None, None
+        for name in earlier:
+            found = [r for r in phases[name] if r.get("id") == rec["parent"]]
+            if found:
+                return found[0], name
+        return None, None
+
     out: list[dict[str, Any]] = []
-    cur, phase = dict(record), record.get("phase")
+    cur: dict[str, Any] | None = dict(record)
+    phase = phase_of(record)
     seen: set[tuple[Any, Any]] = set()
     while cur is not None and (phase, cur.get("id")) not in seen:
         seen.add((phase, cur.get("id")))
@@ -80,17 +113,9 @@ def lineage(reports: Mapping[str, Any], record: Mapping[str, Any]) -> list[dict[
         out.append({"phase": phase, "id": cur.get("id"), "serial": desc["backbone"]["code"],
                     "parallel": list(desc["neck"]["code"]), "mAP": (cur.get("metrics") or {}).get("mAP"),
                     "iters": cur.get("iters")})
-        parent = cur.get("parent")
-        if parent is None or phase not in names:
+        if phase is None:
             break
-        nxt = None
-        for name in reversed(names[: names.index(phase) + 1]):  # own phase first, then earlier ones
-            recs = reports["phases"][name].get("records") or []
-            found = [r for r in recs if r.get("id") == parent and not (name == phase and r.get("id") == cur.get("id"))]
-            if found:
-                nxt, phase = found[0], name
-                break
-        cur = nxt
+        cur, phase = source(cur, phase)
     return out
 
 

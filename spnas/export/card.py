@@ -14,6 +14,11 @@ def _f(value: Any, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _n(value: Any) -> str:
+    """A count with thousands separators."""
+    return "n/a" if value is None else f"{int(value):,}"
+
+
 def _e(value: Any) -> str:
     return "n/a" if value is None else f"{value:.1e}"
 
@@ -28,8 +33,9 @@ def _metrics_rows(info: Mapping[str, Any]) -> list[str]:
     rows = ["| | this model (at export) | searched (in the run) | equal-budget control (in the run) |",
             "|---|---|---|---|",
             *(f"| {k} | {_f(m.get(k))} | {_f(s.get(k))} | {_f(c.get(k))} |" for k in keys),
-            f"| params | {info['costs']['params']:,} | {_f(s.get('params'))} | {_f(c.get('params'))} |",
-            f"| GFLOPs | {info['costs']['gflops']} | {_f(s.get('gflops'))} | {_f(c.get('gflops'))} |", ""]
+            f"| params | {_n(info['costs']['params'])} | {_n(s.get('params'))} | {_n(c.get('params'))} |",
+            f"| GFLOPs | {info['costs']['gflops']:.3f} | {_f(s.get('gflops'), 3)} | {_f(c.get('gflops'), 3)} |",
+            f"| training iterations after fine_tune | n/a | {_n(s.get('iterations'))} | {_n(c.get('iterations'))} |", ""]
     if ctrl.get("delta_mAP") is not None:
         rows.append(f"In the run the searched model scored {ctrl['delta_mAP']:+.2f} mAP against the seed trained with "
                     f"the same budget from the same weights; the run's result was the **{ctrl.get('winner')}** model "
@@ -70,12 +76,13 @@ def render(info: Mapping[str, Any], report: Mapping[str, Any]) -> str:
                  f"mAP within {gate['map']}, on {report['images']} validation image(s) and on probes (the first "
                  f"of them resized to other sizes and aspect ratios). Verdict: "
                  f"**{'passed' if report['passed'] else 'FAILED: not to be published'}**.")
-    lines += ["", "| program | verdict | matched / detections | min IoU | max score diff | mAP | "
-              "probes: unmatched, max score diff |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| program | verdict | matched / detections | min IoU | max box diff (px) | max score diff | mAP | "
+              "probes: unmatched, max score diff |", "|---|---|---|---|---|---|---|---|"]
     for name, p in report["programs"].items():
         v, pr = p["val"], p.get("probes") or {}
         lines.append(f"| {name} | {'passed' if p['passed'] else 'FAILED'} | {v['matched']} / {v['detections']} | "
-                     f"{_f(v['min_iou'], 4)} | {_e(v['max_score_diff'])} | {_f(p['metrics']['mAP'])} | "
+                     f"{_f(v['min_iou'], 4)} | {_e(v.get('max_box_diff'))} | {_e(v['max_score_diff'])} | "
+                     f"{_f(p['metrics']['mAP'])} | "
                      f"{pr.get('unmatched', 'n/a')}, {_e(pr.get('max_score_diff'))} |")
     scales = [tuple(s) for p in list(report["programs"].values())[:1] for s in (p.get("probes") or {}).get("scales", [])]
     lines += ["", f"Probes: the first validation images resized by (height, width) factors {scales}: both programs "
