@@ -172,6 +172,31 @@ def test_a_program_that_drifts_fails_the_gate_and_is_refused(exported, tiny_data
         check_publishable(tmp_path)
 
 
+def test_an_export_with_one_tensor_changed_fails_the_gate_and_is_refused(exported, tiny_data, tmp_path):
+    """model.onnx with one weight tensor (the RoI classifier's) scaled by 1.5: the gate finds the
+    moved scores, says passed: false, and the folder is refused for publishing."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    out, _, model = exported
+    bad = tmp_path / "corrupted"
+    shutil.copytree(out, bad)
+    proto = onnx.load(str(bad / "model.onnx"))
+    [init] = [i for i in proto.graph.initializer if i.name == "roi_heads.box_predictor.cls_score.weight"]
+    init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init) * np.float32(1.5)).astype(np.float32), init.name))
+    onnx.save(proto, str(bad / "model.onnx"))
+    ds = CocoSource(str(tiny_data)).load("val", train=False)
+    report = parity.check(eager_runner(model), {"onnx": onnx_runner(bad / "model.onnx")}, ds)
+    onnx_report = report["programs"]["onnx"]
+    assert report["passed"] is False and onnx_report["passed"] is False
+    assert onnx_report["val"]["unmatched"] + onnx_report["val"]["score_mismatch"] > 0
+    (bad / "parity.json").write_text(json.dumps(report))
+    with pytest.raises(ExportRefused, match=r"onnx: \d+ unmatched detection\(s\), \d+ score mismatch\(es\)"):
+        check_publishable(bad)
+
+
 def test_cli_export_exits_3_when_the_gate_fails(tiny_data, tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     torch.save(build_detector(TINY).state_dict(), tmp_path / "w.pth")
