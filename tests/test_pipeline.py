@@ -647,8 +647,9 @@ def test_kfp_local_stages_the_data_once_and_survives_a_killed_candidate(tiny_dat
     assert manifest["objects"] == objects == 24
     fetches = [json.loads(line) for line in fetch_log.read_text().splitlines()]
     data = [f for f in fetches if f["uri"].rstrip("/") == data_uri]
-    # stage, fine_tune, the surviving serial child, reignition, 2 parallel children, the full train
-    assert len({f["pid"] for f in data}) == 7
+    # stage, fine_tune, the surviving serial child, reignition, 2 parallel children, the full train,
+    # the export (its parity gate runs on the val split)
+    assert len({f["pid"] for f in data}) == 8
     assert sum(f["downloaded"] for f in data) == objects  # one download per object for the whole run
     assert not pod_cache.exists() or not any(p.is_file() for p in pod_cache.rglob("*.jpg"))
 
