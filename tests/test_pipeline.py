@@ -421,6 +421,10 @@ def test_compiled_yaml_runs_under_kfp_local_and_agrees_with_spnas_run(tiny_data,
     exported = json.loads((run / "export" / "export.json").read_text())
     assert exported["weights"] == str(run / "model_final.pth") and exported["control"]["winner"] == winner_of(run)
     assert "Not registered" in logs.out + logs.err or "not registering" in logs.out + logs.err
+    # the model card's lineage, read back from what the run published: full train back to fine_tune
+    chain = [e["phase"] for e in exported["lineage"]]
+    assert chain[0] == "fully_train" and chain[-1] == "fine_tune" and {"serial", "parallel"} <= set(chain), chain
+    assert "| fine_tune | 0 |" in (run / "export" / "MODEL_CARD.md").read_text()
     # weights are stored once: each in its task's Model artifact (the KFP store); the run's prefix
     # keeps records, plots, the report's files and the final model only
     assert [p.relative_to(run).as_posix() for p in run.rglob("*.pth")] == ["model_final.pth"]

@@ -31,7 +31,7 @@ from .. import __version__
 from ..data.source import CocoSource
 from ..models.checkpoint import load_weights
 from ..models.cost import count_params, forward_cost, train_memory_mb
-from ..models.desc import normalize_desc
+from ..models.desc import arch_string, normalize_desc
 from ..models.detector import build_detector
 from ..utils.errors import SpnasError
 from ..utils.fileio import atomic_write_json, atomic_write_text, read_json
@@ -94,11 +94,17 @@ def lineage(reports: Mapping[str, Any], record: Mapping[str, Any]) -> list[dict[
                 found = [r for r in phases[name] if rec.get("weights") and r.get("weights") == rec["weights"]]
                 if found:
                     return found[0], name
+            arch = arch_string(rec.get("desc"))  # records without weights (output.csv rows)
+            for name in earlier:
+                found = [r for r in phases[name] if r.get("desc") and arch_string(r["desc"]) == arch]
+                if found:
+                    return found[0], name
             return None, None
-        if rec.get("parent") is None:
+        parent = rec.get("parent", rec.get("id"))  # reignition and full train keep their source's id
+        if parent is None:
             return None, None
         for name in earlier:
-            found = [r for r in phases[name] if r.get("id") == rec["parent"]]
+            found = [r for r in phases[name] if r.get("id") == parent]
             if found:
                 return found[0], name
         return None, None

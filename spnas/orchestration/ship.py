@@ -29,6 +29,7 @@ from ..storage import is_uri, local_path, upload
 from ..utils.errors import PhaseError
 from ..utils.fileio import atomic_write_json, read_json
 from . import pods, steps
+from .rounds import STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,34 @@ def _control_summary(run_uri: str) -> dict[str, Any] | None:
         return None
 
 
+def run_lineage(config_text: str, run_uri: str, step_name: str, record: Mapping[str, Any],
+                overrides: Sequence[str] | str = ()) -> list[dict[str, Any]]:
+    """The lineage of ``record`` (a record of step ``step_name``) from what the run published
+    under ``run_uri``: each search step's ``state.json``, each other step's ``output.csv``
+    (:func:`spnas.export.bundle.lineage`). A step whose files are missing is left out (the
+    retraining pipeline has no search)."""
+    import csv
+
+    from ..export.bundle import lineage
+    from ..search import records as search_records
+    cfg = pods.load_run(config_text, overrides)
+    phases: dict[str, dict[str, Any]] = {}
+    for step in cfg.steps:
+        base = _join(run_uri, step.name)
+        try:
+            if step.role in ("serial", "parallel"):
+                recs = search_records(json.loads(Path(local_path(_join(base, STATE_FILE))).read_text()))
+            else:
+                rows = csv.DictReader(Path(local_path(_join(base, "output.csv"))).read_text().splitlines())
+                recs = [{"id": int(r["worker_id"]), "metrics": json.loads(r["performance"]), "desc": json.loads(r["desc"])}
+                        for r in rows]
+        except Exception as exc:  # noqa: BLE001  (a step that did not run or publish: left out)
+            log.debug("lineage: %s of %s not read (%s)", step.name, run_uri, exc)
+            continue
+        phases[step.name] = {"role": step.role, "records": recs}
+    return lineage({"phases": phases}, {**pods.plain(dict(record)), "phase": step_name})
+
+
 def export_record(config_text: str, step_name: str, record: Mapping[str, Any], weights: str, data_uri: str,
                   run_uri: str, name: str, overrides: Sequence[str] | str = (), *, control: bool = True,
                   max_images: int | None = None) -> dict[str, Any]:
@@ -104,7 +133,8 @@ def export_record(config_text: str, step_name: str, record: Mapping[str, Any], w
     with tempfile.TemporaryDirectory(prefix="spnas-export-") as tmp:
         out = Path(tmp) / EXPORT_DIR
         info = export_model(rec["desc"], local_path(weights), steps.data_source(step, data_uri), out, name=name,
-                            control=_control_summary(run_uri) if control else None, max_images=max_images)
+                            control=_control_summary(run_uri) if control else None, max_images=max_images,
+                            lineage_=run_lineage(config_text, run_uri, step_name, rec, overrides))
         report = read_json(out / "parity.json", "parity report")
         publish_folder(out, target)
         programs = {k: {"max_box_diff": (p.get("val") or {}).get("max_box_diff"),
