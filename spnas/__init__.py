@@ -7,8 +7,8 @@ so light tools (the storage commands, light Kubeflow components) never import to
 
 Public contract::
 
-    build_detector(desc) -> torch.nn.Module          # torchvision FasterRCNN
-    convert_torchvision(state_dict) -> dict          # fasterrcnn_resnet50_fpn -> build_detector keys
+    build_detector(desc) -> torch.nn.Module          # torchvision FasterRCNN (or MaskRCNN)
+    convert_torchvision(state_dict) -> dict          # {faster,mask}rcnn_resnet50_fpn -> build_detector keys
     inherit_weights(parent_desc, parent_state, child_desc) -> (child_state, report)
 """
 from __future__ import annotations

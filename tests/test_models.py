@@ -147,7 +147,7 @@ def test_normalize_desc_defaults_and_spellings():
 
 
 @pytest.mark.parametrize("desc, message", [
-    ({"type": "MaskRCNN"}, "type 'MaskRCNN' is not supported"),
+    ({"type": "RetinaNet"}, "type 'RetinaNet' is not supported"),
     ({"backbone": {"type": "ResNet"}}, "backbone.type 'ResNet' is not supported"),
     ({"neck": {"type": "BiFPN"}}, "neck.type 'BiFPN' is not supported"),
     ({"backbone": {"depth": 50}}, "backbone has unknown key\\(s\\) \\['depth'\\]"),

@@ -139,6 +139,9 @@ def export_model(desc: Mapping[str, Any], weights: str | os.PathLike, data: Coco
     if len(val) == 0:
         raise SpnasError(f"the validation split of {data.root!r} has no image: the parity gate needs some")
     d = normalize_desc(desc)
+    if d["type"] != "FasterRCNN":
+        raise SpnasError(f"model desc type {d['type']!r} cannot be exported yet: the programs output boxes, "
+                         "labels and scores, not masks (issue #16)")
     if d["num_classes"] != val.num_classes:
         raise SpnasError(f"the description has num_classes {d['num_classes']} but the data set {data.root!r} has "
                          f"{val.num_classes - 1} categories (+ background = {val.num_classes})")

@@ -44,6 +44,10 @@ def unwrap_state_dict(obj: Any) -> OrderedDict[str, torch.Tensor]:
     return out
 
 
+#: The tensor that tells a Mask R-CNN checkpoint from a Faster R-CNN one.
+MASK_PREDICTOR = "roi_heads.mask_predictor.mask_fcn_logits.weight"
+
+
 def _model_shapes(model: nn.Module) -> OrderedDict[str, torch.Size]:
     return OrderedDict((k, v.shape) for k, v in model.state_dict().items())
 
@@ -92,21 +96,24 @@ def strict_map(source: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
 
 def convert_torchvision(state_dict: Mapping[str, Any], desc: Mapping[str, Any] | None = None
                         ) -> OrderedDict[str, torch.Tensor]:
-    """Map a torchvision ``fasterrcnn_resnet50_fpn`` state dict onto ``build_detector(desc)``.
+    """Map a torchvision ``fasterrcnn_resnet50_fpn`` or ``maskrcnn_resnet50_fpn`` state dict onto
+    ``build_detector(desc)``.
 
     ``desc`` defaults to the ResNet-50 code with the checkpoint's own class count (read from
-    ``roi_heads.box_predictor.cls_score.weight``). Backbone, FPN (biases included), RPN and RoI
-    heads map by name; BN tensors saved from ``FrozenBatchNorm2d`` (no ``num_batches_tracked``)
-    are accepted. Raises :class:`ConversionError` listing every tensor that does not fit.
+    ``roi_heads.box_predictor.cls_score.weight``) and type (``MaskRCNN`` when the checkpoint has
+    a mask predictor). Backbone, FPN (biases included), RPN, RoI and mask heads map by name; BN
+    tensors saved from ``FrozenBatchNorm2d`` (no ``num_batches_tracked``) are accepted. Raises
+    :class:`ConversionError` listing every tensor that does not fit.
     """
     sd = unwrap_state_dict(state_dict)
     if desc is None:
         cls = sd.get("roi_heads.box_predictor.cls_score.weight")
         if cls is None:
             raise ConversionError("checkpoint has no 'roi_heads.box_predictor.cls_score.weight': "
-                                  "not a torchvision Faster R-CNN state dict")
-        desc = {"num_classes": int(cls.shape[0])}
-    return strict_map(sd, detector_shapes(desc), "torchvision Faster R-CNN checkpoint")
+                                  "not a torchvision Faster R-CNN or Mask R-CNN state dict")
+        desc = {"num_classes": int(cls.shape[0]), "type": "MaskRCNN" if MASK_PREDICTOR in sd else "FasterRCNN"}
+    kind = "Mask R-CNN" if normalize_desc(desc)["type"] == "MaskRCNN" else "Faster R-CNN"
+    return strict_map(sd, detector_shapes(desc), f"torchvision {kind} checkpoint")
 
 
 def convert_resnet(state_dict: Mapping[str, Any], desc: Mapping[str, Any] | None = None,

@@ -2,7 +2,8 @@
 
 A description is a plain dict::
 
-    {"type": "FasterRCNN", "num_classes": 91,
+    {"type": "FasterRCNN",           # or "MaskRCNN" (boxes and instance masks)
+     "num_classes": 91,
      "backbone": {"type": "SerialBackbone", "code": "111-2111-211111-211",
                   "block": "bottleneck", "base_channels": 64, "norm": "bn"},
      "neck": {"type": "ParallelFPN", "code": [0, 0, 0, 0], "out_channels": 256},
@@ -31,7 +32,11 @@ DEFAULT_DESC: dict[str, Any] = {
                  "base_channels": 64, "norm": "bn"},
     "neck": {"type": "ParallelFPN", "code": None, "out_channels": 256},
 }
-_DETECTOR_TYPES = {"fasterrcnn", "faster_rcnn"}
+#: Model types (spellings -> canonical): torchvision's Faster R-CNN (boxes) and Mask R-CNN (boxes
+#: and instance masks: the same detector plus torchvision's mask head and predictor).
+_DETECTOR_TYPES = {"fasterrcnn": "FasterRCNN", "faster_rcnn": "FasterRCNN",
+                   "maskrcnn": "MaskRCNN", "mask_rcnn": "MaskRCNN"}
+MODEL_TYPES = ("FasterRCNN", "MaskRCNN")
 _BACKBONE_TYPES = {"serialbackbone", "serialnet"}
 _NECK_TYPES = {"parallelfpn", "fpn"}
 #: Vega model_desc keys that configure phases, not the architecture: accepted and kept, the
@@ -99,7 +104,8 @@ def normalize_desc(desc: Mapping[str, Any] | None = None) -> dict[str, Any]:
     out = copy.deepcopy(DEFAULT_DESC)
     dtype = desc.pop("type", "FasterRCNN")
     if str(dtype).lower() not in _DETECTOR_TYPES:
-        raise DescError(f"model desc type {dtype!r} is not supported: expected 'FasterRCNN'")
+        raise DescError(f"model desc type {dtype!r} is not supported: expected one of {list(MODEL_TYPES)}")
+    out["type"] = _DETECTOR_TYPES[str(dtype).lower()]
     out["num_classes"] = _int(desc.pop("num_classes", 91), "num_classes", 2)
 
     bb = _section(desc, "backbone", "SerialBackbone", _BACKBONE_TYPES)

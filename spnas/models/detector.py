@@ -1,8 +1,10 @@
-"""Faster R-CNN assembly on the described backbone (torchvision ``FasterRCNN``).
+"""Detector assembly on the described backbone (torchvision ``FasterRCNN`` or ``MaskRCNN``).
 
-:func:`build_detector` builds torchvision's ``FasterRCNN`` with anchors and RoI pooling sized to
-the number of feature levels (for 4 stages exactly ``fasterrcnn_resnet50_fpn``'s). Builders take
-a description (normalised here when it is not yet).
+:func:`build_detector` builds torchvision's ``FasterRCNN`` (``type: FasterRCNN``) or ``MaskRCNN``
+(``type: MaskRCNN``: the same detector plus torchvision's mask head and predictor) with anchors
+and RoI pooling sized to the number of feature levels (for 4 stages exactly
+``fasterrcnn_resnet50_fpn``'s / ``maskrcnn_resnet50_fpn``'s). Builders take a description
+(normalised here when it is not yet).
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..utils.errors import DescError
@@ -46,7 +49,8 @@ def anchor_generator(num_levels: int) -> AnchorGenerator:
 
 
 def build_detector(desc: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build torchvision's ``FasterRCNN`` on the described backbone.
+    """Build torchvision's ``FasterRCNN`` (or ``MaskRCNN`` for ``type: MaskRCNN``, its mask RoI
+    pooling at 14 px over the same levels, as ``maskrcnn_resnet50_fpn``) on the described backbone.
 
     Missing keys take the defaults of :data:`DEFAULT_DESC`; other ``FasterRCNN`` keyword
     arguments (``min_size``, ``max_size``, ``box_score_thresh``...) pass through.
@@ -65,9 +69,13 @@ def build_detector(desc: Mapping[str, Any] | None = None) -> nn.Module:
         head = {"num_classes": None,
                 "box_head": TwoMLPHead(backbone.out_channels * resolution ** 2, width),
                 "box_predictor": FastRCNNPredictor(width, d["num_classes"])}
+    cls: type[FasterRCNN] = FasterRCNN
+    if d["type"] == "MaskRCNN":
+        cls = MaskRCNN
+        kwargs["mask_roi_pool"] = MultiScaleRoIAlign(backbone.featmap_names, output_size=14, sampling_ratio=2)
+        if head["num_classes"] is None:  # a custom box head: torchvision then builds no mask predictor itself
+            kwargs["mask_predictor"] = MaskRCNNPredictor(256, 256, d["num_classes"])
     try:
-        return FasterRCNN(
-            backbone, rpn_anchor_generator=anchor_generator(n_levels + 1), box_roi_pool=pool,
-            **head, **kwargs)
+        return cls(backbone, rpn_anchor_generator=anchor_generator(n_levels + 1), box_roi_pool=pool, **head, **kwargs)
     except (TypeError, ValueError) as exc:  # a bad pass-through keyword argument
-        raise DescError(f"model desc keyword arguments {sorted(kwargs)} rejected by FasterRCNN: {exc}") from exc
+        raise DescError(f"model desc keyword arguments {sorted(kwargs)} rejected by {d['type']}: {exc}") from exc

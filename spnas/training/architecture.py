@@ -103,6 +103,10 @@ def _train_here(desc: Mapping[str, Any] | None, data: CocoSource, out: Path, cfg
     train_set = data.load("train", train=True, seed=cfg.seed)
     val_set = data.load("val", train=False)
     d = dataset_desc(desc, train_set, **desc_overrides)
+    if d["type"] != "FasterRCNN":
+        raise ConfigError(f"model desc type {d['type']!r} cannot be trained yet: the data loader reads boxes, not "
+                          "instance masks (issue #16); such a model can be built, converted from a torchvision "
+                          "checkpoint, inherit weights and be evaluated on boxes")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_detector(d)
