@@ -547,6 +547,47 @@ def test_fuzz_coco_annotations(coco, train, bad_boxes, data):
     assert sum(len(rec["boxes"]) for rec in ds.records) + sum(ds.skipped.values()) == len(ann["annotations"])
 
 
+segmentation_values = st.one_of(
+    coco_values,
+    st.lists(st.lists(st.integers(-10**6, 10**6) | st.floats(), max_size=12), max_size=3),
+    st.fixed_dictionaries({"size": st.lists(st.integers(-5, 70), max_size=3) | st.just([64, 64]) | coco_values,
+                           "counts": st.text(max_size=40) | st.lists(st.integers(-5, 5000), max_size=12)
+                           | st.just([64 * 64]) | coco_values}))
+
+
+@settings(max_examples=200, **FUZZ)
+@given(st.sampled_from(["skip", "error"]), st.data())
+def test_fuzz_coco_instance_masks(coco, bad_boxes, data):
+    """Hostile segmentations (polygons, RLE objects, compressed strings of any text) never
+    reach pycocotools' C code malformed: a named DataError, or masks of the image's size with
+    one per kept box and every other annotation counted as skipped."""
+    root, base = coco
+    ann = copy.deepcopy(base)
+    for a in ann["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    for _ in range(data.draw(st.integers(1, 3))):
+        a = ann["annotations"][data.draw(st.integers(0, len(ann["annotations"]) - 1))]
+        if data.draw(st.booleans()):
+            a["segmentation"] = data.draw(segmentation_values)
+        else:
+            a.pop("segmentation", None)
+    ann_file = save_ann(root, ann)
+    try:
+        ds = outcome(load_split, root, "train", train=False, bad_boxes=bad_boxes, masks=True, error=DataError)
+        if isinstance(ds, Rejected):
+            assert ann_file.name in ds.message, ds.message
+            return
+        for i in range(len(ds)):
+            image, target = ds[i]
+            m = target["masks"]
+            assert m.dtype == torch.uint8 and m.shape == (len(target["boxes"]), *image.shape[-2:])
+            assert bool(((m == 0) | (m == 1)).all()) and all(bool(x.any()) for x in m)
+    finally:
+        save_ann(root, base)
+    assert sum(len(rec["boxes"]) for rec in ds.records) + sum(ds.skipped.values()) == len(ann["annotations"])
+
+
 # regressions for what fuzzing the COCO loader found
 def _first_image(**fields: Any) -> Callable[[dict], None]:
     return lambda d: d["images"][0].update(fields)

@@ -147,18 +147,21 @@ class CocoDetection(Dataset):
     """A COCO split as torchvision detection samples.
 
     ``dataset[i] -> (image, target)``: image ``float32 [3, H, W]`` in ``[0, 1]``; target
-    ``{"boxes": float32 [N, 4] (x0, y0, x1, y1), "labels": int64 [N] in 1..K, "image_id": int}``.
-    ``train=True`` drops images without usable boxes and flips horizontally with probability
-    0.5, decided by ``(seed, epoch, index)`` (call :meth:`set_epoch`), so any worker count and
-    any resume point give the same samples.
+    ``{"boxes": float32 [N, 4] (x0, y0, x1, y1), "labels": int64 [N] in 1..K, "image_id": int}``
+    and, with ``masks=True``, ``"masks": uint8 [N, H, W]`` (0/1, from each annotation's polygons
+    or RLE, :mod:`.masks`; an annotation without a usable mask is skipped and counted like a bad
+    box, or an error under ``bad_boxes="error"``). ``train=True`` drops images without usable
+    boxes and flips horizontally with probability 0.5, decided by ``(seed, epoch, index)`` (call
+    :meth:`set_epoch`), so any worker count and any resume point give the same samples.
     """
 
     def __init__(self, ann_file: str | os.PathLike, img_dir: str | os.PathLike, train: bool = False,
-                 seed: int = 0, bad_boxes: str = "skip", hflip: bool = True) -> None:
+                 seed: int = 0, bad_boxes: str = "skip", hflip: bool = True, masks: bool = False) -> None:
         if bad_boxes not in ("skip", "error"):
             raise ValueError(f"bad_boxes must be 'skip' or 'error', got {bad_boxes!r}")
         self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
         self.train, self.seed, self.hflip, self.epoch = train, seed, hflip and train, 0
+        self.masks = masks
         if not self.img_dir.is_dir():
             raise DataError(f"image folder {str(self.img_dir)!r} does not exist")
         self.coco = _load_coco(self.ann_file)
@@ -173,15 +176,22 @@ class CocoDetection(Dataset):
                             f"{str(self.img_dir)!r}, e.g. {missing[:3]}")
 
         self.skipped: dict[str, int] = {"outside": 0, "non_positive": 0, "crowd": 0}
+        if masks:
+            self.skipped.update({"no_mask": 0, "empty_mask": 0})
         self.records: list[dict[str, Any]] = []
         for img in sorted(self.coco.dataset["images"], key=lambda r: r["id"]):
-            boxes, labels = self._boxes_for(img, bad_boxes)
+            boxes, labels, rles = self._boxes_for(img, bad_boxes)
             if train and not boxes:
                 continue
-            self.records.append({"id": img["id"], "file_name": img["file_name"], "boxes": boxes, "labels": labels})
+            rec = {"id": img["id"], "file_name": img["file_name"], "boxes": boxes, "labels": labels}
+            if masks:
+                rec["masks"], rec["size"] = rles, (int(img["height"]), int(img["width"]))
+            self.records.append(rec)
         if any(self.skipped.values()):
-            log.warning("%s: skipped %d box(es) outside the image, %d with non-positive size, %d crowd",
-                        self.ann_file, self.skipped["outside"], self.skipped["non_positive"], self.skipped["crowd"])
+            log.warning("%s: skipped %d box(es) outside the image, %d with non-positive size, %d crowd%s",
+                        self.ann_file, self.skipped["outside"], self.skipped["non_positive"], self.skipped["crowd"],
+                        f", {self.skipped['no_mask']} without a segmentation, {self.skipped['empty_mask']} with an "
+                        "empty mask" if masks else "")
         if not self.records:
             raise DataError(f"{str(self.ann_file)!r} gives an empty {'training' if train else 'evaluation'} set"
                             + (" (no image has a usable box)" if train else ""))
@@ -194,12 +204,18 @@ class CocoDetection(Dataset):
             raise DataError(f"{str(self.ann_file)!r}: image file_name {brief(name)} cannot be checked "
                             f"in {str(self.img_dir)!r}: {exc}") from None
 
-    def _boxes_for(self, img: dict, bad_boxes: str) -> tuple[list[list[float]], list[int]]:
-        """Boxes ``[x0, y0, x1, y1]`` clipped to the image, with positive size after clipping.
+    def _boxes_for(self, img: dict, bad_boxes: str) -> tuple[list[list[float]], list[int], list[dict]]:
+        """Boxes ``[x0, y0, x1, y1]`` clipped to the image, with positive size after clipping,
+        their labels and (``masks``) their compressed RLE masks (:mod:`.masks`).
 
         Without a width (height) in the file, only boxes reaching past :data:`MAX_SIDE` count
-        as outside and the clip is at ``MAX_SIDE``."""
+        as outside and the clip is at ``MAX_SIDE``; masks need both."""
+        from .masks import MaskProblem, annotation_rle
         w, h = img.get("width"), img.get("height")
+        if self.masks and (w is None or h is None or int(w) != w or int(h) != h):
+            raise DataError(f"{str(self.ann_file)!r}: image {img['id']} has no integer width and height "
+                            f"({brief(w)} x {brief(h)}): instance masks need them")
+        rles: list[dict] = []
         wmax = float(w) if w is not None else float(MAX_SIDE)
         hmax = float(h) if h is not None else float(MAX_SIDE)
         boxes, labels = [], []
@@ -225,9 +241,17 @@ class CocoDetection(Dataset):
                                     f"image {img['id']} ({w}x{h})")
                 self.skipped[problem] += 1
                 continue
+            if self.masks:
+                try:
+                    rles.append(annotation_rle(ann, int(h), int(w), repr(str(self.ann_file))))
+                except MaskProblem as exc:
+                    if bad_boxes == "error":
+                        raise DataError(str(exc)) from None
+                    self.skipped["no_mask" if exc.kind == "missing" else "empty_mask"] += 1
+                    continue
             boxes.append([x0, y0, x1, y1])
             labels.append(self.cat_to_label[ann["category_id"]])
-        return boxes, labels
+        return boxes, labels, rles
 
     @property
     def num_classes(self) -> int:
@@ -256,11 +280,28 @@ class CocoDetection(Dataset):
         image = self.read_image(index).float().div_(255)
         boxes = torch.tensor(rec["boxes"], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(rec["labels"], dtype=torch.int64)
+        target: dict[str, Any] = {"boxes": boxes, "labels": labels, "image_id": rec["id"]}
+        if self.masks:
+            target["masks"] = self._masks(index, image.shape[-2:])
         if self.hflip and _hflip_flag(self.seed, self.epoch, index):
             image = image.flip(-1)
             width = image.shape[-1]
-            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-        return image, {"boxes": boxes, "labels": labels, "image_id": rec["id"]}
+            target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+    def _masks(self, index: int, shape: Any) -> torch.Tensor:
+        """``uint8 [N, H, W]`` masks of record ``index``, checked against the image's size."""
+        from .masks import decode
+        rec = self.records[index]
+        if tuple(shape) != rec["size"]:
+            raise DataError(f"{str(self.ann_file)!r}: image {rec['id']} is {shape[0]} x {shape[1]} px in "
+                            f"{str(self.img_dir / rec['file_name'])!r} but {rec['size'][0]} x {rec['size'][1]} in the "
+                            "annotations: its masks would not fit")
+        if not rec["masks"]:
+            return torch.zeros((0, *rec["size"]), dtype=torch.uint8)
+        return torch.from_numpy(np.stack([decode(r) for r in rec["masks"]]))
 
 
 def collate(batch: Sequence) -> tuple:
@@ -268,10 +309,12 @@ def collate(batch: Sequence) -> tuple:
 
 
 def load_split(data_root: str | os.PathLike, split: str, train: bool, seed: int = 0,
-               img_prefix: str = "2017", ann_prefix: str = "instances", bad_boxes: str = "skip") -> CocoDetection:
-    """One split of the standard COCO layout under ``data_root`` (see :func:`resolve_split`)."""
+               img_prefix: str = "2017", ann_prefix: str = "instances", bad_boxes: str = "skip",
+               masks: bool = False) -> CocoDetection:
+    """One split of the standard COCO layout under ``data_root`` (see :func:`resolve_split`);
+    ``masks``: targets carry the instance masks too."""
     s = resolve_split(data_root, split, img_prefix, ann_prefix)
-    return CocoDetection(s.ann_file, s.img_dir, train=train, seed=seed, bad_boxes=bad_boxes)
+    return CocoDetection(s.ann_file, s.img_dir, train=train, seed=seed, bad_boxes=bad_boxes, masks=masks)
 
 
 def make_loader(dataset: CocoDetection, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
