@@ -173,3 +173,23 @@ def test_masks_need_the_image_size_and_an_image_of_that_size(root):
     save_ann(root, ann)
     with pytest.raises(DataError, match=f"image {img['id']} has no integer width and height"):
         load_split(root, "train", train=False, masks=True)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_demo_masks_are_the_visible_objects(tmp_path, hard):
+    """Every demo annotation (the easy set and the hard one, with its occlusions) has a
+    non-empty mask inside its box that the loader reads without a skip."""
+    from spnas.data.demo import write_demo_dataset
+    root = write_demo_dataset(tmp_path / "d", train=12, val=2, size=SIZE, hard=hard)
+    ds = load_split(root, "train", train=False, masks=True)
+    assert sum(ds.skipped.values()) == 0
+    n = 0
+    for i in range(len(ds)):
+        _, t = ds[i]
+        assert t["masks"].shape[0] == t["boxes"].shape[0] > 0
+        for box, m in zip(t["boxes"], t["masks"], strict=True):
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            assert len(xs) > 0
+            assert xs.min() >= box[0] - 1 and xs.max() <= box[2] + 1 and ys.min() >= box[1] - 1 and ys.max() <= box[3] + 1
+            n += 1
+    assert n == len(load_ann(root)["annotations"])

@@ -8,7 +8,9 @@
 Each class is a shape with its own colour family and size range (circle, square, triangle,
 cross, diamond, ring, hexagon, bar) drawn 1-4 times per image on a textured background.
 Image ``i`` of a split depends only on ``(seed, split, i)``, so a larger set starts with the
-images of a smaller one.
+images of a smaller one. Every annotation also has an instance mask, ``segmentation``: COCO's
+compressed RLE of the object's visible pixels (what later objects or distractors do not hide),
+for instance segmentation; boxes, areas and images are those of the sets without masks.
 
 ``hard=True`` writes a harder set in the same layout (all 8 classes by default), where backbone
 capacity matters: 2-10 objects per image whose size (the longer box side) spreads log-uniformly
@@ -26,6 +28,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -93,7 +96,42 @@ def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tupl
     raise ValueError(kind)
 
 
-def _draw(draw: ImageDraw.ImageDraw, cls: ShapeClass, cx: float, cy: float, r: float,
+class _Tee:
+    """``ImageDraw`` calls drawn on the image and, with the value ``owner`` instead of the
+    colour, on an ownership map: after the scene, each pixel of the map names the object
+    (index + 1) it shows, 0 for the background and for distractors drawn over objects. The
+    image is exactly what drawing on it alone gives."""
+
+    def __init__(self, img: Image.Image) -> None:
+        self.image = ImageDraw.Draw(img)
+        self.map = Image.new("L", img.size, 0)
+        self.owners = ImageDraw.Draw(self.map)
+        self.owner = 0
+
+    def ellipse(self, box: Any, fill: Any = None, outline: Any = None, width: int = 1) -> None:
+        self.image.ellipse(box, fill=fill, outline=outline, width=width)
+        self.owners.ellipse(box, fill=None if fill is None else self.owner,
+                            outline=None if outline is None else self.owner, width=width)
+
+    def rectangle(self, box: Any, fill: Any = None) -> None:
+        self.image.rectangle(box, fill=fill)
+        self.owners.rectangle(box, fill=self.owner)
+
+    def polygon(self, pts: Any, fill: Any = None) -> None:
+        self.image.polygon(pts, fill=fill)
+        self.owners.polygon(pts, fill=self.owner)
+
+    def line(self, pts: Any, fill: Any = None, width: int = 1) -> None:
+        self.image.line(pts, fill=fill, width=width)
+        self.owners.line(pts, fill=self.owner, width=width)
+
+    def masks(self, count: int) -> list[np.ndarray]:
+        """The visible part of objects ``1..count`` as ``uint8 [H, W]`` masks."""
+        owners = np.asarray(self.map)
+        return [(owners == k + 1).astype(np.uint8) for k in range(count)]
+
+
+def _draw(draw: Any, cls: ShapeClass, cx: float, cy: float, r: float,
           colour: tuple[int, ...], rng: np.random.Generator) -> tuple[float, float, float, float]:
     """Draw one object and return its tight box (x0, y0, x1, y1)."""
     k = cls.name
@@ -132,12 +170,13 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def render_scene(seed: int, split: str, index: int, size: int, classes: int, max_objects: int = 4
-                 ) -> tuple[Image.Image, list[tuple[int, list[float]]]]:
-    """One scene: the image and its objects as ``(class_index, [x, y, w, h])``."""
+def render_scene(seed: int, split: str, index: int, size: int, classes: int, max_objects: int = 4,
+                 masks: list | None = None) -> tuple[Image.Image, list[tuple[int, list[float]]]]:
+    """One scene: the image and its objects as ``(class_index, [x, y, w, h])``; ``masks`` (a
+    list) receives each object's visible pixels as a ``uint8 [H, W]`` mask."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     img = _background(rng, size)
-    draw = ImageDraw.Draw(img)
+    draw = _Tee(img)
     n = int(rng.integers(1, max_objects + 1))
     placed: list[tuple[float, float, float, float]] = []
     objects: list[tuple[int, list[float]]] = []
@@ -153,12 +192,15 @@ def render_scene(seed: int, split: str, index: int, size: int, classes: int, max
         else:
             continue
         colour = tuple(int(np.clip(v + rng.normal(0, 18), 0, 255)) for v in cls.rgb)
+        draw.owner = len(objects) + 1
         x0, y0, x1, y1 = _draw(draw, cls, cx, cy, r, colour, rng)
         x0, y0 = max(0.0, x0), max(0.0, y0)
         x1, y1 = min(float(size), x1), min(float(size), y1)
         placed.append(probe)
         objects.append((c, [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]))
     img = img.filter(ImageFilter.GaussianBlur(radius=0.6))
+    if masks is not None:
+        masks.extend(draw.masks(len(objects)))
     return img, objects
 
 
@@ -178,7 +220,7 @@ def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, size=3))
 
 
-def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, kind: str, cx: float, cy: float,
+def _distractor(draw: Any, rng: np.random.Generator, kind: str, cx: float, cy: float,
                 r: float) -> None:
     """Draw one unannotated distractor (no class's shape) of radius about ``r`` at ``(cx, cy)``."""
     colour = _random_colour(rng)
@@ -206,13 +248,14 @@ def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, kind: str, 
                 draw.rectangle((x0, y0, x0 + step, y0 + step), fill=colour if (i + j) % 2 else other)
 
 
-def render_hard_scene(seed: int, split: str, index: int, size: int, classes: int
+def render_hard_scene(seed: int, split: str, index: int, size: int, classes: int, masks: list | None = None
                       ) -> tuple[Image.Image, list[tuple[int, list[float]]], int]:
     """One scene of the hard set (see the module docstring): the image, its objects as
-    ``(class_index, [x, y, w, h])`` and how many of them something drawn later partly covers."""
+    ``(class_index, [x, y, w, h])`` and how many of them something drawn later partly covers;
+    ``masks`` (a list) receives each object's visible pixels."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index, 1])  # 1: the hard set's own stream
     img = _background(rng, size)
-    draw = ImageDraw.Draw(img)
+    draw = _Tee(img)
     n_distract = int(rng.integers(HARD_DISTRACTORS[0], HARD_DISTRACTORS[1] + 1))
     n_behind = int(rng.integers(0, n_distract + 1))  # the rest is drawn over the objects
     kinds = [HARD_DISTRACTOR_KINDS[int(k)] for k in rng.integers(0, len(HARD_DISTRACTOR_KINDS), size=n_distract)]
@@ -238,11 +281,13 @@ def render_hard_scene(seed: int, split: str, index: int, size: int, classes: int
         else:
             continue
         colour = tuple(int(np.clip(v + rng.normal(0, HARD_COLOUR_JITTER), 0, 255)) for v in cls.rgb)
+        draw.owner = len(objects) + 1
         box = _draw(draw, cls, cx, cy, r, colour, rng)
         covered.update(i for i, b in enumerate(boxes) if _cover(box, b) > 0)
         boxes.append(box)
         x0, y0, x1, y1 = box
         objects.append((c, [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]))
+    draw.owner = 0  # distractors drawn over objects hide them
     for kind in kinds[n_behind:]:
         for _attempt in range(30):
             r = float(rng.uniform(0.05, 0.15)) * size / 2
@@ -254,6 +299,8 @@ def render_hard_scene(seed: int, split: str, index: int, size: int, classes: int
     gain, offset = rng.uniform(0.75, 1.25), rng.uniform(-20, 20)
     img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) * gain + offset, 0, 255).astype(np.uint8))
     img = img.filter(ImageFilter.GaussianBlur(radius=0.6))
+    if masks is not None:
+        masks.extend(draw.masks(len(objects)))
     return img, objects, len(covered)
 
 
@@ -269,6 +316,13 @@ def hard_info(seed: int, classes: int, occluded: int, objects: int) -> dict:
             "occlusion": {"max_cover_of_a_box": HARD_MAX_COVER, "boxes": "full object extent",
                           "objects_partly_covered": occluded, "objects": objects},
             "colour_jitter_std": HARD_COLOUR_JITTER, "lighting": {"gain": [0.75, 1.25], "offset": [-20, 20]}}
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO's compressed RLE of a ``uint8 [H, W]`` mask (JSON-ready)."""
+    from pycocotools import mask as mask_utils
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def write_demo_dataset(out: str | Path, train: int = 240, val: int = 60, size: int = 160,
@@ -290,19 +344,21 @@ def write_demo_dataset(out: str | Path, train: int = 240, val: int = 60, size: i
             from tqdm import tqdm
             it = tqdm(it, desc=f"demo {split}", unit="img")
         for i in it:
+            masks: list[np.ndarray] = []
             if hard:
-                img, objects, n_covered = render_hard_scene(seed, split, i, size, classes)
+                img, objects, n_covered = render_hard_scene(seed, split, i, size, classes, masks=masks)
                 occluded += n_covered
             else:
-                img, objects = render_scene(seed, split, i, size, classes)
+                img, objects = render_scene(seed, split, i, size, classes, masks=masks)
             file_name = f"{i + 1:012d}.jpg"
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=92)
             atomic_write_bytes(out / f"{split}2017" / file_name, buf.getvalue())
             images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
-            for c, (x, y, w, h) in objects:
+            for (c, (x, y, w, h)), mask in zip(objects, masks, strict=True):
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": c + 1,
-                                    "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0})
+                                    "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
+                                    "segmentation": _rle(mask)})
         info = hard_info(seed, classes, occluded, len(annotations)) if hard else \
             {"description": f"spnas demo scenes (seed {seed})"}
         atomic_write_json(out / "annotations" / f"instances_{split}2017.json",
