@@ -2,6 +2,7 @@
 torchvision's MaskRCNN on the serial backbone and parallel neck, a torchvision
 ``maskrcnn_resnet50_fpn`` checkpoint converts by name and gives the same boxes and masks, and
 expand / parallel children compute exactly what their parent computed, masks included."""
+import numpy as np
 import pytest
 import torch
 from helpers import randomize_norms
@@ -116,21 +117,68 @@ def test_expand_and_parallel_children_keep_boxes_and_masks(parent_code, child_co
             assert torch.equal(a[k], b[k]), k
 
 
-def test_training_and_export_refuse_a_mask_rcnn_with_the_reason(tiny_data, tmp_path):
-    """Until the data loader reads instance masks, training or exporting a MaskRCNN stops at
-    once with the reason, never with torchvision's bare assertion about missing masks."""
+def test_export_refuses_a_mask_rcnn_with_the_reason(tiny_data, tmp_path):
+    """The exported programs output boxes, labels and scores: a MaskRCNN is refused with the
+    reason, nothing written."""
     from spnas.data.source import CocoSource
     from spnas.export.bundle import export_model
-    from spnas.training.architecture import train_architecture
-    from spnas.training.schedule import TrainConfig
-    from spnas.utils.errors import ConfigError, SpnasError
-    desc = _desc("1-2-2-2")
-    with pytest.raises(ConfigError, match=r"model desc type 'MaskRCNN' cannot be trained yet: the data loader reads "
-                                          r"boxes, not instance masks \(issue #16\)"):
-        train_architecture(desc, CocoSource(str(tiny_data)), tmp_path / "train", TrainConfig(epochs=1, batch_size=2))
-    assert not (tmp_path / "train" / "model_0.pth").exists()
-    desc["num_classes"] = 4
+    from spnas.utils.errors import SpnasError
+    desc = {**_desc("1-2-2-2"), "num_classes": 4}
     torch.save(build_detector(desc).state_dict(), tmp_path / "w.pth")
     with pytest.raises(SpnasError, match=r"type 'MaskRCNN' cannot be exported yet"):
         export_model(desc, tmp_path / "w.pth", CocoSource(str(tiny_data)), tmp_path / "export")
     assert not (tmp_path / "export" / "model.onnx").exists()
+
+
+def test_mask_metrics_score_perfect_and_shifted_masks(tiny_data):
+    """segm metrics from COCOeval on the data set's own masks: the ground truth as detections
+    scores 100, the same masks moved off their objects score far less; a set without masks is
+    named, not crashed on."""
+    import copy
+
+    from pycocotools import mask as mask_utils
+
+    from spnas.data.source import CocoSource
+    from spnas.training.evaluation import coco_metrics
+    from spnas.utils.errors import DataError
+    ds = CocoSource(str(tiny_data)).load("val", train=False)
+    anns = ds.coco.dataset["annotations"]
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"],
+                "score": 1.0} for a in anns]
+    assert coco_metrics(ds.coco, perfect, "segm")["mAP"] == pytest.approx(100.0)
+    shifted = []
+    for r in perfect:
+        m = mask_utils.decode(r["segmentation"])
+        moved = np.asfortranarray(np.roll(m, (m.shape[0] // 3, m.shape[1] // 3), axis=(0, 1)))
+        rle = mask_utils.encode(moved)
+        shifted.append({**r, "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+    assert coco_metrics(ds.coco, shifted, "segm")["mAP"] < 20.0
+    bare = copy.deepcopy(ds.coco)
+    del bare.dataset["annotations"][0]["segmentation"]
+    with pytest.raises(DataError, match="mask AP needs a segmentation on every annotation; 1 have none"):
+        coco_metrics(bare, perfect, "segm")
+
+
+def test_train_task_instance_segmentation_writes_mask_metrics(tiny_data, tmp_path, capsys):
+    """spnas train --task instance_segmentation on demo data: a Mask R-CNN trained on the
+    annotations' masks, performance_0.json with segm_mAP... beside the box metrics; a
+    description of another type is refused."""
+    import json
+
+    from spnas.cli.main import main as cli
+    desc = tmp_path / "d.json"
+    desc.write_text(json.dumps({"backbone": {"code": "1-2-2-2", "block": "basic", "base_channels": 8},
+                                "neck": {"out_channels": 32}, "representation_size": 64, "min_size": 96,
+                                "max_size": 96}))
+    args = ["train", "--data", str(tiny_data), "--desc", str(desc), "--iters", "4", "--batch-size", "2",
+            "--warmup-iters", "1", "--out", str(tmp_path / "out")]
+    assert cli([*args, "--task", "instance_segmentation"]) == 0
+    perf = json.loads((tmp_path / "out" / "performance_0.json").read_text())
+    for key in ("mAP", "AP50", "segm_mAP", "segm_AP50", "segm_AP75", "segm_AP_small"):
+        assert key in perf, key
+    assert json.loads((tmp_path / "out" / "desc_0.json").read_text())["type"] == "MaskRCNN"
+    assert "segm_mAP" in capsys.readouterr().out
+    desc.write_text(json.dumps({"type": "FasterRCNN"}))
+    assert cli([*args, "--task", "instance_segmentation"]) == 2
+    assert ("spnas train: error: --task instance_segmentation needs model desc type 'MaskRCNN', but the description "
+            "says 'FasterRCNN'") in capsys.readouterr().err

@@ -68,6 +68,21 @@ def _load_desc(args: argparse.Namespace) -> dict:
     return desc
 
 
+#: ``--task`` -> the model type that does it.
+TASKS = {"detection": "FasterRCNN", "instance_segmentation": "MaskRCNN"}
+
+
+def _with_task(desc: dict, task: str | None) -> dict:
+    """``desc`` with the model type of ``--task`` (refused when the description names another)."""
+    if task is None:
+        return desc
+    from ..models.desc import normalize_desc
+    given = desc.get("type")
+    if given is not None and normalize_desc({"type": given})["type"] != TASKS[task]:
+        raise SpnasError(f"--task {task} needs model desc type {TASKS[task]!r}, but the description says {given!r}")
+    return {**desc, "type": TASKS[task]}
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from ..data.demo import write_demo_dataset
     out = write_demo_dataset(args.out_dir, train=args.train, val=args.val, size=args.size, classes=args.classes,
@@ -115,11 +130,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ..training.device import device_of
         distributed.check_devices(args.nproc, device_of(args.device))
         return _relaunch(args, args.argv)
-    perf = train_architecture(_load_desc(args), CocoSource(args.data), args.out, _train_config(args), arch_id=args.id,
+    perf = train_architecture(_with_task(_load_desc(args), args.task), CocoSource(args.data), args.out,
+                              _train_config(args), arch_id=args.id,
                               init=args.init, device=args.device, resume=not args.no_resume, progress=True,
                               min_size=args.min_size, max_size=args.max_size)
     if distributed.env_context().is_main:
-        print(f"{args.out}: mAP {perf.get('mAP') or 0:.2f}  AP50 {perf.get('AP50') or 0:.2f}  "
+        segm = f"segm_mAP {perf.get('segm_mAP') or 0:.2f}  " if "segm_mAP" in perf else ""
+        print(f"{args.out}: mAP {perf.get('mAP') or 0:.2f}  AP50 {perf.get('AP50') or 0:.2f}  {segm}"
               f"params {perf['params']:,}  GFLOPs {perf['gflops']:.2f}  {perf['world_size']} process(es), "
               f"global batch {perf['global_batch']}  ({perf['train_seconds']:.0f} s)")
     return 0
@@ -269,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train and evaluate one architecture on a COCO-layout data set")
     p.add_argument("--data", required=True, help="data root with annotations/instances_{train,val}2017.json")
     _arch_args(p)
+    p.add_argument("--task", choices=sorted(TASKS), default=None,
+                   help="detection (Faster R-CNN) or instance_segmentation (Mask R-CNN: trains on the annotations' "
+                        "masks, reports segm_mAP... beside the box metrics); default: the description's type")
     sched = p.add_mutually_exclusive_group()
     sched.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
     sched.add_argument("--iters", type=int, default=None, help="iterations instead of epochs")

@@ -100,13 +100,10 @@ def _train_here(desc: Mapping[str, Any] | None, data: CocoSource, out: Path, cfg
                 init: str | os.PathLike | Mapping | None, trainable: Callable[[str], bool] | None,
                 device: str | None, resume: bool, progress: bool, **desc_overrides: Any) -> dict[str, Any]:
     """:func:`train_architecture` in this process (one rank of ``ctx``)."""
-    train_set = data.load("train", train=True, seed=cfg.seed)
+    masks = normalize_desc(desc)["type"] == "MaskRCNN"  # Mask R-CNN trains on the instance masks too
+    train_set = data.load("train", train=True, seed=cfg.seed, masks=masks)
     val_set = data.load("val", train=False)
     d = dataset_desc(desc, train_set, **desc_overrides)
-    if d["type"] != "FasterRCNN":
-        raise ConfigError(f"model desc type {d['type']!r} cannot be trained yet: the data loader reads boxes, not "
-                          "instance masks (issue #16); such a model can be built, converted from a torchvision "
-                          "checkpoint, inherit weights and be evaluated on boxes")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_detector(d)

@@ -260,7 +260,7 @@ def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfi
         if b < skip:  # resuming mid-epoch: the same order, the done batches skipped
             continue
         images = [im.to(dev, non_blocking=True) for im in images]
-        targets = [{"boxes": t["boxes"].to(dev), "labels": t["labels"].to(dev)} for t in targets]
+        targets = [{k: t[k].to(dev) for k in ("boxes", "labels", "masks") if k in t} for t in targets]
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
             losses = net(images, targets)
         loss = sum(losses.values())

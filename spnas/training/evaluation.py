@@ -1,9 +1,10 @@
-"""Evaluation: predictions of a detector on a COCO split, and COCO box AP through pycocotools'
-COCOeval (its prints kept out of our output).
+"""Evaluation: predictions of a detector on a COCO split, and COCO box AP (and, for a model
+that predicts masks, mask AP) through pycocotools' COCOeval (its prints kept out of our output).
 
 ``coco_metrics(coco_gt, results)`` returns ``mAP`` (AP@[.5:.95] x 100), ``AP50``, ``AP75``,
 ``AP_small``, ``AP_medium``, ``AP_large`` (all x 100; ``None`` where COCO leaves a metric
-undefined because the ground truth has no object of that size).
+undefined because the ground truth has no object of that size); with ``iou_type="segm"`` the
+same of the masks, which :func:`evaluate` reports as ``segm_mAP``, ``segm_AP50``, ...
 """
 from __future__ import annotations
 
@@ -21,14 +22,25 @@ from .device import device_of
 METRIC_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 
 
-def coco_metrics(coco_gt: Any, results: Sequence[dict]) -> dict[str, float | None]:
-    """Evaluate detections ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``."""
+#: Prefix of the mask metrics (``segm_mAP``...).
+SEGM = "segm_"
+
+
+def coco_metrics(coco_gt: Any, results: Sequence[dict], iou_type: str = "bbox") -> dict[str, float | None]:
+    """Evaluate detections ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``
+    (``iou_type="segm"``: ``"segmentation"``, a compressed RLE, instead of ``"bbox"``)."""
     from pycocotools.cocoeval import COCOeval
     if not results:  # pycocotools cannot load an empty result list; nothing detected is AP 0
         return {name: 0.0 for name in METRIC_NAMES}
+    if iou_type == "segm":
+        bare = [a["id"] for a in coco_gt.dataset.get("annotations", []) if not a.get("segmentation")]
+        if bare:
+            from ..utils.errors import DataError
+            raise DataError(f"mask AP needs a segmentation on every annotation; {len(bare)} have none "
+                            f"(e.g. annotation {bare[0]})")
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys: keep the caller's dicts intact
-        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -84,8 +96,12 @@ def predict(model: nn.Module, dataset: CocoDetection, device: str | torch.device
         outs = model([im.to(dev, non_blocking=True) for im in images])
         found: list[dict] = []
         for out, tgt in zip(outs, targets, strict=True):
-            found.extend(to_coco_results(tgt["image_id"], out["boxes"].cpu(), out["scores"].cpu(),
-                                         out["labels"].cpu(), dataset.label_to_cat))
+            res = to_coco_results(tgt["image_id"], out["boxes"].cpu(), out["scores"].cpu(),
+                                  out["labels"].cpu(), dataset.label_to_cat)
+            if "masks" in out:
+                for r, rle in zip(res, mask_rles(out["masks"]), strict=True):
+                    r["segmentation"] = rle
+            found.extend(res)
         per_batch.append((idx[0], found))
     if ctx.distributed:
         per_batch = [b for part in distributed.all_gather(per_batch) for b in part]
@@ -93,8 +109,28 @@ def predict(model: nn.Module, dataset: CocoDetection, device: str | torch.device
     return [r for _, found in per_batch for r in found]
 
 
+def mask_rles(masks: torch.Tensor) -> list[dict]:
+    """torchvision's mask probabilities ``[N, 1, H, W]`` -> COCO compressed RLEs of the pixels
+    above 0.5 (``counts`` as text, so results stay JSON and gatherable)."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+    if masks.shape[0] == 0:
+        return []
+    binary = np.asfortranarray((masks[:, 0] > 0.5).cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
+            for r in mask_utils.encode(binary)]
+
+
 def evaluate(model: nn.Module, dataset: CocoDetection, device: str | torch.device | None = None,
              batch_size: int = 4, progress: bool = False) -> dict[str, float | None]:
-    """COCO box metrics of ``model`` on ``dataset`` (see :func:`coco_metrics`); inside a process
-    group, evaluated sharded (:func:`predict`), the same figures on every rank."""
-    return coco_metrics(dataset.coco, predict(model, dataset, device, batch_size, progress))
+    """COCO box metrics of ``model`` on ``dataset`` (see :func:`coco_metrics`), and for a model
+    that predicts masks the mask metrics too (``segm_mAP``...); inside a process group,
+    evaluated sharded (:func:`predict`), the same figures on every rank."""
+    results = predict(model, dataset, device, batch_size, progress)
+    boxes = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    metrics = coco_metrics(dataset.coco, boxes)
+    heads = getattr(model, "roi_heads", None)
+    if heads is not None and heads.has_mask():
+        masks = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        metrics.update({SEGM + k: v for k, v in coco_metrics(dataset.coco, masks, "segm").items()})
+    return metrics
