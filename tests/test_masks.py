@@ -193,3 +193,14 @@ def test_demo_masks_are_the_visible_objects(tmp_path, hard):
             assert xs.min() >= box[0] - 1 and xs.max() <= box[2] + 1 and ys.min() >= box[1] - 1 and ys.max() <= box[3] + 1
             n += 1
     assert n == len(load_ann(root)["annotations"])
+
+
+def test_a_set_without_masks_says_so_when_masks_are_needed(root):
+    ann = load_ann(root)
+    for a in ann["annotations"]:
+        a.pop("segmentation", None)
+    save_ann(root, ann)
+    n = len(ann["annotations"])
+    with pytest.raises(DataError, match=rf"empty training set \(no image has a usable box with a mask: skipped {n} "
+                                        r"annotation\(s\) without a segmentation, 0 with an empty one\)"):
+        load_split(root, "train", train=True, masks=True)

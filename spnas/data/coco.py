@@ -194,7 +194,10 @@ class CocoDetection(Dataset):
                         "empty mask" if masks else "")
         if not self.records:
             raise DataError(f"{str(self.ann_file)!r} gives an empty {'training' if train else 'evaluation'} set"
-                            + (" (no image has a usable box)" if train else ""))
+                            + ((" (no image has a usable box with a mask: skipped "
+                                f"{self.skipped['no_mask']} annotation(s) without a segmentation, "
+                                f"{self.skipped['empty_mask']} with an empty one)" if masks else
+                                " (no image has a usable box)") if train else ""))
 
     def _is_file(self, name: str) -> bool:
         """``img_dir/name`` is a file; a name the OS refuses (too long, ...) is a DataError."""
