@@ -182,3 +182,42 @@ def test_train_task_instance_segmentation_writes_mask_metrics(tiny_data, tmp_pat
     assert cli([*args, "--task", "instance_segmentation"]) == 2
     assert ("spnas train: error: --task instance_segmentation needs model desc type 'MaskRCNN', but the description "
             "says 'FasterRCNN'") in capsys.readouterr().err
+
+
+INSTANCE = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "demo-instance.yml"
+
+
+@pytest.mark.slow
+def test_spnas_run_of_the_instance_segmentation_example_through_all_five_phases(tiny_data, tmp_path):
+    """configs/demo-instance.yml (a Mask R-CNN, searches ranked by segm_mAP), shrunk as the
+    tiny runs are: every phase runs, every record holds mask metrics, and the run's result
+    and its control are Mask R-CNNs."""
+    import json
+
+    from helpers import tiny_overrides
+
+    from spnas.cli.main import main as cli
+    argv = ["run", str(INSTANCE), "--workdir", str(tmp_path / "w"), "--quiet"]
+    for o in tiny_overrides(tiny_data):
+        argv += ["--set", o]
+    assert cli(argv) == 0
+    reports = json.loads((tmp_path / "w" / "output" / "reports.json").read_text())
+    assert list(reports["phases"]) == ["fine_tune", "serial", "reignition", "parallel", "fully_train"]
+    for name, phase in reports["phases"].items():
+        for r in phase["records"]:
+            if r.get("status", "ok") == "ok":
+                assert "segm_mAP" in r["metrics"] and r["desc"]["type"] == "MaskRCNN", (name, r.get("id"))
+    serial = [r for r in reports["phases"]["serial"]["records"] if r.get("parent") is not None]
+    assert len(serial) == 2 and all(r["status"] == "ok" for r in serial)
+    assert reports["best"]["desc"]["type"] == "MaskRCNN" and "segm_mAP" in reports["best"]["metrics"]
+    assert reports["control"]["control"]["mAP"] is not None
+
+
+def test_a_mask_objective_needs_a_mask_rcnn(tmp_path):
+    from spnas.config.loader import load_config
+    from spnas.utils.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"serial.search_algorithm.objective_keys: 'segm_mAP' is a mask metric: it "
+                                          r"needs model_desc type 'MaskRCNN' \(this step's model is a FasterRCNN"):
+        load_config(INSTANCE, overrides=["fine_tune.model.model_desc.type=FasterRCNN",
+                                         "serial.model.model_desc.type=FasterRCNN"])
+    assert load_config(INSTANCE).step("serial").search["objective_keys"] == ("segm_mAP", "params")

@@ -423,9 +423,13 @@ def _step(name: str, sec: dict, seed: int, roles_before: list[str], defaults: di
     defaults_desc = copy.deepcopy(defaults.get("model_desc", {}))
     merged = _merge(defaults_desc, desc_raw)
     try:
-        normalize_desc(merged)
+        mtype = normalize_desc(merged)["type"]
     except SpnasError as exc:
         raise _err(f"{name}.model.model_desc", str(exc)) from None
+    segm = [k for k in (search or {}).get("objective_keys") or () if str(k).startswith("segm_")]
+    if segm and mtype != "MaskRCNN":
+        raise _err(f"{name}.search_algorithm.objective_keys", f"{segm[0]!r} is a mask metric: it needs "
+                   f"model_desc type 'MaskRCNN' (this step's model is a {mtype}, which predicts no masks)")
     if role == "fine_tune":
         defaults["model_desc"] = merged
     top_k = sec.get("top_k")

@@ -35,7 +35,7 @@ from ..search import SearchSettings, new_state
 from ..search.records import Candidate, Result
 from ..storage import local_path
 from ..training.architecture import evaluate_architecture, train_architecture
-from ..training.evaluation import METRIC_NAMES
+from ..training.evaluation import METRIC_NAMES, SEGM_METRIC_NAMES
 from ..training.reignite import reignite
 from ..training.schedule import TrainConfig
 from ..utils.errors import ConfigError, InheritanceError, PhaseError, SpnasError
@@ -65,7 +65,9 @@ def _finished(out: Path, arch_id: Any, resume: bool) -> Any | None:
 
 
 def _metrics(perf: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: perf.get(k) for k in RECORD_METRICS}
+    """A record's metrics: the box metrics and costs, and a Mask R-CNN's mask metrics when
+    measured (a Faster R-CNN's records carry no ``segm_*`` keys)."""
+    return {**{k: perf.get(k) for k in RECORD_METRICS}, **{k: perf[k] for k in SEGM_METRIC_NAMES if k in perf}}
 
 
 def _record(arch_id: Any, perf: Mapping[str, Any], desc: Mapping[str, Any], weights: Path, parent: Any,
@@ -353,8 +355,8 @@ def control(name: str, desc: Mapping[str, Any], weights: str, trainers: Sequence
             perf = train_architecture(desc, data, out, cfg, arch_id=final_id, init=init, device=device, progress=progress,
                                       nproc=nproc)
             _cleanup(out, final_id)
-            saved = {k: perf.get(k) for k in (*RECORD_METRICS, "iters", "images", "train_seconds", "world_size",
-                                              "global_batch")}
+            saved = {**_metrics(perf), **{k: perf.get(k) for k in ("iters", "images", "train_seconds", "world_size",
+                                                                 "global_batch")}}
             atomic_write_json(_result_file(out, final_id), saved)
         perfs.append(saved)
         init = out / f"model_{final_id}.pth"

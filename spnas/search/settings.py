@@ -11,9 +11,10 @@ from ..utils import checks
 from ..utils.errors import ConfigError
 
 ALGORITHMS = ("SpNasS", "SpNasP")
-OBJECTIVE_KEYS = ("mAP", "params", "gflops", "latency", "memory")
+OBJECTIVE_KEYS = ("mAP", "segm_mAP", "segm_AP50", "params", "gflops", "latency", "memory")
 OBJECTIVE_ALIASES = {"flops": "gflops", "map": "mAP", "latency_ms": "latency"}
-MAXIMISED = frozenset({"mAP"})
+#: Maximised objectives: box mAP, and a Mask R-CNN's mask AP (``segm_*``); the others minimised.
+MAXIMISED = frozenset({"mAP", "segm_mAP", "segm_AP50"})
 #: Objectives measured by the search itself when it proposes a child (params, GFLOPs and memory
 #: on the meta device; latency end to end, in isolation); the others (mAP) come from training.
 MEASURED = frozenset({"params", "gflops", "latency", "memory"})
@@ -95,7 +96,8 @@ class SearchSettings:
             c = canonical_objective(k)
             if c not in OBJECTIVE_KEYS:
                 raise _bad("objective_keys", self.objective_keys,
-                           f"a list of mAP (maximised), params, gflops (alias flops), latency, memory; {k!r} is unknown")
+                           f"a list of mAP, segm_mAP, segm_AP50 (maximised), params, gflops (alias flops), latency, "
+                           f"memory; {k!r} is unknown")
             if c in canon:
                 raise _bad("objective_keys", self.objective_keys, f"a list without repeats; {c!r} is listed twice")
             canon.append(c)

@@ -24,6 +24,7 @@ METRIC_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 
 #: Prefix of the mask metrics (``segm_mAP``...).
 SEGM = "segm_"
+SEGM_METRIC_NAMES = tuple(SEGM + name for name in METRIC_NAMES)
 
 
 def coco_metrics(coco_gt: Any, results: Sequence[dict], iou_type: str = "bbox") -> dict[str, float | None]:
