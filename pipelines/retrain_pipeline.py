@@ -16,7 +16,6 @@ The registry is the MLflow Model Registry at ``registry_uri`` (else the pods'
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import yaml
@@ -25,13 +24,13 @@ from pipelines.spnas_pipeline import (
     DEFAULT_IMAGE,
     EXPORT_RESOURCES,
     GATE_IMAGES,
-    HEAVY_RETRY_WINDOW,
     SECRET,
-    STAGE_RESOURCES,
     TIMEOUTS,
     TaskStyle,
+    add_compile_args,
     candidate_time_limit,
     check_image,
+    compile_options,
     data_volume_path,
 )
 
@@ -99,12 +98,7 @@ def build_retrain_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE
         pre.set_display_name("preflight: config, data set, results prefix, registry and champion")
         stage = c.stage_data(config=config, overrides=prep.output, data_uri=data_uri, workspace=workspace,
                              run_uri=prefix.output)
-        stage.set_cpu_request(STAGE_RESOURCES["cpu_request"]).set_cpu_limit(STAGE_RESOURCES["cpu_limit"])
-        stage.set_memory_request(STAGE_RESOURCES["memory_request"]).set_memory_limit(STAGE_RESOURCES["memory_limit"])
-        style.common(stage, "candidate")
-        stage.set_retry(retries, backoff_duration=f"{int(retry_backoff)}s", backoff_factor=2.0,
-                        backoff_max_duration=HEAVY_RETRY_WINDOW)
-        style.reads_data(stage).set_display_name("stage the new data (version manifest)").after(pre)
+        style.stage(stage).set_display_name("stage the new data (version manifest)").after(pre)
         champ = light(c.fetch_champion(model_name=model_name, run_uri=prefix.output, overrides=prep.output,
                                        registry_uri=registry_uri)).after(pre)
         champ.set_display_name("fetch the champion")
@@ -155,31 +149,9 @@ def compile_retrain_pipeline(config_path: "str | Path", output: "str | Path", im
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/demo.yml")
-    ap.add_argument("--output", default="pipelines/retrain_pipeline.yaml")
-    ap.add_argument("--image", default=os.environ.get("IMAGE", DEFAULT_IMAGE), help="component and serving image")
-    ap.add_argument("--require-digest", action="store_true", help="refuse an image not pinned by @sha256: digest")
-    ap.add_argument("--image-pull-secret", default=None, help="secret for a private registry (in the profile namespace)")
-    ap.add_argument("--shm-size", default="2Gi", help="size limit of each training pod's memory-backed /dev/shm")
-    ap.add_argument("--data-volume", default="workspace", metavar="workspace|pvc:NAME|none",
-                    help="where the data set is staged once per run (see pipelines.spnas_pipeline)")
-    ap.add_argument("--retry-backoff", type=int, default=60, metavar="SECONDS",
-                    help="wait before a failed training task's first retry (doubling after; default 60)")
-    ap.add_argument("--workspace-size", default="100Gi", help="size of the run's workspace")
-    ap.add_argument("--workspace-storage-class", default=None, help="storage class of the workspace claim")
-    for kind, seconds in TIMEOUTS.items():
-        ap.add_argument(f"--timeout-{kind}", type=int, default=seconds, metavar="SECONDS",
-                        help=f"time limit of a {kind} task (default {seconds})")
+    add_compile_args(ap, "pipelines/retrain_pipeline.yaml")
     args = ap.parse_args()
-    timeouts = {kind: getattr(args, f"timeout_{kind}") for kind in TIMEOUTS}
-    bad = [f"--timeout-{k} {v}" for k, v in timeouts.items() if v < 60]
-    if bad:
-        raise SystemExit(f"{', '.join(bad)}: a time limit must be at least 60 seconds")
-    print(compile_retrain_pipeline(args.config, args.output, args.image, timeouts=timeouts, shm_size=args.shm_size,
-                                   image_pull_secret=args.image_pull_secret, require_digest=args.require_digest,
-                                   data_volume=args.data_volume, workspace_size=args.workspace_size,
-                                   workspace_storage_class=args.workspace_storage_class,
-                                   retry_backoff=args.retry_backoff))
+    print(compile_retrain_pipeline(args.config, args.output, args.image, **compile_options(args)))
 
 
 if __name__ == "__main__":

@@ -78,24 +78,18 @@ class TaskStyle:
         self.retries, self.retry_backoff, self.shm_size, self.pvc = retries, retry_backoff, shm_size, pvc
 
     def heavy(self, task, ctx, res, kind="candidate"):
-        """Training pods: requests = limits (an OOM stays in its pod), a long retry window, a time
-        limit, the run's node selector and tolerations, shared memory for the data loaders."""
+        """Training pods: :meth:`cpu_heavy`'s dress plus the accelerator and the run's node
+        selector and tolerations."""
         from kfp import kubernetes
-        task.set_cpu_request(res["cpu"]).set_cpu_limit(res["cpu"])
-        task.set_memory_request(res["memory"]).set_memory_limit(res["memory"])
         task.set_accelerator_type(res["accelerator"]).set_accelerator_limit(res["gpus"])
-        self.common(task, kind)
-        task.set_retry(self.retries, backoff_duration=f"{int(self.retry_backoff)}s", backoff_factor=2.0,
-                       backoff_max_duration=HEAVY_RETRY_WINDOW)
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                   size_limit=self.shm_size)
         kubernetes.add_node_selector_json(task, node_selector_json=ctx["node_selector"])
         kubernetes.add_toleration_json(task, toleration_json=ctx["tolerations"])
-        return self.reads_data(task)
+        return self.cpu_heavy(task, res, kind)
 
     def cpu_heavy(self, task, res, kind="candidate"):
-        """A CPU-bound task that reads the data set (the export): compiled requests = limits, the
-        heavy retry policy and time limit, /dev/shm, no accelerator."""
+        """A task that reads the data set and computes (the export; training pods through
+        :meth:`heavy`): requests = limits (an OOM stays in its pod), a long retry window, a time
+        limit, a memory-backed /dev/shm for the data loaders."""
         from kfp import kubernetes
         task.set_cpu_request(res["cpu"]).set_cpu_limit(res["cpu"])
         task.set_memory_request(res["memory"]).set_memory_limit(res["memory"])
@@ -104,6 +98,16 @@ class TaskStyle:
                        backoff_max_duration=HEAVY_RETRY_WINDOW)
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=self.shm_size)
+        return self.reads_data(task)
+
+    def stage(self, task):
+        """The stage-data task: :data:`STAGE_RESOURCES` (no GPU), the heavy retry policy (a lost
+        pod retries) and the candidate time limit; it reads the data set."""
+        task.set_cpu_request(STAGE_RESOURCES["cpu_request"]).set_cpu_limit(STAGE_RESOURCES["cpu_limit"])
+        task.set_memory_request(STAGE_RESOURCES["memory_request"]).set_memory_limit(STAGE_RESOURCES["memory_limit"])
+        self.common(task, "candidate")
+        task.set_retry(self.retries, backoff_duration=f"{int(self.retry_backoff)}s", backoff_factor=2.0,
+                       backoff_max_duration=HEAVY_RETRY_WINDOW)
         return self.reads_data(task)
 
     def reads_data(self, task):
@@ -216,7 +220,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
 
     style = TaskStyle(caching=caching, limits=limits, image_pull_secret=image_pull_secret, secret=secret,
                       retries=retries, retry_backoff=retry_backoff, shm_size=shm_size, pvc=pvc)
-    heavy, light, reads_data, _common = style.heavy, style.light, style.reads_data, style.common
+    heavy, light, reads_data = style.heavy, style.light, style.reads_data
 
     def resource_inputs(res):
         """The resource parameters as inputs too: a task inside a ParallelFor resolves pipeline
@@ -388,12 +392,7 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
         pre.set_retry(1, backoff_duration="0s", backoff_max_duration=LIGHT_RETRY_WINDOW)
         stage = c.stage_data(config=config, overrides=prep.output, data_uri=data_uri, workspace=workspace,
                              run_uri=prefix.output)
-        stage.set_cpu_request(STAGE_RESOURCES["cpu_request"]).set_cpu_limit(STAGE_RESOURCES["cpu_limit"])
-        stage.set_memory_request(STAGE_RESOURCES["memory_request"]).set_memory_limit(STAGE_RESOURCES["memory_limit"])
-        _common(stage, "candidate")
-        stage.set_retry(retries, backoff_duration=f"{int(retry_backoff)}s", backoff_factor=2.0,
-                        backoff_max_duration=HEAVY_RETRY_WINDOW)
-        reads_data(stage).set_display_name("stage data set (once per run)").after(pre)
+        style.stage(stage).set_display_name("stage data set (once per run)").after(pre)
         run = {"config": config, "run_uri": prefix.output, "overrides": prep.output, "dataset": stage.output,
                "node_selector": node_selector, "tolerations": tolerations}
         per_task = {"accelerator_type": accelerator_type, "gpus_per_task": gpus_per_task,
@@ -478,14 +477,15 @@ def compile_pipeline(config_path: "str | Path", output: "str | Path", image: str
     return Path(output)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_compile_args(ap: argparse.ArgumentParser, output: str) -> None:
+    """The command-line options every pipeline's compiler takes (this one's and the retraining
+    pipeline's): config, output, image, pull secret, /dev/shm, data volume, retries, workspace,
+    time limits."""
     ap.add_argument("--config", default="configs/demo.yml")
-    ap.add_argument("--output", default="pipelines/spnas_pipeline.yaml")
-    ap.add_argument("--image", default=os.environ.get("IMAGE", DEFAULT_IMAGE), help="component image")
+    ap.add_argument("--output", default=output)
+    ap.add_argument("--image", default=os.environ.get("IMAGE", DEFAULT_IMAGE), help="component (and serving) image")
     ap.add_argument("--require-digest", action="store_true", help="refuse an image not pinned by @sha256: digest")
     ap.add_argument("--image-pull-secret", default=None, help="secret for a private registry (in the profile namespace)")
-    ap.add_argument("--parallelism", type=int, default=4, help="candidate pods per round at once")
     ap.add_argument("--shm-size", default="2Gi", help="size limit of each training pod's memory-backed /dev/shm")
     ap.add_argument("--data-volume", default="workspace", metavar="workspace|pvc:NAME|none",
                     help="where the data set is staged once per run: the run's KFP workspace (backend >= 2.15, "
@@ -495,6 +495,27 @@ def main() -> None:
     ap.add_argument("--workspace-size", default="100Gi", help="size of the run's workspace (the data set and its cache)")
     ap.add_argument("--workspace-storage-class", default=None,
                     help="storage class of the workspace claim (ReadWriteMany; default: the cluster's)")
+    for kind, seconds in TIMEOUTS.items():
+        ap.add_argument(f"--timeout-{kind}", type=int, default=seconds, metavar="SECONDS",
+                        help=f"time limit of a {kind} task (default {seconds})")
+
+
+def compile_options(args: argparse.Namespace) -> dict:
+    """The keyword options of :func:`add_compile_args`' values (time limits checked)."""
+    timeouts = {kind: getattr(args, f"timeout_{kind}") for kind in TIMEOUTS}
+    bad = [f"--timeout-{k} {v}" for k, v in timeouts.items() if v < 60]
+    if bad:
+        raise SystemExit(f"{', '.join(bad)}: a time limit must be at least 60 seconds")
+    return {"timeouts": timeouts, "shm_size": args.shm_size, "image_pull_secret": args.image_pull_secret,
+            "require_digest": args.require_digest, "data_volume": args.data_volume,
+            "workspace_size": args.workspace_size, "workspace_storage_class": args.workspace_storage_class,
+            "retry_backoff": args.retry_backoff}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_compile_args(ap, "pipelines/spnas_pipeline.yaml")
+    ap.add_argument("--parallelism", type=int, default=4, help="candidate pods per round at once")
     ap.add_argument("--full-train-nodes", type=int, default=1, metavar="N",
                     help="default of the full_train_nodes parameter (more than 1: each full train runs as a Kubeflow "
                          "Trainer TrainJob on N nodes; default 1)")
@@ -502,20 +523,10 @@ def main() -> None:
                     help="default of the full_train_gpus_per_node parameter (GPUs of each TrainJob node; default 0)")
     ap.add_argument("--max-spec-bytes", type=int, default=MAX_SPEC_BYTES,
                     help=f"refuse a compiled pipeline larger than this (default {MAX_SPEC_BYTES})")
-    for kind, seconds in TIMEOUTS.items():
-        ap.add_argument(f"--timeout-{kind}", type=int, default=seconds, metavar="SECONDS",
-                        help=f"time limit of a {kind} task (default {seconds})")
     args = ap.parse_args()
-    timeouts = {kind: getattr(args, f"timeout_{kind}") for kind in TIMEOUTS}
-    bad = [f"--timeout-{k} {v}" for k, v in timeouts.items() if v < 60]
-    if bad:
-        raise SystemExit(f"{', '.join(bad)}: a time limit must be at least 60 seconds")
-    print(compile_pipeline(args.config, args.output, args.image, args.parallelism, args.max_spec_bytes, timeouts=timeouts,
-                           shm_size=args.shm_size, image_pull_secret=args.image_pull_secret,
-                           require_digest=args.require_digest, data_volume=args.data_volume,
-                           workspace_size=args.workspace_size, workspace_storage_class=args.workspace_storage_class,
-                           retry_backoff=args.retry_backoff, full_train_nodes=args.full_train_nodes,
-                           full_train_gpus_per_node=args.full_train_gpus_per_node))
+    print(compile_pipeline(args.config, args.output, args.image, args.parallelism, args.max_spec_bytes,
+                           full_train_nodes=args.full_train_nodes, full_train_gpus_per_node=args.full_train_gpus_per_node,
+                           **compile_options(args)))
 
 
 if __name__ == "__main__":

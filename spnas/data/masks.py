@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..utils.errors import DataError, brief
+from .coco import _finite_number
 
 
 class MaskProblem(Exception):
@@ -25,10 +26,6 @@ class MaskProblem(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def _finite(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and bool(np.isfinite(value))
 
 
 def compressed_counts(text: str) -> list[int] | None:
@@ -69,7 +66,7 @@ def annotation_rle(ann: dict[str, Any], height: int, width: int, where: str) -> 
         raise MaskProblem("missing", f"{where}: annotation {ann.get('id')} has no segmentation")
     if isinstance(seg, list):
         for i, poly in enumerate(seg):
-            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(_finite(v) for v in poly)):
+            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(_finite_number(v) for v in poly)):
                 raise DataError(f"{what} polygon {i} {brief(poly)} is not [x1, y1, x2, y2, ...] of finite numbers "
                                 "with at least 3 points")
             far = [v for v in poly[0::2] if not -width <= v <= 2 * width] + \
@@ -80,7 +77,7 @@ def annotation_rle(ann: dict[str, Any], height: int, width: int, where: str) -> 
         rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in seg], height, width))
     elif isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2 and [int(v) if _finite(v) else None for v in size]
+        if not (isinstance(size, list) and len(size) == 2 and [int(v) if _finite_number(v) else None for v in size]
                 == [height, width]):
             raise DataError(f"{what} RLE size {brief(size)} is not the image's [height, width] = [{height}, {width}]")
         if isinstance(counts, list):

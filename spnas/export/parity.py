@@ -105,6 +105,9 @@ def check(reference: Runner, programs: Mapping[str, Runner], dataset: CocoDetect
         return coco_metrics(coco, results(outs))
 
     ref_metrics = metrics(ref_out)
+    # the probe images and PyTorch's detections on them: made once, every program checked on them
+    probe_set = [(x, reference(x)) for x in (_resized(img, sh, sw) for sh, sw in PROBE_SCALES
+                                            for img, _ in images[: min(n, 8)])] if probes else []
     report: dict[str, Any] = {"gate": asdict(gate), "images": n, "reference": ref_metrics, "programs": {}}
     for name, run in programs.items():
         outs = [run(img) for img, _ in images]
@@ -115,11 +118,7 @@ def check(reference: Runner, programs: Mapping[str, Runner], dataset: CocoDetect
         entry = {"metrics": m, "mAP_diff": round(diff, 4), "val": val,
                  "passed": val["unmatched"] == 0 and val["score_mismatch"] == 0 and diff <= gate.map}
         if probes:
-            probe_rows = []
-            for sh, sw in PROBE_SCALES:
-                for img, _ in images[: min(n, 8)]:
-                    x = _resized(img, sh, sw)
-                    probe_rows.append(match(reference(x), run(x), gate))
+            probe_rows = [match(want, run(x), gate) for x, want in probe_set]
             entry["probes"] = {"scales": [list(s) for s in PROBE_SCALES], **_summary(probe_rows)}
             entry["passed"] = entry["passed"] and entry["probes"]["unmatched"] == 0 and \
                 entry["probes"]["score_mismatch"] == 0

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config.types import RunConfig
 from ..storage import is_uri, local_path, upload
 from ..utils.errors import PhaseError
 from ..utils.fileio import atomic_write_json, read_json
@@ -83,9 +84,8 @@ def _control_summary(run_uri: str) -> dict[str, Any] | None:
         return None
 
 
-def run_lineage(config_text: str, run_uri: str, step_name: str, record: Mapping[str, Any],
-                overrides: Sequence[str] | str = ()) -> list[dict[str, Any]]:
-    """The lineage of ``record`` (a record of step ``step_name``) from what the run published
+def run_lineage(cfg: RunConfig, run_uri: str, step_name: str, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The lineage of ``record`` (a record of ``cfg``'s step ``step_name``) from what the run published
     under ``run_uri``: each search step's ``state.json``, each other step's ``output.csv``
     (:func:`spnas.export.bundle.lineage`). A step whose files are missing is left out (the
     retraining pipeline has no search)."""
@@ -93,7 +93,6 @@ def run_lineage(config_text: str, run_uri: str, step_name: str, record: Mapping[
 
     from ..export.bundle import lineage
     from ..search import records as search_records
-    cfg = pods.load_run(config_text, overrides)
     phases: dict[str, dict[str, Any]] = {}
     for step in cfg.steps:
         base = _join(run_uri, step.name)
@@ -124,7 +123,7 @@ def export_record(config_text: str, step_name: str, record: Mapping[str, Any], w
     raises :class:`~spnas.export.bundle.ExportRefused` after publishing when the gate failed
     (its ``parity.json`` is there to read), so nothing downstream registers it."""
     from ..export.bundle import check_publishable, export_model
-    _, step = pods.load_step(config_text, step_name, overrides)
+    cfg, step = pods.load_step(config_text, step_name, overrides)
     rec = pods.plain(dict(record))
     weights = weights or str(rec.get("weights") or "")
     if not weights:
@@ -134,7 +133,7 @@ def export_record(config_text: str, step_name: str, record: Mapping[str, Any], w
         out = Path(tmp) / EXPORT_DIR
         info = export_model(rec["desc"], local_path(weights), steps.data_source(step, data_uri), out, name=name,
                             control=_control_summary(run_uri) if control else None, max_images=max_images,
-                            lineage_=run_lineage(config_text, run_uri, step_name, rec, overrides))
+                            lineage_=run_lineage(cfg, run_uri, step_name, rec))
         report = read_json(out / "parity.json", "parity report")
         publish_folder(out, target)
         programs = {k: {"max_box_diff": (p.get("val") or {}).get("max_box_diff"),
