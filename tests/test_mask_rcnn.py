@@ -18,7 +18,8 @@ def test_type_spellings_and_the_built_model():
     for spelling in ("MaskRCNN", "maskrcnn", "mask_rcnn"):
         assert normalize_desc({"type": spelling})["type"] == "MaskRCNN"
     assert normalize_desc({"type": "faster_rcnn"})["type"] == "FasterRCNN"
-    with pytest.raises(DescError, match=r"type 'RetinaNet' is not supported: expected one of \['FasterRCNN', 'MaskRCNN'\]"):
+    with pytest.raises(DescError, match=r"type 'RetinaNet' is not supported: expected one of \['FasterRCNN', 'MaskRCNN', "
+                                        r"'SemanticFPN'\]"):
         normalize_desc({"type": "RetinaNet"})
     desc = {"type": "MaskRCNN", "num_classes": 4, "representation_size": 64, "min_size": 96, "max_size": 96,
             "backbone": {"code": "1-2-2-2", "block": "basic", "base_channels": 8}, "neck": {"code": [0, 1, 0, 0]}}

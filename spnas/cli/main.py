@@ -69,18 +69,28 @@ def _load_desc(args: argparse.Namespace) -> dict:
 
 
 #: ``--task`` -> the model type that does it.
-TASKS = {"detection": "FasterRCNN", "instance_segmentation": "MaskRCNN"}
+TASKS = {"detection": "FasterRCNN", "instance_segmentation": "MaskRCNN", "semantic_segmentation": "SemanticFPN"}
 
 
 def _with_task(desc: dict, task: str | None) -> dict:
-    """``desc`` with the model type of ``--task`` (refused when the description names another)."""
+    """``desc`` with the model type of ``--task`` (refused when the description names another).
+    For ``semantic_segmentation`` the detector-only keys of a detector's description (RPN, RoI
+    head settings) are dropped, and said so on stderr: one description serves every task."""
     if task is None:
         return desc
-    from ..models.desc import normalize_desc
+    from ..models.desc import DETECTOR_KWARGS, SEMANTIC_KWARGS, normalize_desc
     given = desc.get("type")
     if given is not None and normalize_desc({"type": given})["type"] != TASKS[task]:
         raise SpnasError(f"--task {task} needs model desc type {TASKS[task]!r}, but the description says {given!r}")
-    return {**desc, "type": TASKS[task]}
+    out = {**desc, "type": TASKS[task]}
+    if TASKS[task] == "SemanticFPN":
+        dropped = sorted(k for k in out if (k in DETECTOR_KWARGS and k not in SEMANTIC_KWARGS)
+                         or k == "representation_size")
+        if dropped:
+            print(f"--task {task}: detector setting(s) {', '.join(dropped)} of the description do not apply to a "
+                  "SemanticFPN and are left out", file=sys.stderr)
+        out = {k: v for k, v in out.items() if k not in dropped}
+    return out
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -136,7 +146,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                               min_size=args.min_size, max_size=args.max_size)
     if distributed.env_context().is_main:
         segm = f"segm_mAP {perf.get('segm_mAP') or 0:.2f}  " if "segm_mAP" in perf else ""
-        print(f"{args.out}: mAP {perf.get('mAP') or 0:.2f}  AP50 {perf.get('AP50') or 0:.2f}  {segm}"
+        quality = (f"mIoU {perf['mIoU']:.2f}  pixel acc {perf['pixel_acc']:.2f}  " if "mIoU" in perf else
+                   f"mAP {perf.get('mAP') or 0:.2f}  AP50 {perf.get('AP50') or 0:.2f}  {segm}")
+        print(f"{args.out}: {quality}"
               f"params {perf['params']:,}  GFLOPs {perf['gflops']:.2f}  {perf['world_size']} process(es), "
               f"global batch {perf['global_batch']}  ({perf['train_seconds']:.0f} s)")
     return 0
@@ -187,16 +199,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     ctrl = reports.get("control")
     if ctrl:
         print("equal-budget control (the seed trained as long as the searched model's lineage, from the same weights):")
+        q = ctrl.get("quality", "mAP")
+        q2 = "AP50" if q == "mAP" else "pixel_acc"
         for key in ("searched", "control"):
             e = ctrl[key]
-            print(f"  {key:<9} {e['desc']['backbone']['code']} neck {e['desc']['neck']['code']}  mAP {e['mAP']:.2f}  "
-                  f"AP50 {e['AP50']:.2f}  params {e['params']:,}  GFLOPs {e['gflops']:.2f}  "
+            print(f"  {key:<9} {e['desc']['backbone']['code']} neck {e['desc']['neck']['code']}  {q} {e[q]:.2f}  "
+                  f"{q2} {e[q2]:.2f}  params {e['params']:,}  GFLOPs {e['gflops']:.2f}  "
                   f"{e['iterations']} iterations")
         for name, ph in ctrl["phases"].items():
-            if "delta_mAP" in ph:
-                print(f"  {name:<9} best candidate {ph['searched']['mAP']:.2f} vs control {ph['control']['mAP']:.2f} mAP "
-                      f"({ph['delta_mAP']:+.2f}, {ph['control']['iterations']} iterations each)")
-        print(f"  delta mAP {ctrl['delta_mAP']:+.2f}: the {ctrl['winner']} model is the result ({ctrl['reason']})")
+            if "delta_" + q in ph:
+                print(f"  {name:<9} best candidate {ph['searched'][q]:.2f} vs control {ph['control'][q]:.2f} {q} "
+                      f"({ph['delta_' + q]:+.2f}, {ph['control']['iterations']} iterations each)")
+        print(f"  delta {q} {ctrl['delta_' + q]:+.2f}: the {ctrl['winner']} model is the result ({ctrl['reason']})")
     if reports.get("compute"):
         c = reports["compute"]
         print(f"compute: search {c['search']['images']:,} images ({c['search']['iterations']:,} iterations), "
@@ -204,8 +218,10 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{c['seconds']:.0f} s wall")
     if best:
         m = best["metrics"]
+        figures = "  ".join(f"{k} {m[k]:.2f}" for k in ("mAP", "AP50", "segm_mAP", "mIoU", "pixel_acc")
+                            if m.get(k) is not None)
         print(f"result: {best['desc']['backbone']['code']} neck {best['desc']['neck']['code']}  "
-              f"mAP {m['mAP']:.2f}  AP50 {m['AP50']:.2f}  params {best['params']:,}  GFLOPs {best['gflops']:.2f}")
+              f"{figures}  params {best['params']:,}  GFLOPs {best['gflops']:.2f}")
         print(f"  weights {best['weights']}")
     return 0
 
@@ -287,8 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data root with annotations/instances_{train,val}2017.json")
     _arch_args(p)
     p.add_argument("--task", choices=sorted(TASKS), default=None,
-                   help="detection (Faster R-CNN) or instance_segmentation (Mask R-CNN: trains on the annotations' "
-                        "masks, reports segm_mAP... beside the box metrics); default: the description's type")
+                   help="detection (Faster R-CNN), instance_segmentation (Mask R-CNN: trains on the annotations' "
+                        "masks, reports segm_mAP... beside the box metrics) or semantic_segmentation (SemanticFPN: "
+                        "trains on the label maps in annotations/semantic_<split>2017/, else on maps painted from the "
+                        "instance masks; reports mIoU, pixel_acc, mAcc, per-class IoU); default: the description's "
+                        "type")
     sched = p.add_mutually_exclusive_group()
     sched.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
     sched.add_argument("--iters", type=int, default=None, help="iterations instead of epochs")

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..models.desc import normalize_desc
 from ..models.encoding import looks_like_arch, parse_arch, parse_parallel, parse_serial
-from ..search.settings import SearchSettings
+from ..search.settings import DEFAULT_OBJECTIVES, SearchSettings, canonical_objective
 from ..training.schedule import LR_SCALINGS, WARMUP_TYPES, TrainConfig
 from ..utils import checks
 from ..utils.errors import CodeError, ConfigError, SpnasError, brief
@@ -426,10 +426,22 @@ def _step(name: str, sec: dict, seed: int, roles_before: list[str], defaults: di
         mtype = normalize_desc(merged)["type"]
     except SpnasError as exc:
         raise _err(f"{name}.model.model_desc", str(exc)) from None
-    segm = [k for k in (search or {}).get("objective_keys") or () if str(k).startswith("segm_")]
+    keys = [canonical_objective(k) for k in (search or {}).get("objective_keys") or ()]
+    segm = [k for k in keys if str(k).startswith("segm_")]
     if segm and mtype != "MaskRCNN":
         raise _err(f"{name}.search_algorithm.objective_keys", f"{segm[0]!r} is a mask metric: it needs "
                    f"model_desc type 'MaskRCNN' (this step's model is a {mtype}, which predicts no masks)")
+    if "mIoU" in keys and mtype != "SemanticFPN":
+        raise _err(f"{name}.search_algorithm.objective_keys", "'mIoU' is a semantic-segmentation metric: it needs "
+                   f"model_desc type 'SemanticFPN' (this step's model is a {mtype})")
+    if mtype == "SemanticFPN" and search is not None:
+        boxes = [k for k in keys if k == "mAP" or str(k).startswith("segm_")]
+        if boxes:
+            raise _err(f"{name}.search_algorithm.objective_keys", f"{boxes[0]!r} is a detection metric; a "
+                       "SemanticFPN is measured by 'mIoU'")
+        if not keys:  # the algorithm's default objectives, with the semantic model's quality
+            search["objective_keys"] = tuple("mIoU" if k == "mAP" else k
+                                             for k in DEFAULT_OBJECTIVES[search["algorithm"]])
     if role == "fine_tune":
         defaults["model_desc"] = merged
     top_k = sec.get("top_k")

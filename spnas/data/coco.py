@@ -150,18 +150,22 @@ class CocoDetection(Dataset):
     ``{"boxes": float32 [N, 4] (x0, y0, x1, y1), "labels": int64 [N] in 1..K, "image_id": int}``
     and, with ``masks=True``, ``"masks": uint8 [N, H, W]`` (0/1, from each annotation's polygons
     or RLE, :mod:`.masks`; an annotation without a usable mask is skipped and counted like a bad
-    box, or an error under ``bad_boxes="error"``). ``train=True`` drops images without usable
-    boxes and flips horizontally with probability 0.5, decided by ``(seed, epoch, index)`` (call
+    box, or an error under ``bad_boxes="error"``); with ``semantic=True``, ``"sem_seg": int64
+    [H, W]``, the image's label map (0 background, ``1..K``, 255 ignored; from the PNGs in
+    ``label_dir`` when that folder exists, else painted from the instance masks: :mod:`.semantic`).
+    ``train=True`` drops images without usable boxes (not for ``semantic``: a scene of background
+    alone still teaches) and flips horizontally with probability 0.5, decided by ``(seed, epoch, index)`` (call
     :meth:`set_epoch`), so any worker count and any resume point give the same samples.
     """
 
     def __init__(self, ann_file: str | os.PathLike, img_dir: str | os.PathLike, train: bool = False,
-                 seed: int = 0, bad_boxes: str = "skip", hflip: bool = True, masks: bool = False) -> None:
+                 seed: int = 0, bad_boxes: str = "skip", hflip: bool = True, masks: bool = False,
+                 semantic: bool = False, label_dir: str | os.PathLike | None = None) -> None:
         if bad_boxes not in ("skip", "error"):
             raise ValueError(f"bad_boxes must be 'skip' or 'error', got {bad_boxes!r}")
         self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
         self.train, self.seed, self.hflip, self.epoch = train, seed, hflip and train, 0
-        self.masks = masks
+        self.masks, self.semantic = masks, semantic
         if not self.img_dir.is_dir():
             raise DataError(f"image folder {str(self.img_dir)!r} does not exist")
         self.coco = _load_coco(self.ann_file)
@@ -178,26 +182,84 @@ class CocoDetection(Dataset):
         self.skipped: dict[str, int] = {"outside": 0, "non_positive": 0, "crowd": 0}
         if masks:
             self.skipped.update({"no_mask": 0, "empty_mask": 0})
+        self.label_dir: Path | None = None
+        if semantic:
+            self._setup_semantic(label_dir)
         self.records: list[dict[str, Any]] = []
         for img in sorted(self.coco.dataset["images"], key=lambda r: r["id"]):
             boxes, labels, rles = self._boxes_for(img, bad_boxes)
-            if train and not boxes:
+            if train and not boxes and not semantic:
                 continue
             rec = {"id": img["id"], "file_name": img["file_name"], "boxes": boxes, "labels": labels}
             if masks:
                 rec["masks"], rec["size"] = rles, (int(img["height"]), int(img["width"]))
+            if semantic and self.label_dir is None:
+                rec["layers"], rec["size"] = self._layers_for(img, bad_boxes), (int(img["height"]), int(img["width"]))
             self.records.append(rec)
         if any(self.skipped.values()):
             log.warning("%s: skipped %d box(es) outside the image, %d with non-positive size, %d crowd%s",
                         self.ann_file, self.skipped["outside"], self.skipped["non_positive"], self.skipped["crowd"],
                         f", {self.skipped['no_mask']} without a segmentation, {self.skipped['empty_mask']} with an "
-                        "empty mask" if masks else "")
+                        "empty mask" if "no_mask" in self.skipped else "")
         if not self.records:
             raise DataError(f"{str(self.ann_file)!r} gives an empty {'training' if train else 'evaluation'} set"
                             + ((" (no image has a usable box with a mask: skipped "
                                 f"{self.skipped['no_mask']} annotation(s) without a segmentation, "
                                 f"{self.skipped['empty_mask']} with an empty one)" if masks else
                                 " (no image has a usable box)") if train else ""))
+
+    def _setup_semantic(self, label_dir: str | os.PathLike | None) -> None:
+        """Label maps: the PNG folder when it exists (every image's map present), else painted
+        from the instance masks (integer image sizes needed)."""
+        from .semantic import check_categories, label_file, lookup_table
+        check_categories(self.cat_ids, f"annotation file {str(self.ann_file)!r}")
+        self.lut = lookup_table(self.cat_to_label)
+        if label_dir is not None and Path(label_dir).is_dir():
+            self.label_dir = Path(label_dir)
+            missing = [img["file_name"] for img in self.coco.dataset["images"]
+                       if not label_file(self.label_dir, img["file_name"]).is_file()]
+            if missing:
+                raise DataError(f"{len(missing)} label map(s) of the images in {str(self.ann_file)!r} are missing "
+                                f"from {str(self.label_dir)!r}, e.g. "
+                                f"{[str(label_file(self.label_dir, m).name) for m in missing[:3]]}")
+            log.info("%s: semantic label maps read from %s", self.ann_file, self.label_dir)
+        else:
+            self.skipped.update({"no_mask": 0, "empty_mask": 0})
+            log.info("%s: no label map folder%s; semantic label maps painted from the instance masks", self.ann_file,
+                     f" {str(label_dir)!r}" if label_dir is not None else "")
+
+    def _layers_for(self, img: dict, bad_boxes: str) -> list[tuple[int, dict]]:
+        """``(label, compressed RLE)`` of every annotation of ``img`` in file order (crowd regions
+        labelled ignore), for painting its label map."""
+        from .masks import MaskProblem, annotation_rle
+        from .semantic import IGNORE_VALUE
+        w, h = img.get("width"), img.get("height")
+        if w is None or h is None or int(w) != w or int(h) != h:
+            raise DataError(f"{str(self.ann_file)!r}: image {img['id']} has no integer width and height "
+                            f"({brief(w)} x {brief(h)}): label maps painted from instance masks need them")
+        layers = []
+        for ann in self.coco.imgToAnns.get(img["id"], []):
+            try:
+                rle = annotation_rle(ann, int(h), int(w), repr(str(self.ann_file)))
+            except MaskProblem as exc:
+                if bad_boxes == "error":
+                    raise DataError(str(exc)) from None
+                self.skipped["no_mask" if exc.kind == "missing" else "empty_mask"] += 1
+                continue
+            layers.append((IGNORE_VALUE if ann.get("iscrowd", 0) else self.cat_to_label[ann["category_id"]], rle))
+        return layers
+
+    def label_map(self, index: int, shape: Any) -> np.ndarray:
+        """``int64 [H, W]`` label map of record ``index`` (an image of ``shape`` (H, W))."""
+        from .semantic import label_file, paint_instances, read_label_map
+        rec = self.records[index]
+        if self.label_dir is not None:
+            return read_label_map(label_file(self.label_dir, rec["file_name"]), tuple(shape), self.lut)
+        if tuple(shape) != rec["size"]:
+            raise DataError(f"{str(self.ann_file)!r}: image {rec['id']} is {shape[0]} x {shape[1]} px in "
+                            f"{str(self.img_dir / rec['file_name'])!r} but {rec['size'][0]} x {rec['size'][1]} in the "
+                            "annotations: its masks would not fit")
+        return paint_instances(rec["layers"], rec["size"])
 
     def _is_file(self, name: str) -> bool:
         """``img_dir/name`` is a file; a name the OS refuses (too long, ...) is a DataError."""
@@ -286,12 +348,16 @@ class CocoDetection(Dataset):
         target: dict[str, Any] = {"boxes": boxes, "labels": labels, "image_id": rec["id"]}
         if self.masks:
             target["masks"] = self._masks(index, image.shape[-2:])
+        if self.semantic:
+            target["sem_seg"] = torch.from_numpy(self.label_map(index, image.shape[-2:]))
         if self.hflip and _hflip_flag(self.seed, self.epoch, index):
             image = image.flip(-1)
             width = image.shape[-1]
             target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
             if self.masks:
                 target["masks"] = target["masks"].flip(-1)
+            if self.semantic:
+                target["sem_seg"] = target["sem_seg"].flip(-1)
         return image, target
 
     def _masks(self, index: int, shape: Any) -> torch.Tensor:
@@ -313,11 +379,14 @@ def collate(batch: Sequence) -> tuple:
 
 def load_split(data_root: str | os.PathLike, split: str, train: bool, seed: int = 0,
                img_prefix: str = "2017", ann_prefix: str = "instances", bad_boxes: str = "skip",
-               masks: bool = False) -> CocoDetection:
+               masks: bool = False, semantic: bool = False) -> CocoDetection:
     """One split of the standard COCO layout under ``data_root`` (see :func:`resolve_split`);
-    ``masks``: targets carry the instance masks too."""
+    ``masks``: targets carry the instance masks too; ``semantic``: the label maps
+    (``annotations/semantic_<split><img_prefix>/``, else painted from the instance masks)."""
+    from .semantic import label_dir
     s = resolve_split(data_root, split, img_prefix, ann_prefix)
-    return CocoDetection(s.ann_file, s.img_dir, train=train, seed=seed, bad_boxes=bad_boxes, masks=masks)
+    return CocoDetection(s.ann_file, s.img_dir, train=train, seed=seed, bad_boxes=bad_boxes, masks=masks,
+                         semantic=semantic, label_dir=label_dir(s.ann_file, img_prefix, split) if semantic else None)
 
 
 def make_loader(dataset: CocoDetection, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,

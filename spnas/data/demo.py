@@ -4,13 +4,16 @@
 
     out/annotations/instances_train2017.json   out/train2017/000000000001.jpg ...
     out/annotations/instances_val2017.json     out/val2017/...
+    out/annotations/semantic_train2017/000000000001.png ...   (and semantic_val2017/)
 
 Each class is a shape with its own colour family and size range (circle, square, triangle,
 cross, diamond, ring, hexagon, bar) drawn 1-4 times per image on a textured background.
 Image ``i`` of a split depends only on ``(seed, split, i)``, so a larger set starts with the
 images of a smaller one. Every annotation also has an instance mask, ``segmentation``: COCO's
 compressed RLE of the object's visible pixels (what later objects or distractors do not hide),
-for instance segmentation; boxes, areas and images are those of the sets without masks.
+for instance segmentation; boxes, areas and images are those of the sets without masks. Each
+image also has a semantic label map (PNG, the category id of every visible object pixel, 0
+for the background: the layout of :mod:`.semantic`).
 
 ``hard=True`` writes a harder set in the same layout (all 8 classes by default), where backbone
 capacity matters: 2-10 objects per image whose size (the longer box side) spreads log-uniformly
@@ -355,10 +358,15 @@ def write_demo_dataset(out: str | Path, train: int = 240, val: int = 60, size: i
             img.save(buf, format="JPEG", quality=92)
             atomic_write_bytes(out / f"{split}2017" / file_name, buf.getvalue())
             images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
+            label_map = np.zeros((size, size), dtype=np.uint8)
             for (c, (x, y, w, h)), mask in zip(objects, masks, strict=True):
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": c + 1,
                                     "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
                                     "segmentation": _rle(mask)})
+                label_map[mask.astype(bool)] = c + 1  # visible pixels: the masks do not overlap
+            buf = io.BytesIO()
+            Image.fromarray(label_map).save(buf, format="PNG", optimize=True)
+            atomic_write_bytes(out / "annotations" / f"semantic_{split}2017" / f"{i + 1:012d}.png", buf.getvalue())
         info = hard_info(seed, classes, occluded, len(annotations)) if hard else \
             {"description": f"spnas demo scenes (seed {seed})"}
         atomic_write_json(out / "annotations" / f"instances_{split}2017.json",

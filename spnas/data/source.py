@@ -18,11 +18,13 @@ class CocoSource:
     img_prefix: str = "2017"
     ann_prefix: str = "instances"
 
-    def load(self, split: str, train: bool, seed: int = 0, masks: bool = False) -> CocoDetection:
+    def load(self, split: str, train: bool, seed: int = 0, masks: bool = False,
+             semantic: bool = False) -> CocoDetection:
         """``split`` (``train``/``val``) as a :class:`~spnas.data.coco.CocoDetection`
-        (``masks``: with the instance masks in the targets)."""
+        (``masks``: with the instance masks in the targets; ``semantic``: with the label maps)."""
         from .coco import load_split
-        return load_split(self.root, split, train, seed, self.img_prefix, self.ann_prefix, masks=masks)
+        return load_split(self.root, split, train, seed, self.img_prefix, self.ann_prefix, masks=masks,
+                          semantic=semantic)
 
     def layout(self) -> list[tuple[str, bool]]:
         """The locations the COCO layout needs, as ``(path or URI, is_folder)``: per split

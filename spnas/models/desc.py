@@ -2,12 +2,13 @@
 
 A description is a plain dict::
 
-    {"type": "FasterRCNN",           # or "MaskRCNN" (boxes and instance masks)
+    {"type": "FasterRCNN",           # or "MaskRCNN" (boxes and instance masks), "SemanticFPN" (label maps)
      "num_classes": 91,
      "backbone": {"type": "SerialBackbone", "code": "111-2111-211111-211",
                   "block": "bottleneck", "base_channels": 64, "norm": "bn"},
      "neck": {"type": "ParallelFPN", "code": [0, 0, 0, 0], "out_channels": 256},
-      "representation_size": 1024,   # RoI box head width (optional; 1024 when absent)
+      "representation_size": 1024,   # RoI box head width (optional; 1024 when absent; detectors only)
+      "head_channels": 128,          # semantic head width (SemanticFPN only; 128 when absent)
     ...any other FasterRCNN keyword argument (min_size, max_size, ...)}
 
 :func:`normalize_desc` fills defaults, accepts Vega's spellings and rejects unknown keys. A
@@ -35,8 +36,17 @@ DEFAULT_DESC: dict[str, Any] = {
 #: Model types (spellings -> canonical): torchvision's Faster R-CNN (boxes) and Mask R-CNN (boxes
 #: and instance masks: the same detector plus torchvision's mask head and predictor).
 _DETECTOR_TYPES = {"fasterrcnn": "FasterRCNN", "faster_rcnn": "FasterRCNN",
-                   "maskrcnn": "MaskRCNN", "mask_rcnn": "MaskRCNN"}
-MODEL_TYPES = ("FasterRCNN", "MaskRCNN")
+                   "maskrcnn": "MaskRCNN", "mask_rcnn": "MaskRCNN",
+                   "semanticfpn": "SemanticFPN", "semantic_fpn": "SemanticFPN"}
+#: ... and the semantic-segmentation model (:mod:`.semantic`: a Panoptic-FPN-style semantic head
+#: over every FPN level of the same backbone and parallel neck; one class per pixel).
+MODEL_TYPES = ("FasterRCNN", "MaskRCNN", "SemanticFPN")
+#: The task each model type solves (``spnas train --task``).
+TASK_OF_TYPE = {"FasterRCNN": "detection", "MaskRCNN": "instance_segmentation",
+                "SemanticFPN": "semantic_segmentation"}
+TYPE_OF_TASK = {task: mtype for mtype, task in TASK_OF_TYPE.items()}
+#: The keyword arguments a ``SemanticFPN`` takes (its image transform's: the detectors' meaning).
+SEMANTIC_KWARGS = frozenset({"min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size"})
 _BACKBONE_TYPES = {"serialbackbone", "serialnet"}
 _NECK_TYPES = {"parallelfpn", "fpn"}
 #: Vega model_desc keys that configure phases, not the architecture: accepted and kept, the
@@ -135,19 +145,27 @@ def normalize_desc(desc: Mapping[str, Any] | None = None) -> dict[str, Any]:
     out["neck"]["out_channels"] = _int(neck.pop("out_channels", 256), "neck.out_channels")
     if neck:
         raise DescError(f"model desc neck has unknown key(s) {sorted(neck)}; known: type, code, out_channels")
-    if "representation_size" in desc:
-        out["representation_size"] = _int(desc.pop("representation_size"), "representation_size")
+    semantic = out["type"] == "SemanticFPN"
+    for key, other in (("representation_size", False), ("head_channels", True)):
+        if key in desc:
+            if semantic != other:
+                raise DescError(f"model desc key {key!r} does not apply to a {out['type']} "
+                                f"({'the semantic head of a SemanticFPN' if other else 'the RoI box head of a detector'})")
+            out[key] = _int(desc.pop(key), key)
     for key in list(desc):
         if key in NON_ARCH_KEYS:
             out[key] = desc.pop(key)
         elif key in _ARCH_KWARGS:
             raise DescError(f"model desc key {key!r} is derived from the architecture and cannot be set")
         elif key in DETECTOR_KWARGS:
+            if semantic and key not in SEMANTIC_KWARGS:
+                raise DescError(f"model desc key {key!r} is a detector setting; a SemanticFPN has no RPN or RoI "
+                                f"heads (its settings: {', '.join(sorted(SEMANTIC_KWARGS))}, head_channels)")
             out[key] = desc.pop(key)
     if desc:
         raise DescError(f"model desc has unknown key(s) {sorted(desc)}; known: type, num_classes, backbone, "
-                        f"neck, representation_size, {', '.join(sorted(NON_ARCH_KEYS))} and FasterRCNN "
-                        "keyword arguments")
+                        f"neck, representation_size, head_channels, {', '.join(sorted(NON_ARCH_KEYS))} and "
+                        "FasterRCNN keyword arguments")
     return out
 
 

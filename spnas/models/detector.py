@@ -1,4 +1,5 @@
-"""Detector assembly on the described backbone (torchvision ``FasterRCNN`` or ``MaskRCNN``).
+"""Model assembly on the described backbone (torchvision ``FasterRCNN`` or ``MaskRCNN``, or the
+semantic :class:`~spnas.models.semantic.SemanticFPN`).
 
 :func:`build_detector` builds torchvision's ``FasterRCNN`` (``type: FasterRCNN``) or ``MaskRCNN``
 (``type: MaskRCNN``: the same detector plus torchvision's mask head and predictor) with anchors
@@ -50,7 +51,9 @@ def anchor_generator(num_levels: int) -> AnchorGenerator:
 
 def build_detector(desc: Mapping[str, Any] | None = None) -> nn.Module:
     """Build torchvision's ``FasterRCNN`` (or ``MaskRCNN`` for ``type: MaskRCNN``, its mask RoI
-    pooling at 14 px over the same levels, as ``maskrcnn_resnet50_fpn``) on the described backbone.
+    pooling at 14 px over the same levels, as ``maskrcnn_resnet50_fpn``; or, for ``type:
+    SemanticFPN``, the semantic-segmentation model of :mod:`.semantic`) on the described backbone:
+    the one builder of every model type.
 
     Missing keys take the defaults of :data:`DEFAULT_DESC`; other ``FasterRCNN`` keyword
     arguments (``min_size``, ``max_size``, ``box_score_thresh``...) pass through.
@@ -60,6 +63,9 @@ def build_detector(desc: Mapping[str, Any] | None = None) -> nn.Module:
     d = normalize_desc(desc)
     backbone = build_backbone(d)
     kwargs = {k: v for k, v in d.items() if k in DETECTOR_KWARGS}
+    if d["type"] == "SemanticFPN":
+        from .semantic import DEFAULT_HEAD_CHANNELS, SemanticFPN
+        return SemanticFPN(backbone, d["num_classes"], d.get("head_channels", DEFAULT_HEAD_CHANNELS), **kwargs)
     n_levels = len(d["neck"]["code"])
     pool = MultiScaleRoIAlign(backbone.featmap_names, output_size=7, sampling_ratio=2)
     width = d.get("representation_size", DEFAULT_REPRESENTATION_SIZE)

@@ -28,6 +28,7 @@ import torch
 
 from ..config.types import RunConfig, StepConfig
 from ..search import front, records
+from ..search.settings import quality_key
 from ..storage import is_uri, local_path, upload
 from ..utils.errors import ConfigError, SpnasError
 from ..utils.faults import failpoint
@@ -36,6 +37,12 @@ from . import phases, rounds, steps
 from .reports import control_summary, phase_compute, run_compute
 
 log = logging.getLogger(__name__)
+
+
+def _q(metrics: dict[str, Any]) -> str:
+    """``"mAP 61.25"`` (a semantic model's ``"mIoU 55.10"``) of a metrics dict."""
+    q = quality_key(metrics)
+    return f"{q} {metrics[q]:.2f}"
 
 
 def _say(msg: str) -> None:
@@ -158,7 +165,7 @@ class Runner:
         res = phases.fine_tune(step, steps.data_source(step), self.out / step.name, **self._opts())
         rec = {**res["record"], "phase": step.name}
         self.reports["phases"][step.name] = {"role": step.role, "records": [rec]}
-        _say(f"fine_tune: mAP {rec['metrics']['mAP']:.2f}, {rec['params']:,} params -> {res['model']}")
+        _say(f"fine_tune: {_q(rec['metrics'])}, {rec['params']:,} params -> {res['model']}")
         return [rec]
 
     def _search(self, step: StepConfig, seeds: list[dict]) -> list[dict]:
@@ -198,7 +205,7 @@ class Runner:
                 for c, r in zip(candidates, results, strict=False):
                     if r["status"] == "ok":
                         _say(f"  candidate {c['id']} {c['desc']['backbone']['code']} {c['desc']['neck']['code']} "
-                             f"(from {c['parent']}, {'+'.join(c['ops'])}): mAP {r['metrics']['mAP']:.2f}, "
+                             f"(from {c['parent']}, {'+'.join(c['ops'])}): {_q(r['metrics'])}, "
                              f"{c['params']:,} params, inherited {r['inherited']}/{r['inherited'] + r['fresh']}, "
                              f"trained {r.get('trainable') or 0:,} parameters")
                     else:
@@ -240,7 +247,7 @@ class Runner:
         self.reports["phases"][step.name] = {"role": step.role, "records": done}
         for r in done:
             _say(f"reignition of {r['id']}: top-1 {r['reignition']['top1_train']:.1f}% on {r['reignition']['source']}, "
-                 f"detector mAP {r['metrics']['mAP']:.2f}")
+                 f"model {_q(r['metrics'])}")
         return done
 
     def _full_train(self, step: StepConfig, front: list[dict]) -> list[dict]:
@@ -263,8 +270,9 @@ class Runner:
             atomic_write_json(self.out / "control.json", summary)
             self.reports["phases"][step.name].update(control=ctrl, compute=phase_compute(done, ctrl))
             self.reports["control"] = summary
-            _say(f"searched {summary['searched']['mAP']:.2f} mAP vs control {summary['control']['mAP']:.2f} "
-                 f"(delta {summary['delta_mAP']:+.2f}): {summary['winner']} wins, {summary['reason']}")
+            q = summary["quality"]
+            _say(f"searched {summary['searched'][q]:.2f} {q} vs control {summary['control'][q]:.2f} "
+                 f"(delta {summary['delta_' + q]:+.2f}): {summary['winner']} wins, {summary['reason']}")
         return done
 
     def _reignite_front(self, step: StepConfig, state_path: str, out: Path) -> None:
@@ -291,8 +299,9 @@ class Runner:
         ctrl = phases.control("control", seed["desc"], seed["weights"], [step.trainer] * plan["generations"], data, out,
                               base_lineage=seed.get("lineage_iters") or 0, **self._opts())
         ctrl.update(best=best["id"], seed=seed["id"], planned_iters=plan["iters"])
-        _say(f"{step.name}: best candidate {best['id']} mAP {best['metrics']['mAP']:.2f} vs control "
-             f"{ctrl['metrics']['mAP']:.2f} (delta {best['metrics']['mAP'] - ctrl['metrics']['mAP']:+.2f})")
+        q = quality_key(best["metrics"])
+        _say(f"{step.name}: best candidate {best['id']} {q} {best['metrics'][q]:.2f} vs control "
+             f"{ctrl['metrics'][q]:.2f} (delta {best['metrics'][q] - ctrl['metrics'][q]:+.2f})")
         return ctrl
 
 

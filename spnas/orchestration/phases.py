@@ -33,9 +33,10 @@ from ..models.encoding import looks_like_arch
 from ..models.inherit import align_blocks, inherit_weights, swap_trainable
 from ..search import SearchSettings, new_state
 from ..search.records import Candidate, Result
+from ..search.settings import quality, quality_key
 from ..storage import local_path
 from ..training.architecture import evaluate_architecture, train_architecture
-from ..training.evaluation import METRIC_NAMES, SEGM_METRIC_NAMES
+from ..training.evaluation import METRIC_NAMES, SEGM_METRIC_NAMES, SEMANTIC_METRIC_NAMES
 from ..training.reignite import reignite
 from ..training.schedule import TrainConfig
 from ..utils.errors import ConfigError, InheritanceError, PhaseError, SpnasError
@@ -66,7 +67,10 @@ def _finished(out: Path, arch_id: Any, resume: bool) -> Any | None:
 
 def _metrics(perf: Mapping[str, Any]) -> dict[str, Any]:
     """A record's metrics: the box metrics and costs, and a Mask R-CNN's mask metrics when
-    measured (a Faster R-CNN's records carry no ``segm_*`` keys)."""
+    measured (a Faster R-CNN's records carry no ``segm_*`` keys); a semantic model's (``mIoU``
+    in ``perf``) are its semantic metrics (per-class IoU included) and costs, no box metrics."""
+    if "mIoU" in perf and "mAP" not in perf:
+        return {k: perf.get(k) for k in (*SEMANTIC_METRIC_NAMES, "IoU_per_class", *RECORD_METRICS[len(METRIC_NAMES):])}
     return {**{k: perf.get(k) for k in RECORD_METRICS}, **{k: perf[k] for k in SEGM_METRIC_NAMES if k in perf}}
 
 
@@ -195,8 +199,9 @@ def search_init(step: StepConfig, seeds: Sequence[Mapping[str, Any]], out_dir: s
                                          "data set was given")
                     metrics = _metrics(evaluate_architecture(d, weights, data, device=device,
                                                              batch_size=step.trainer.batch_size))
-                    log.info("%s: seed %d (code %s) derived from %s: mAP %.2f", step.name, len(expanded), code,
-                             normalize_desc(seed["desc"])["backbone"]["code"], metrics.get("mAP") or 0)
+                    log.info("%s: seed %d (code %s) derived from %s: %s %.2f", step.name, len(expanded), code,
+                             normalize_desc(seed["desc"])["backbone"]["code"], quality_key(metrics),
+                             quality(metrics) or 0)
                 expanded.append({**seed, "desc": d, "weights": str(weights), "metrics": metrics})
         seeds = expanded
         log.info("%s starts from the %s codes of the search space: %s", step.name, part, list(codes))
@@ -265,8 +270,8 @@ def _each_model(models: Sequence[Mapping[str, Any]], out: Path, resume: bool,
 
 
 def _map(metrics: Mapping[str, Any]) -> float:
-    """A metrics dict's mAP, None (undefined) counting as -1."""
-    value = metrics.get("mAP")
+    """A metrics dict's mAP (a semantic model's mIoU: :func:`quality`), None (undefined) counting as -1."""
+    value = quality(metrics)
     return -1.0 if value is None else float(value)
 
 
@@ -298,9 +303,11 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
         after = evaluate_architecture(m["desc"], weights, detection, device=device)
         adapted = f"BN recalibrated on {perf['recalibrated']} image(s), {perf['head_iters']} head iteration(s)"
         if _map(after) >= _map(before):
-            kept, reason = "after", f"mAP after reignition {_map(after):.2f} >= {_map(before):.2f} before ({adapted})"
+            kept, reason = "after", (f"{quality_key(after)} after reignition {_map(after):.2f} >= {_map(before):.2f} "
+                                     f"before ({adapted})")
         else:
-            kept, reason = "before", f"mAP after reignition {_map(after):.2f} < {_map(before):.2f} before ({adapted})"
+            kept, reason = "before", (f"{quality_key(after)} after reignition {_map(after):.2f} < {_map(before):.2f} "
+                                      f"before ({adapted})")
             (out / f"reignited_{arch_id}.pth").unlink(missing_ok=True)
             weights.rename(out / f"reignited_{arch_id}.pth")
             atomic_write_bytes(weights, Path(weights_in).read_bytes())

@@ -37,13 +37,15 @@ def pareto_figure(records: Sequence[Mapping[str, Any]], front_ids: Sequence[Any]
     import matplotlib.pyplot as plt
     from matplotlib.text import Text
 
+    from ..search.settings import quality, quality_key
     label, scale = _X_LABELS.get(x_key, (x_key, 1.0))
 
     def xy(r: Mapping[str, Any]) -> tuple[float, float]:
-        return r[x_key] / scale, r["metrics"]["mAP"]
+        return r[x_key] / scale, quality(r["metrics"])
 
-    ok = [r for r in records if r.get("status") == "ok" and (r.get("metrics") or {}).get("mAP") is not None
+    ok = [r for r in records if r.get("status") == "ok" and quality(r.get("metrics")) is not None
           and r.get(x_key) is not None]
+    q = quality_key(ok[0]["metrics"]) if ok else "mAP"
     failed = [r for r in records if r.get("status") == "failed" and r.get(x_key) is not None]
     front = sorted((r for r in ok if r["id"] in set(front_ids)), key=lambda r: r[x_key])
     fig, ax = plt.subplots(figsize=(8.4, 4.5), dpi=110)
@@ -61,14 +63,14 @@ def pareto_figure(records: Sequence[Mapping[str, Any]], front_ids: Sequence[Any]
                    edgecolors="#1d3557", linewidths=1.2, label=f"seeds ({len(seeds)})", zorder=5)
     points = [xy(r) for r in ok] + [(r[x_key] / scale, 0.0) for r in failed]
     named = [(str(r["id"]), xy(r)) for r in ok]
-    if control is not None and (control.get("metrics") or {}).get("mAP") is not None and control.get(x_key) is not None:
+    if control is not None and quality(control.get("metrics")) is not None and control.get(x_key) is not None:
         c = xy(control)
         ax.scatter([c[0]], [c[1]], s=110, marker="D", c="#2a9d8f", edgecolors="black", linewidths=0.8,
                    label="equal-budget control", zorder=6)
         points.append(c)
         named.append(("control", c))
     ax.set_xlabel(label)
-    ax.set_ylabel("mAP (COCO AP@[.5:.95] x 100)")
+    ax.set_ylabel("mAP (COCO AP@[.5:.95] x 100)" if q == "mAP" else "mIoU (mean IoU over classes x 100)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.margins(0.12)
@@ -126,43 +128,50 @@ def report_markdown(phases_records: Mapping[str, Sequence[Mapping[str, Any]]], b
                     control: Mapping[str, Any] | None = None) -> str:
     """A Markdown summary: the run's result, the searched model beside its equal-budget control
     (``control``: a :func:`control_summary`), and a table of every record of every phase given."""
+    from ..search.settings import quality_key
+    q = quality_key(best["metrics"])
+    q2 = "AP50" if q == "mAP" else "pixel_acc"  # the second figure of the task
     lines = ["# SP-NAS run", "", f"**Result**: `{best['desc']['backbone']['code']}` neck "
-             f"`{best['desc']['neck']['code']}`: mAP {best['metrics']['mAP']:.2f}, AP50 {best['metrics']['AP50']:.2f}, "
+             f"`{best['desc']['neck']['code']}`: {q} {best['metrics'][q]:.2f}, {q2} {_f(best['metrics'].get(q2))}, "
              f"{best['params']:,} params, {best['gflops']:.2f} GFLOPs", "", f"weights: `{best['weights']}`", ""]
     if control:
         lines += ["## Searched model vs equal-budget control", "",
                   "The control is the seed architecture trained from the same fine-tuned weights for as many "
                   "iterations as the searched model's lineage received since fine_tune.", "",
-                  "| | code | neck | mAP | AP50 | params | GFLOPs | latency ms | memory MiB | iterations |",
+                  f"| | code | neck | {q} | {q2} | params | GFLOPs | latency ms | memory MiB | iterations |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for key in ("searched", "control"):
             e = control[key]
-            lines.append(f"| {key} | `{e['desc']['backbone']['code']}` | {e['desc']['neck']['code']} | {_f(e['mAP'])} | "
-                         f"{_f(e['AP50'])} | {e['params']:,} | {_f(e['gflops'])} | {_f(e.get('latency'))} | "
+            lines.append(f"| {key} | `{e['desc']['backbone']['code']}` | {e['desc']['neck']['code']} | {_f(e[q])} | "
+                         f"{_f(e.get(q2))} | {e['params']:,} | {_f(e['gflops'])} | {_f(e.get('latency'))} | "
                          f"{_f(e.get('memory'))} | {e.get('iterations')} |")
-        lines += ["", f"delta mAP {control['delta_mAP']:+.2f}: the **{control['winner']}** model is the result "
+        lines += ["", f"delta {q} {control['delta_' + q]:+.2f}: the **{control['winner']}** model is the result "
                   f"({control['reason']}).", ""]
         for name, ph in control.get("phases", {}).items():
-            if "delta_mAP" in ph:
-                lines.append(f"- {name}: best candidate {ph['searched']['id']} mAP {_f(ph['searched']['mAP'])} vs its "
-                             f"control {_f(ph['control']['mAP'])} ({ph['delta_mAP']:+.2f}, "
+            if "delta_" + q in ph:
+                lines.append(f"- {name}: best candidate {ph['searched']['id']} {q} {_f(ph['searched'][q])} vs its "
+                             f"control {_f(ph['control'][q])} ({ph['delta_' + q]:+.2f}, "
                              f"{ph['control']['iterations']} iterations each)")
         lines.append("")
     for phase, recs in phases_records.items():
-        lines += [f"## {phase}", "", "| id | parent | serial code | neck | status | mAP | AP50 | params | GFLOPs |",
+        lines += [f"## {phase}", "", f"| id | parent | serial code | neck | status | {q} | {q2} | params | GFLOPs |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in recs:
             m = r.get("metrics") or {}
             lines.append(f"| {r['id']} | {r.get('parent')} | `{r['desc']['backbone']['code']}` | "
-                         f"{r['desc']['neck']['code']} | {r.get('status')} | {_f(m.get('mAP'))} | {_f(m.get('AP50'))} | "
+                         f"{r['desc']['neck']['code']} | {r.get('status')} | {_f(m.get(q))} | {_f(m.get(q2))} | "
                          f"{r.get('params', 0):,} | {_f(r.get('gflops'))} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def _entry(record: Mapping[str, Any], iterations: Any) -> dict[str, Any]:
+    """One model's line of ``control.json``: its quality figures (``mAP``, ``AP50``; a semantic
+    model's ``mIoU``, ``pixel_acc``), costs, iterations and weights."""
+    from ..search.settings import quality_key
     m = record.get("metrics") or {}
-    return {"id": record.get("id"), "desc": record.get("desc"), "mAP": m.get("mAP"), "AP50": m.get("AP50"),
+    figures = ("mAP", "AP50") if quality_key(m) == "mAP" else ("mIoU", "pixel_acc")
+    return {"id": record.get("id"), "desc": record.get("desc"), **{k: m.get(k) for k in figures},
             "params": record.get("params"), "gflops": record.get("gflops"), "latency": record.get("latency"),
             "memory": record.get("memory"), "iterations": iterations, "weights": record.get("weights")}
 
@@ -174,8 +183,11 @@ def control_summary(searched: Mapping[str, Any], control: Mapping[str, Any],
     from the same fine-tuned weights for as many iterations as the searched model's lineage
     received since fine_tune), ``delta_mAP`` = searched - control, which one is the run's result
     (``winner``, ``reason``) and, per search phase, its best candidate beside that phase's
-    control."""
+    control. For a semantic model the figures are ``mIoU`` and ``pixel_acc`` and the deltas
+    ``delta_mIoU``; ``quality`` names the figure the deltas are of."""
+    from ..search.settings import quality_key
     from .steps import winner
+    q = quality_key(searched.get("metrics"))
     win, why = winner(searched, control, keys)
     phases = {}
     for name, ctrl in phase_controls.items():
@@ -186,10 +198,10 @@ def control_summary(searched: Mapping[str, Any], control: Mapping[str, Any],
         entry = {"control": _entry(ctrl, ctrl.get("iters")), "generations": ctrl.get("generations")}
         if best is not None:
             entry["searched"] = _entry(best, ctrl.get("planned_iters"))
-            entry["delta_mAP"] = best["metrics"]["mAP"] - ctrl["metrics"]["mAP"]
+            entry["delta_" + q] = best["metrics"][q] - ctrl["metrics"][q]
         phases[name] = entry
     return {"searched": _entry(searched, searched.get("lineage_iters")), "control": _entry(control, control.get("iters")),
-            "delta_mAP": searched["metrics"]["mAP"] - control["metrics"]["mAP"], "winner": win, "reason": why,
+            "delta_" + q: searched["metrics"][q] - control["metrics"][q], "quality": q, "winner": win, "reason": why,
             "objectives": list(keys), "phases": phases}
 
 

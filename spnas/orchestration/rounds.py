@@ -12,6 +12,7 @@ from typing import Any
 
 from ..search import add_reignited, front, is_done, pending, plateau, propose, records, update
 from ..search.records import Candidate, Result, candidate_of, result_of
+from ..search.settings import MAXIMISED
 from ..utils.fileio import atomic_write_json, read_json
 from .reports import pareto_plot, write_output_csv
 from .steps import check_round
@@ -61,7 +62,7 @@ def search_report(state_path: str | Path, out_dir: str | Path, title: str,
     fr = front(state)
     out = Path(out_dir)
     write_output_csv(out, fr)
-    costs = [k for k in state["settings"].get("objective_keys") or () if k != "mAP"]
+    costs = [k for k in state["settings"].get("objective_keys") or () if k not in MAXIMISED]
     png = pareto_plot(records(state), [r["id"] for r in fr], out / "pareto.png", title, control=control,
                       x_key=costs[0] if costs else "params")
     return {"output_csv": str(out / "output.csv"), "plot": str(png)}

@@ -71,8 +71,10 @@ def neck_codes(step: StepConfig) -> tuple:
 
 
 def by_map(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Records from the highest mAP down (ties keep their order; a missing mAP counts as 0)."""
-    return sorted((dict(r) for r in records), key=lambda r: -((r.get("metrics") or {}).get("mAP") or 0))
+    """Records from the highest mAP (a semantic model's mIoU: :func:`~spnas.search.settings.quality`)
+    down (ties keep their order; a missing value counts as 0)."""
+    from ..search.settings import quality
+    return sorted((dict(r) for r in records), key=lambda r: -(quality(r.get("metrics")) or 0))
 
 
 def reignition_choice(step: StepConfig, front: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
@@ -181,22 +183,28 @@ def objective_keys(config: RunConfig) -> tuple[str, ...]:
 
 def winner(searched: Mapping[str, Any], control: Mapping[str, Any], keys: Sequence[str]) -> tuple[str, str]:
     """Which of the searched model and its control is the run's result, and why: the one that
-    Pareto-dominates on ``keys`` (mAP maximised, costs minimised); when neither does, the one
-    with the higher mAP (the searched model on a tie). Returns ``(winner, reason)``."""
+    Pareto-dominates on ``keys`` (mAP, segm_* and mIoU maximised, costs minimised); when neither
+    does, the one with the higher quality (box mAP; a semantic model's mIoU), the searched model
+    on a tie. Returns ``(winner, reason)``."""
     from ..search.pareto import objective_values
-    keys = [k for k in keys if k in ("mAP", "params", "gflops") or searched.get(k) is not None]
+    from ..search.settings import MAXIMISED, MEASURED, quality_key
+    q = quality_key(searched.get("metrics"))
+    keys = [k for k in keys if (k not in MEASURED and k in (searched.get("metrics") or {})) or k in ("params", "gflops")
+            or (k in MEASURED and searched.get(k) is not None)]
+    if q not in keys:
+        keys = [q, *keys]
     a, b = objective_values(searched, keys), objective_values(control, keys)
 
     def better(x: Mapping[str, float], y: Mapping[str, float]) -> bool:
-        ge = all((x[k] >= y[k]) if k == "mAP" else (x[k] <= y[k]) for k in keys)
-        return ge and any((x[k] > y[k]) if k == "mAP" else (x[k] < y[k]) for k in keys)
+        ge = all((x[k] >= y[k]) if k in MAXIMISED else (x[k] <= y[k]) for k in keys)
+        return ge and any((x[k] > y[k]) if k in MAXIMISED else (x[k] < y[k]) for k in keys)
     if better(b, a):
         return "control", f"the control dominates on {', '.join(keys)}"
     if better(a, b):
         return "searched", f"the searched model dominates on {', '.join(keys)}"
-    if b["mAP"] > a["mAP"]:
-        return "control", f"neither dominates on {', '.join(keys)}; the control has the higher mAP"
-    return "searched", f"neither dominates on {', '.join(keys)}; the searched model has the higher (or equal) mAP"
+    if b[q] > a[q]:
+        return "control", f"neither dominates on {', '.join(keys)}; the control has the higher {q}"
+    return "searched", f"neither dominates on {', '.join(keys)}; the searched model has the higher (or equal) {q}"
 
 
 def pipeline_shape(config: RunConfig) -> dict[str, Any]:

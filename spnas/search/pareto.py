@@ -37,7 +37,8 @@ def pareto_front(points: Sequence[Mapping[str, Any]], objective_keys: Iterable[s
 
 
 def objective_values(record: Mapping[str, Any], objective_keys: Iterable[str]) -> dict[str, float]:
-    """Objective values of a record: ``mAP`` from its metrics, ``params``/``gflops`` measured."""
+    """Objective values of a record: ``mAP`` (``segm_*``, ``mIoU``) from its metrics,
+    ``params``/``gflops``... measured."""
     out = {}
     for k in objective_keys:
         k = canonical_objective(k)

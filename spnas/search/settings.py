@@ -11,10 +11,11 @@ from ..utils import checks
 from ..utils.errors import ConfigError
 
 ALGORITHMS = ("SpNasS", "SpNasP")
-OBJECTIVE_KEYS = ("mAP", "segm_mAP", "segm_AP50", "params", "gflops", "latency", "memory")
-OBJECTIVE_ALIASES = {"flops": "gflops", "map": "mAP", "latency_ms": "latency"}
-#: Maximised objectives: box mAP, and a Mask R-CNN's mask AP (``segm_*``); the others minimised.
-MAXIMISED = frozenset({"mAP", "segm_mAP", "segm_AP50"})
+OBJECTIVE_KEYS = ("mAP", "segm_mAP", "segm_AP50", "mIoU", "params", "gflops", "latency", "memory")
+OBJECTIVE_ALIASES = {"flops": "gflops", "map": "mAP", "miou": "mIoU", "latency_ms": "latency"}
+#: Maximised objectives: box mAP, a Mask R-CNN's mask AP (``segm_*``) and a SemanticFPN's mean
+#: IoU; the others minimised.
+MAXIMISED = frozenset({"mAP", "segm_mAP", "segm_AP50", "mIoU"})
 #: Objectives measured by the search itself when it proposes a child (params, GFLOPs and memory
 #: on the meta device; latency end to end, in isolation); the others (mAP) come from training.
 MEASURED = frozenset({"params", "gflops", "latency", "memory"})
@@ -23,6 +24,24 @@ MEASURED = frozenset({"params", "gflops", "latency", "memory"})
 DEFAULT_OBJECTIVES = {"SpNasS": ("mAP", "params"), "SpNasP": ("mAP", "gflops")}
 #: Largest ``max_swap_shift``: a boundary moves by at most this many blocks in one swap.
 MAX_SWAP_SHIFT = 8
+
+
+#: The main quality figure of a record's metrics: box mAP for the detectors (a Mask R-CNN's
+#: too: its box mAP), mIoU for a SemanticFPN. Records, controls, reports and the reignition
+#: trigger compare models by it.
+QUALITY_KEYS = ("mAP", "mIoU")
+
+
+def quality_key(metrics: Mapping[str, Any] | None) -> str:
+    """``"mIoU"`` for a semantic model's metrics (they hold no box mAP), else ``"mAP"``."""
+    m = metrics or {}
+    return "mIoU" if "mIoU" in m and "mAP" not in m else "mAP"
+
+
+def quality(metrics: Mapping[str, Any] | None) -> float | None:
+    """The value of :func:`quality_key` in ``metrics`` (None when missing or undefined)."""
+    m = metrics or {}
+    return m.get(quality_key(m))
 
 
 def canonical_objective(key: str) -> str:
@@ -96,7 +115,7 @@ class SearchSettings:
             c = canonical_objective(k)
             if c not in OBJECTIVE_KEYS:
                 raise _bad("objective_keys", self.objective_keys,
-                           f"a list of mAP, segm_mAP, segm_AP50 (maximised), params, gflops (alias flops), latency, "
+                           f"a list of mAP, segm_mAP, segm_AP50, mIoU (maximised), params, gflops (alias flops), latency, "
                            f"memory; {k!r} is unknown")
             if c in canon:
                 raise _bad("objective_keys", self.objective_keys, f"a list without repeats; {c!r} is listed twice")

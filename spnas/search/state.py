@@ -26,12 +26,12 @@ A record is a seed (``round`` -1, ``status`` "ok", ``parent`` None) or a candida
 the training iterations along its whole lineage since fine_tune (a seed brings its own), the
 budget its equal-budget control gets.
 
-Objectives: ``mAP`` comes from a record's metrics and is maximised; ``params`` (total detector
-parameters), ``gflops`` (backbone + parallel + FPN at ``flops_size``) and, when an objective or
-budget needs them, ``memory`` (estimated training MiB) and ``latency`` (end-to-end ms, measured
-once per record, in isolation, when it is proposed) are measured by this module for every record,
-seeds included, and are minimised. Measured values are used (not reported ones) so that every
-record is compared in the same units.
+Objectives: ``mAP`` (``segm_*``, a semantic model's ``mIoU``) comes from a record's metrics and is
+maximised; ``params`` (total detector parameters), ``gflops`` (backbone + parallel + FPN at
+``flops_size``) and, when an objective or budget needs them, ``memory`` (estimated training MiB) and
+``latency`` (end-to-end ms, measured once per record, in isolation, when it is proposed) are
+measured by this module for every record, seeds included, and are minimised. Measured values are
+used (not reported ones) so that every record is compared in the same units.
 
 All randomness comes from one ``random.Random`` seeded with ``settings.seed`` whose state is
 carried in the search state: the same settings, seeds and results give the same proposals,
@@ -54,7 +54,7 @@ from ..utils.errors import CodeError, SearchError
 from .operators import Rejected, mutate_parallel, mutate_serial
 from .pareto import objective_values, pareto_front
 from .records import CANDIDATE_KEYS, RESULT_KEYS
-from .settings import MEASURED, SearchSettings
+from .settings import MEASURED, SearchSettings, quality
 
 log = logging.getLogger(__name__)
 
@@ -354,12 +354,13 @@ def update(state: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> di
 
 
 def _best_map(recs: Sequence[Mapping[str, Any]]) -> float | None:
-    maps = [r["metrics"]["mAP"] for r in recs if r["status"] == "ok" and (r.get("metrics") or {}).get("mAP") is not None]
+    maps = [quality(r["metrics"]) for r in recs if r["status"] == "ok" and quality(r.get("metrics")) is not None]
     return max(maps) if maps else None
 
 
 def _note_round(st: dict, settings: SearchSettings) -> None:
-    """After a complete round: did the front's best mAP improve? (the reignition trigger's count)"""
+    """After a complete round: did the front's best mAP (a semantic model's mIoU: :func:`quality`;
+    kept under ``best_mAP``) improve? (the reignition trigger's count)"""
     p = st.setdefault("plateau", {"best_mAP": None, "stale_rounds": 0, "reignitions": 0})
     best = _best_map(_front_records(st, settings))
     if best is not None and (p["best_mAP"] is None or best > p["best_mAP"]):

@@ -24,6 +24,7 @@ from ..models.checkpoint import load_weights, save_checkpoint
 from ..models.cost import count_params, forward_cost
 from ..models.desc import normalize_desc
 from ..models.detector import build_detector
+from ..search.settings import quality_key
 from ..utils.errors import ConfigError, SpnasError
 from ..utils.fileio import atomic_write_json
 from . import distributed
@@ -100,9 +101,11 @@ def _train_here(desc: Mapping[str, Any] | None, data: CocoSource, out: Path, cfg
                 init: str | os.PathLike | Mapping | None, trainable: Callable[[str], bool] | None,
                 device: str | None, resume: bool, progress: bool, **desc_overrides: Any) -> dict[str, Any]:
     """:func:`train_architecture` in this process (one rank of ``ctx``)."""
-    masks = normalize_desc(desc)["type"] == "MaskRCNN"  # Mask R-CNN trains on the instance masks too
-    train_set = data.load("train", train=True, seed=cfg.seed, masks=masks)
-    val_set = data.load("val", train=False)
+    mtype = normalize_desc(desc)["type"]
+    masks = mtype == "MaskRCNN"  # Mask R-CNN trains on the instance masks too
+    semantic = mtype == "SemanticFPN"  # a semantic model trains and is evaluated on label maps
+    train_set = data.load("train", train=True, seed=cfg.seed, masks=masks, semantic=semantic)
+    val_set = data.load("val", train=False, semantic=semantic)
     d = dataset_desc(desc, train_set, **desc_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -137,7 +140,8 @@ def _train_here(desc: Mapping[str, Any] | None, data: CocoSource, out: Path, cfg
             "init": loaded, "trainable": result["trainable"], "norm_eval": result["norm_eval"], "history": result["history"]}
     if ctx.is_main:
         atomic_write_json(out / f"performance_{arch_id}.json", perf)
-        log.info("architecture %s: mAP %.2f AP50 %.2f -> %s", arch_id, perf.get("mAP") or 0, perf.get("AP50") or 0, out)
+        key = quality_key(perf)
+        log.info("architecture %s: %s %.2f -> %s", arch_id, key, perf.get(key) or 0, out)
     distributed.barrier()  # every file is written before any rank returns
     return perf
 
@@ -146,8 +150,8 @@ def evaluate_architecture(desc: Mapping[str, Any], weights: str | os.PathLike, d
                           split: str = "val", device: str | None = None, batch_size: int = 4,
                           progress: bool = False) -> dict[str, Any]:
     """COCO metrics of saved weights on a split of ``data`` (plus params, GFLOPs and latency)."""
-    ds = data.load(split, train=False)
     d = normalize_desc(desc)
+    ds = data.load(split, train=False, semantic=d["type"] == "SemanticFPN")
     if d["num_classes"] != ds.num_classes:
         raise SpnasError(f"the description has num_classes {d['num_classes']} but {str(ds.ann_file)!r} has "
                          f"{ds.num_classes - 1} categories (+ background = {ds.num_classes})")

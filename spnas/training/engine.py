@@ -31,6 +31,7 @@ from torch import nn
 
 from ..data.coco import CocoDetection, batches_per_epoch, make_loader
 from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..search.settings import quality_key
 from ..utils.errors import CheckpointError, NonFiniteLossError, SpnasError
 from ..utils.faults import failpoint
 from . import distributed
@@ -58,7 +59,9 @@ class TrainingState:
     iteration: int = 0
     images: int = 0  # images trained on so far (resumes included)
     history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] = field(default_factory=lambda: {"mAP": -1.0, "iteration": None, "metrics": None})
+    #: the best evaluation so far by the primary metric (box mAP; a semantic model's mIoU):
+    #: ``{<metric>: value, "iteration", "metrics"}``
+    best: dict[str, Any] = field(default_factory=lambda: {"iteration": None, "metrics": None})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -206,10 +209,12 @@ def evaluate_and_keep_best(st: TrainingState, val_set: CocoDetection | None, ckp
     distributed.sync_buffers(st.model)  # every rank evaluates rank 0's model (the one saved)
     metrics = evaluate(st.model, val_set, dev, batch_size)
     st.history.append({"iteration": st.iteration, **metrics})
+    key = quality_key(metrics)
     if st.ctx.is_main:
-        log.info("iteration %d: mAP %.2f AP50 %.2f", st.iteration, metrics["mAP"], metrics["AP50"])
-    if metrics["mAP"] > st.best["mAP"]:
-        st.best = {"mAP": metrics["mAP"], "iteration": st.iteration, "metrics": metrics}
+        log.info("iteration %d: %s %.2f%s", st.iteration, key, metrics[key],
+                 f" AP50 {metrics['AP50']:.2f}" if "AP50" in metrics else "")
+    if metrics[key] > st.best.get(key, -1.0):
+        st.best = {key: metrics[key], "iteration": st.iteration, "metrics": metrics}
         if st.ctx.is_main:
             save_checkpoint(ckpt_dir / "best.pth", st.model.state_dict())
 
@@ -260,7 +265,7 @@ def train_one_epoch(st: TrainingState, train_set: CocoDetection, cfg: TrainConfi
         if b < skip:  # resuming mid-epoch: the same order, the done batches skipped
             continue
         images = [im.to(dev, non_blocking=True) for im in images]
-        targets = [{k: t[k].to(dev) for k in ("boxes", "labels", "masks") if k in t} for t in targets]
+        targets = [{k: t[k].to(dev) for k in ("boxes", "labels", "masks", "sem_seg") if k in t} for t in targets]
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
             losses = net(images, targets)
         loss = sum(losses.values())

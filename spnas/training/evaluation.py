@@ -22,6 +22,9 @@ from .device import device_of
 METRIC_NAMES = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 
 
+#: The semantic-segmentation metrics (x 100): mean IoU over the classes present in the ground
+#: truth or the predictions, pixel accuracy, mean class accuracy; ``IoU_per_class`` beside them.
+SEMANTIC_METRIC_NAMES = ("mIoU", "pixel_acc", "mAcc")
 #: Prefix of the mask metrics (``segm_mAP``...).
 SEGM = "segm_"
 SEGM_METRIC_NAMES = tuple(SEGM + name for name in METRIC_NAMES)
@@ -122,11 +125,79 @@ def mask_rles(masks: torch.Tensor) -> list[dict]:
             for r in mask_utils.encode(binary)]
 
 
+def is_semantic(model: nn.Module) -> bool:
+    """Whether ``model`` is a semantic-segmentation model (one class per pixel)."""
+    from ..models.semantic import SemanticFPN
+    return isinstance(model, SemanticFPN)
+
+
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, dataset: CocoDetection, device: str | torch.device | None = None,
+                     batch_size: int = 4, progress: bool = False) -> torch.Tensor:
+    """``int64 [C, C]`` pixel counts of a semantic model on ``dataset`` (which must carry
+    ``sem_seg`` label maps): row = true class, column = predicted; ignored pixels left out.
+    Inside a process group the batches are shared out as :func:`predict` does and the counts
+    summed: every rank returns the single-process matrix."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from ..data.coco import collate
+    from ..models.semantic import IGNORE_INDEX
+    from . import distributed
+    ctx = distributed.current()
+    dev = distributed.rank_device(device_of(device), ctx)
+    model.eval().to(dev)
+    dataset.set_epoch(0)
+    n = model.num_classes
+    conf = torch.zeros(n * n, dtype=torch.int64)
+    batches = eval_batches(len(dataset), batch_size, ctx.rank, ctx.world_size)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
+    for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or not ctx.is_main,
+                                leave=False):
+        outs = model([im.to(dev, non_blocking=True) for im in images])
+        for out, tgt in zip(outs, targets, strict=True):
+            truth, pred = tgt["sem_seg"].reshape(-1), out["sem_seg"].cpu().reshape(-1)
+            keep = truth != IGNORE_INDEX
+            if bool((truth[keep] >= n).any()):
+                raise ValueError(f"image {tgt['image_id']}: label map values >= the model's {n} classes")
+            conf += torch.bincount(truth[keep] * n + pred[keep], minlength=n * n)
+    if ctx.distributed:
+        conf = sum(distributed.all_gather(conf), torch.zeros_like(conf))
+    return conf.reshape(n, n)
+
+
+def semantic_metrics(conf: torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """``mIoU``, ``pixel_acc``, ``mAcc`` (x 100) and ``IoU_per_class`` (``{name: IoU x 100}``,
+    ``None`` for a class absent from both the truth and the predictions) of a confusion matrix
+    (rows true, columns predicted). The mean IoU averages the classes present in the truth or
+    the predictions (a class predicted but absent from the truth counts with IoU 0); the mean
+    accuracy the classes present in the truth. No labelled pixel at all: every figure 0."""
+    c = conf.to(torch.float64)
+    tp, truth, pred = c.diag(), c.sum(1), c.sum(0)
+    union = truth + pred - tp
+    names = list(class_names) if class_names is not None else [str(i) for i in range(c.shape[0])]
+    if len(names) != c.shape[0]:
+        raise ValueError(f"{len(names)} class names for a {c.shape[0]}-class confusion matrix")
+    iou = [float(tp[i] / union[i] * 100) if union[i] > 0 else None for i in range(c.shape[0])]
+    present = [v for v in iou if v is not None]
+    acc = [float(tp[i] / truth[i] * 100) for i in range(c.shape[0]) if truth[i] > 0]
+    total = float(truth.sum())
+    return {"mIoU": sum(present) / len(present) if present else 0.0,
+            "pixel_acc": float(tp.sum()) / total * 100 if total else 0.0,
+            "mAcc": sum(acc) / len(acc) if acc else 0.0,
+            "IoU_per_class": dict(zip(names, iou, strict=True))}
+
+
 def evaluate(model: nn.Module, dataset: CocoDetection, device: str | torch.device | None = None,
-             batch_size: int = 4, progress: bool = False) -> dict[str, float | None]:
+             batch_size: int = 4, progress: bool = False) -> dict[str, Any]:
     """COCO box metrics of ``model`` on ``dataset`` (see :func:`coco_metrics`), and for a model
-    that predicts masks the mask metrics too (``segm_mAP``...); inside a process group,
-    evaluated sharded (:func:`predict`), the same figures on every rank."""
+    that predicts masks the mask metrics too (``segm_mAP``...); for a semantic model
+    (:func:`is_semantic`) the metrics of :func:`semantic_metrics` instead (class names
+    ``background`` and the data set's categories). Inside a process group, evaluated sharded
+    (:func:`predict`), the same figures on every rank."""
+    if is_semantic(model):
+        conf = confusion_matrix(model, dataset, device, batch_size, progress)
+        return semantic_metrics(conf, ["background", *dataset.cat_names])
     results = predict(model, dataset, device, batch_size, progress)
     boxes = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
     metrics = coco_metrics(dataset.coco, boxes)

@@ -201,7 +201,8 @@ def _reignite_here(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping
                                               settings.recalibrate_images, seed=seed,
                                               batch_size=settings.detection_batch_size, device=dev)
         perf["head_iters"] = finetune_heads(detector, detection.load("train", train=True, seed=seed,
-                                                                     masks=d["type"] == "MaskRCNN"),
+                                                                     masks=d["type"] == "MaskRCNN",
+                                                                     semantic=d["type"] == "SemanticFPN"),
                                             settings.head_iters, lr, seed=seed,
                                             batch_size=settings.detection_batch_size, device=dev)
     elif settings.recalibrate_images or settings.head_iters:
