@@ -99,8 +99,14 @@ def main() -> None:
         with distributed.process_group(torch.device("cpu")):  # one group per process (as a launch has)
             preds = predict(model, ds, "cpu", batch_size=3)
             metrics = coco_metrics(ds.coco, preds)
+            sem_set = CocoSource(data).load("val", train=False, semantic=True)  # a semantic model: its confusion matrix
+            torch.manual_seed(5)
+            sem = build_detector({**TINY_DESC, "type": "SemanticFPN", "num_classes": sem_set.num_classes,
+                                  "head_channels": 8})
+            from spnas.training.evaluation import confusion_matrix
+            conf = confusion_matrix(sem, sem_set, "cpu", batch_size=3)
             if rank == 0:
-                torch.save({"preds": preds, "metrics": metrics}, out / "eval.pt")
+                torch.save({"preds": preds, "metrics": metrics, "confusion": conf}, out / "eval.pt")
             try:
                 desc = {**TINY_DESC, "backbone": {**TINY_DESC["backbone"], "norm": "syncbn"}}
                 train_architecture(desc, CocoSource(data), out / f"syncbn{rank}", TrainConfig(iters=1, batch_size=2))

@@ -243,6 +243,18 @@ def test_sharded_evaluation_equals_single_process_and_syncbn_refused_on_cpu(ddp_
     from spnas.training.evaluation import coco_metrics
     assert got["metrics"] == coco_metrics(ds.coco, single)
     assert "syncbn' needs CUDA devices" in (tmp_path / "syncbn.txt").read_text()
+    # a semantic model's sharded confusion matrix: the counts summed over the ranks are the single process's
+    from spnas.training.evaluation import confusion_matrix
+    sem_set = CocoSource(ddp_data).load("val", train=False, semantic=True)
+    torch.manual_seed(5)
+    sem = build_detector({**TINY, "type": "SemanticFPN", "num_classes": sem_set.num_classes, "head_channels": 8})
+    torch.set_num_threads(1)
+    try:
+        conf = confusion_matrix(sem, sem_set, "cpu", batch_size=3)
+    finally:
+        torch.set_num_threads(threads)
+    pixels = sum(sem_set[i][1]["sem_seg"].numel() for i in range(len(sem_set)))
+    assert int(conf.sum()) == pixels and torch.equal(got["confusion"], conf)
 
 
 @pytest.mark.slow
