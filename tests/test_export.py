@@ -111,7 +111,7 @@ def test_the_parity_report_has_the_measured_figures(exported):
     out, _, _ = exported
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True and report["images"] == 6
-    assert report["gate"] == {"iou": 0.99, "score": 1e-3, "map": 0.1}
+    assert report["gate"] == {"iou": 0.99, "score": 1e-3, "map": 0.1, "mask_iou": 0.99, "pixels": 0.999}
     for name in ("onnx", "torchscript"):
         p = report["programs"][name]
         assert p["passed"] and p["val"]["unmatched"] == 0 and p["val"]["score_mismatch"] == 0

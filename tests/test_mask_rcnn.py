@@ -118,19 +118,6 @@ def test_expand_and_parallel_children_keep_boxes_and_masks(parent_code, child_co
             assert torch.equal(a[k], b[k]), k
 
 
-def test_export_refuses_a_mask_rcnn_with_the_reason(tiny_data, tmp_path):
-    """The exported programs output boxes, labels and scores: a MaskRCNN is refused with the
-    reason, nothing written."""
-    from spnas.data.source import CocoSource
-    from spnas.export.bundle import export_model
-    from spnas.utils.errors import SpnasError
-    desc = {**_desc("1-2-2-2"), "num_classes": 4}
-    torch.save(build_detector(desc).state_dict(), tmp_path / "w.pth")
-    with pytest.raises(SpnasError, match=r"type 'MaskRCNN' cannot be exported yet"):
-        export_model(desc, tmp_path / "w.pth", CocoSource(str(tiny_data)), tmp_path / "export")
-    assert not (tmp_path / "export" / "model.onnx").exists()
-
-
 def test_mask_metrics_score_perfect_and_shifted_masks(tiny_data):
     """segm metrics from COCOeval on the data set's own masks: the ground truth as detections
     scores 100, the same masks moved off their objects score far less; a set without masks is

@@ -154,6 +154,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures(metrics: dict) -> str:
+    """The task's headline figures of a metrics dict: ``mAP 61.25`` (``segm_mAP`` too for a Mask
+    R-CNN; ``mIoU`` and ``pixel_acc`` for a semantic model)."""
+    keys = [k for k in ("mAP", "segm_mAP", "mIoU", "pixel_acc") if metrics.get(k) is not None]
+    return ", ".join(f"{k} {metrics[k]:.2f}" for k in keys) or "no metric"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..data.source import CocoSource
     from ..training.architecture import evaluate_architecture
@@ -253,7 +260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                         max_images=args.max_images)
     costs = info["costs"]
     print(f"{args.out}: model.onnx, model.torchscript.pt, labels.json, parity.json, export.json, MODEL_CARD.md; "
-          f"mAP {info['metrics']['mAP'] or 0:.2f}, {costs['params']:,} params, latency CPU PyTorch "
+          f"{_figures(info['metrics'])}, {costs['params']:,} params, latency CPU PyTorch "
           f"{costs['latency_ms']['pytorch_cpu']} ms / ONNX Runtime {costs['latency_ms']['onnxruntime_cpu']} ms")
     if not info["parity"]["passed"]:
         print(f"spnas export: parity gate FAILED (see {args.out}/parity.json): this export is refused for publishing",

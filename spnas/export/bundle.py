@@ -1,4 +1,5 @@
-"""``spnas export``: a trained detector as a folder a server or a registry can take.
+"""``spnas export``: a trained model (a detector, a Mask R-CNN or a semantic ``SemanticFPN``) as a
+folder a server or a registry can take.
 
 ``export_model`` writes, into ``out_dir`` (every file atomically):
 
@@ -31,12 +32,21 @@ from .. import __version__
 from ..data.source import CocoSource
 from ..models.checkpoint import load_weights
 from ..models.cost import count_params, forward_cost, train_memory_mb
-from ..models.desc import arch_string, normalize_desc
+from ..models.desc import TASK_OF_TYPE, arch_string, normalize_desc
 from ..models.detector import build_detector
 from ..utils.errors import SpnasError
 from ..utils.fileio import atomic_write_json, atomic_write_text, read_json
 from . import card, parity
-from .programs import OPSET, OUTPUTS, Runner, eager_runner, export_onnx, export_torchscript, onnx_runner, torchscript_runner
+from .programs import (
+    OPSET,
+    Runner,
+    eager_runner,
+    export_onnx,
+    export_torchscript,
+    onnx_runner,
+    output_names,
+    torchscript_runner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,20 @@ ONNX_FILE, TORCHSCRIPT_FILE = "model.onnx", "model.torchscript.pt"
 
 class ExportRefused(SpnasError):
     """An export that failed its parity gate (or has none) was asked to be published or served."""
+
+
+def _outputs(desc_type: str) -> list[dict[str, Any]]:
+    """``export.json``'s ``outputs`` of a model type (:func:`~.programs.output_names`' order)."""
+    if desc_type == "SemanticFPN":
+        return [{"name": "sem_seg", "dtype": "int64", "shape": ["H", "W"],
+                 "meaning": "labels.json label of every input pixel (0 background)"}]
+    out = [{"name": "boxes", "dtype": "float32", "shape": ["N", 4], "meaning": "x1 y1 x2 y2, input pixels"},
+           {"name": "labels", "dtype": "int64", "shape": ["N"], "meaning": "labels.json label"},
+           {"name": "scores", "dtype": "float32", "shape": ["N"], "meaning": "descending"}]
+    if desc_type == "MaskRCNN":
+        out.append({"name": "masks", "dtype": "float32", "shape": ["N", 1, "H", "W"],
+                    "meaning": "mask probability of each detection over the input's pixels (mask: > 0.5)"})
+    return out
 
 
 def labels_of(dataset: Any) -> list[dict[str, Any]]:
@@ -118,6 +142,7 @@ def lineage(reports: Mapping[str, Any], record: Mapping[str, Any]) -> list[dict[
         desc = normalize_desc(cur.get("desc"))
         out.append({"phase": phase, "id": cur.get("id"), "serial": desc["backbone"]["code"],
                     "parallel": list(desc["neck"]["code"]), "mAP": (cur.get("metrics") or {}).get("mAP"),
+                    "mIoU": (cur.get("metrics") or {}).get("mIoU"),
                     "iters": cur.get("iters")})
         if phase is None:
             break
@@ -135,13 +160,10 @@ def export_model(desc: Mapping[str, Any], weights: str | os.PathLike, data: Coco
     entries; both go into the model card. Returns ``export.json``'s content."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    val = data.load("val", train=False)
+    d = normalize_desc(desc)
+    val = data.load("val", train=False, semantic=d["type"] == "SemanticFPN")
     if len(val) == 0:
         raise SpnasError(f"the validation split of {data.root!r} has no image: the parity gate needs some")
-    d = normalize_desc(desc)
-    if d["type"] != "FasterRCNN":
-        raise SpnasError(f"model desc type {d['type']!r} cannot be exported yet: the programs output boxes, "
-                         "labels and scores, not masks (issue #16)")
     if d["num_classes"] != val.num_classes:
         raise SpnasError(f"the description has num_classes {d['num_classes']} but the data set {data.root!r} has "
                          f"{val.num_classes - 1} categories (+ background = {val.num_classes})")
@@ -154,6 +176,8 @@ def export_model(desc: Mapping[str, Any], weights: str | os.PathLike, data: Coco
     export_onnx(detector, out / ONNX_FILE, sample, opset)
     export_torchscript(detector, out / TORCHSCRIPT_FILE, sample)
     labels = labels_of(val)
+    if d["type"] == "SemanticFPN":
+        labels = [{"label": 0, "category_id": 0, "name": "background"}, *labels]
     atomic_write_json(out / "labels.json", {"labels": labels}, mode=0o644)
     eager = eager_runner(detector)
     runners = {"onnx": onnx_runner(out / ONNX_FILE), "torchscript": torchscript_runner(out / TORCHSCRIPT_FILE)}
@@ -172,16 +196,14 @@ def export_model(desc: Mapping[str, Any], weights: str | os.PathLike, data: Coco
             "onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "opset": opset, "labels": "labels.json",
             "input": {"name": "images", "dtype": "float32", "shape": [3, "H", "W"],
                       "meaning": "one RGB image, values in [0, 1], any size"},
-            "outputs": [{"name": "boxes", "dtype": "float32", "shape": ["N", 4], "meaning": "x1 y1 x2 y2, input pixels"},
-                        {"name": "labels", "dtype": "int64", "shape": ["N"], "meaning": "labels.json label"},
-                        {"name": "scores", "dtype": "float32", "shape": ["N"], "meaning": "descending"}],
+            "task": TASK_OF_TYPE[d["type"]], "outputs": _outputs(d["type"]),
             "desc": d, "weights": str(weights),
             "data": {"root": data.root, "version": manifest["version"], "val_images": len(val),
                      "classes": len(labels)},
             "metrics": report["reference"], "costs": costs, "parity": {"passed": report["passed"],
                                                                        "file": "parity.json"},
             "control": dict(control) if control else None, "lineage": list(lineage_ or [])}
-    assert tuple(o["name"] for o in info["outputs"]) == OUTPUTS
+    assert tuple(o["name"] for o in info["outputs"]) == output_names(d["type"])
     atomic_write_json(out / "export.json", info, mode=0o644)
     atomic_write_text(out / "MODEL_CARD.md", card.render(info, report))
     (out / "MODEL_CARD.md").chmod(0o644)
@@ -199,10 +221,23 @@ def check_publishable(out_dir: str | os.PathLike) -> dict[str, Any]:
     if report.get("passed") is not True:
         def probes(p: Mapping[str, Any]) -> str:
             pr = p.get("probes")
-            return (f", on resized probes {pr['unmatched']} unmatched and {pr['score_mismatch']} score mismatch(es)"
-                    if pr and (pr["unmatched"] or pr["score_mismatch"]) else "")
-        why = "; ".join(f"{n}: {p['val']['unmatched']} unmatched detection(s), {p['val']['score_mismatch']} score "
-                        f"mismatch(es), mAP difference {p['mAP_diff']}{probes(p)}"
+            if pr and "disagree" in pr:
+                return (f", on resized probes {pr['images_with_mismatch']} image(s) under the pixel agreement"
+                        if pr["images_with_mismatch"] else "")
+            bad = pr and (pr["unmatched"] or pr["score_mismatch"] or pr.get("mask_mismatch"))
+            return (f", on resized probes {pr['unmatched']} unmatched, {pr['score_mismatch']} score mismatch(es)"
+                    + (f", {pr['mask_mismatch']} mask mismatch(es)" if "mask_mismatch" in pr else "") if bad else "")
+
+        def figures(p: Mapping[str, Any]) -> str:
+            v = p["val"]
+            if "disagree" in v:
+                return (f"{v['disagree']} of {v['pixels']} pixels labelled otherwise, {v['images_with_mismatch']} "
+                        f"image(s) under the pixel agreement, mIoU difference {p['mIoU_diff']}")
+            return (f"{v['unmatched']} unmatched detection(s), {v['score_mismatch']} score mismatch(es), "
+                    + (f"{v['mask_mismatch']} mask mismatch(es), " if "mask_mismatch" in v else "")
+                    + f"mAP difference {p['mAP_diff']}"
+                    + (f", segm_mAP difference {p['segm_mAP_diff']}" if "segm_mAP_diff" in p else ""))
+        why = "; ".join(f"{n}: {figures(p)}{probes(p)}"
                         for n, p in report.get("programs", {}).items() if not p.get("passed"))
         raise ExportRefused(f"{path}: the exported programs do not compute what PyTorch computed ({why}); "
                             "this export is refused for publishing")

@@ -1,11 +1,18 @@
-"""The exported programs of a detector: ONNX (run by ONNX Runtime) and TorchScript.
+"""The exported programs of a model: ONNX (run by ONNX Runtime) and TorchScript.
 
-Both hold the whole torchvision detector: resize and normalisation, backbone, parallel
-sub-networks, FPN, RPN, RoI heads and post-processing. One image in (``images``: float32
-``[3, H, W]``, RGB in [0, 1], any size), three outputs out, in this order: ``boxes`` float32
-``[N, 4]`` (x1, y1, x2, y2 in the input's pixels), ``labels`` int64 ``[N]`` (the contiguous
-training labels; ``labels.json`` maps them to the data set's category ids) and ``scores`` float32
-``[N]``. Both are traced (torchvision's ONNX path; TorchScript's scripting is deprecated in
+Both hold the whole model: resize and normalisation, backbone, parallel sub-networks, FPN, the
+heads and post-processing. One image in (``images``: float32 ``[3, H, W]``, RGB in [0, 1], any
+size); the outputs, in this order (:func:`output_names`):
+
+* a detector (``FasterRCNN``): ``boxes`` float32 ``[N, 4]`` (x1, y1, x2, y2 in the input's
+  pixels), ``labels`` int64 ``[N]`` (the contiguous training labels; ``labels.json`` maps them to
+  the data set's category ids) and ``scores`` float32 ``[N]``;
+* a ``MaskRCNN``: the same and ``masks`` float32 ``[N, 1, H, W]`` (each detection's mask
+  probability pasted into the input's pixels; a pixel belongs to the mask above 0.5);
+* a ``SemanticFPN``: ``sem_seg`` int64 ``[H, W]``, the label of every input pixel (0
+  background; ``labels.json`` maps labels to category ids).
+
+Both are traced (torchvision's ONNX path; TorchScript's scripting is deprecated in
 torch 2.x), so what they compute is checked, not assumed: see :mod:`.parity`.
 
 Traced as torchvision traces it, the resize computes its output size in float32 where eager
@@ -36,9 +43,12 @@ log = logging.getLogger(__name__)
 #: The ONNX opset of every export (>= 17: LayerNormalization-era operators, Resize semantics).
 OPSET = 17
 INPUT = "images"
+#: The detector's outputs (a Faster R-CNN's; see :func:`output_names` for the others).
 OUTPUTS = ("boxes", "labels", "scores")
+MASK_OUTPUTS = (*OUTPUTS, "masks")
+SEMANTIC_OUTPUTS = ("sem_seg",)
 
-#: ``(image [3, H, W]) -> {"boxes", "labels", "scores"}`` (CPU tensors).
+#: ``(image [3, H, W]) -> {output name: tensor}`` (CPU tensors).
 Runner = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -46,17 +56,31 @@ class ExportError(SpnasError):
     """A program could not be exported or loaded."""
 
 
+def output_names(desc_type: str) -> tuple[str, ...]:
+    """The program outputs of a model type (``FasterRCNN``, ``MaskRCNN``, ``SemanticFPN``)."""
+    return {"MaskRCNN": MASK_OUTPUTS, "SemanticFPN": SEMANTIC_OUTPUTS}.get(desc_type, OUTPUTS)
+
+
+def _model_outputs(model: nn.Module) -> tuple[str, ...]:
+    from ..models.semantic import SemanticFPN
+    if isinstance(model, SemanticFPN):
+        return SEMANTIC_OUTPUTS
+    heads = getattr(model, "roi_heads", None)
+    return MASK_OUTPUTS if heads is not None and heads.has_mask() else OUTPUTS
+
+
 class SingleImage(nn.Module):
-    """A torchvision detector as a function of one image returning ``(boxes, labels, scores)``
-    (tensors, so it can be traced)."""
+    """A model as a function of one image returning the tensors of :func:`output_names` (so it
+    can be traced)."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
         self.detector = detector
+        self.names = _model_outputs(detector)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.detector([image])[0]
-        return out["boxes"], out["labels"], out["scores"]
+        return tuple(out[n] for n in self.names)
 
 
 def _resize_in_doubles(self: Any, image: torch.Tensor, target: Any = None) -> tuple[torch.Tensor, Any]:
@@ -97,9 +121,10 @@ def export_onnx(detector: nn.Module, path: str | os.PathLike, sample: torch.Tens
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on torchvision's shape arithmetic
         try:
-            with _exact_resize(detector):
+            with _exact_resize(detector):  # the model itself: the ONNX tensors keep its state-dict names
                 torch.onnx.export(detector, ([sample],), buf, opset_version=opset, dynamo=False, input_names=[INPUT],
-                                  output_names=list(OUTPUTS), dynamic_axes={INPUT: {1: "height", 2: "width"}})
+                                  output_names=list(_model_outputs(detector)),
+                                  dynamic_axes={INPUT: {1: "height", 2: "width"}})
         except Exception as exc:  # an operator ONNX lacks, a tracing failure
             raise ExportError(f"ONNX export (opset {opset}) failed: {type(exc).__name__}: {exc}") from None
     return atomic_write(path, lambda fh: fh.write(buf.getvalue()), mode=0o644)
@@ -120,10 +145,16 @@ def export_torchscript(detector: nn.Module, path: str | os.PathLike, sample: tor
     return atomic_write(path, lambda fh: fh.write(buf.getvalue()), mode=0o644)
 
 
-def _as_dict(boxes: Any, labels: Any, scores: Any) -> dict[str, torch.Tensor]:
-    return {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
-            "scores": torch.as_tensor(scores, dtype=torch.float32).reshape(-1)}
+_DTYPES = {"boxes": torch.float32, "labels": torch.int64, "scores": torch.float32, "masks": torch.float32,
+           "sem_seg": torch.int64}
+
+
+def _as_dict(names: tuple[str, ...], values: Any) -> dict[str, torch.Tensor]:
+    out = {n: torch.as_tensor(v, dtype=_DTYPES[n]) for n, v in zip(names, values, strict=True)}
+    if "boxes" in out:
+        out["boxes"] = out["boxes"].reshape(-1, 4)
+        out["labels"], out["scores"] = out["labels"].reshape(-1), out["scores"].reshape(-1)
+    return out
 
 
 def onnx_runner(path: str | os.PathLike, threads: int | None = None) -> Runner:
@@ -140,9 +171,10 @@ def onnx_runner(path: str | os.PathLike, threads: int | None = None) -> Runner:
     except Exception as exc:
         raise ExportError(f"ONNX model {str(path)!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
 
+    names = tuple(o.name for o in session.get_outputs())
+
     def run(image: torch.Tensor) -> dict[str, torch.Tensor]:
-        boxes, labels, scores = session.run(list(OUTPUTS), {INPUT: image.detach().cpu().numpy()})
-        return _as_dict(boxes, labels, scores)
+        return _as_dict(names, session.run(list(names), {INPUT: image.detach().cpu().numpy()}))
     return run
 
 
@@ -157,16 +189,19 @@ def torchscript_runner(path: str | os.PathLike) -> Runner:
 
     @torch.no_grad()
     def run(image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return _as_dict(*program(image))
+        values = program(image)
+        names = {1: SEMANTIC_OUTPUTS, 3: OUTPUTS, 4: MASK_OUTPUTS}[len(values)]
+        return _as_dict(names, values)
     return run
 
 
 def eager_runner(detector: nn.Module) -> Runner:
-    """A :data:`Runner` of the PyTorch detector itself (the reference of the parity gate)."""
+    """A :data:`Runner` of the PyTorch model itself (the reference of the parity gate)."""
     detector = detector.eval().cpu()
+    names = _model_outputs(detector)
 
     @torch.no_grad()
     def run(image: torch.Tensor) -> dict[str, torch.Tensor]:
         out = detector([image])[0]
-        return _as_dict(out["boxes"], out["labels"], out["scores"])
+        return _as_dict(names, [out[n] for n in names])
     return run

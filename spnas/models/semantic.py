@@ -18,7 +18,7 @@ Images go through torchvision's ``GeneralizedRCNNTransform`` (the detectors' nor
   the classes, :data:`IGNORE_INDEX` ignored); returns ``{"loss_sem_seg": cross-entropy}`` over
   the labelled pixels (label maps resized with the images, nearest neighbour);
 * eval: returns per image ``{"sem_seg": int64 [H, W]}`` (the argmax class of every pixel, at the
-  image's own size) and ``{"logits": float [C, H, W]}``.
+  image's own size); :meth:`SemanticFPN.logits` gives the scores behind it.
 """
 from __future__ import annotations
 
@@ -124,9 +124,8 @@ class SemanticFPN(nn.Module):
             return {"loss_sem_seg": F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)}
         out = []
         for i, (img, (h, w)) in enumerate(zip(images, sizes, strict=True)):
-            lg = logits[i:i + 1, :, :h, :w]
-            if (h, w) != tuple(img.shape[-2:]):
-                lg = F.interpolate(lg, size=img.shape[-2:], mode="bilinear", align_corners=False)
-            out.append({"sem_seg": lg[0].argmax(0), "logits": lg[0]})
+            # always resized (the identity at the same size), so a traced program resizes every input
+            lg = F.interpolate(logits[i:i + 1, :, :h, :w], size=img.shape[-2:], mode="bilinear", align_corners=False)
+            out.append({"sem_seg": lg[0].argmax(0)})
         return out
 

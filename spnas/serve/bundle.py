@@ -148,7 +148,8 @@ def load_export(path: str | os.PathLike, *, allow_unverified: bool = False) -> E
     """Check the export folder ``path`` and return its :class:`ExportBundle`.
 
     Raises :class:`ServeError` naming the file at fault: the folder or a file missing,
-    ``export.json`` or ``labels.json`` malformed, ``format_version`` other than 1, or (unless
+    ``export.json`` or ``labels.json`` malformed, ``format_version`` other than 1, a ``task`` other
+    than ``detection`` (segmentation exports are not served yet), or (unless
     ``allow_unverified``) ``parity.json`` missing, malformed or saying ``"passed": false``.
     """
     root = Path(path)
@@ -163,6 +164,11 @@ def load_export(path: str | os.PathLike, *, allow_unverified: bool = False) -> E
     if not _int(version) or version != FORMAT_VERSION:
         raise ServeError(f"{where}: format_version {brief(version)} is not supported (this spnas reads "
                          f"format_version {FORMAT_VERSION})")
+    task = doc.get("task", "detection")
+    if task != "detection":
+        raise ServeError(f"{where}: task {brief(task)}: spnas serve answers detections (boxes, labels, scores) only; "
+                         "serving masks and label maps is not built yet (issue #16): run the exported programs "
+                         "directly (model.onnx, model.torchscript.pt)")
     name = doc.get("name", DEFAULT_MODEL_NAME)
     if not isinstance(name, str):  # checked as a URL segment where it is used, since --name may replace it
         raise ServeError(f"{where}: name must be a string, got {brief(name)}")

@@ -1,0 +1,148 @@
+"""Exporting segmentation models (#16): a Mask R-CNN's programs output masks, a SemanticFPN's a
+label map; the parity gate checks matched masks (IoU >= 0.99) and label maps (>= 99.9 % of the
+pixels) on the validation images and on resized probes, and refuses a corrupted program."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime  # noqa: F401  the export extra: missing, these tests fail, not skip
+import pytest
+import torch
+from helpers import randomize_norms
+
+from spnas.data.source import CocoSource
+from spnas.export import parity
+from spnas.export.bundle import ExportRefused, check_publishable, export_model
+from spnas.export.programs import eager_runner, onnx_runner, torchscript_runner
+from spnas.models.detector import build_detector
+from spnas.serve.bundle import load_export
+from spnas.utils.errors import ServeError
+
+BACKBONE = {"code": "1-1-2-1", "block": "basic", "base_channels": 8}
+MASK = {"type": "MaskRCNN", "backbone": BACKBONE, "neck": {"code": [0, 1, 0, 0], "out_channels": 32},
+        "min_size": 96, "max_size": 96, "num_classes": 4, "representation_size": 64, "box_score_thresh": 0.2}
+SEMANTIC = {"type": "SemanticFPN", "backbone": BACKBONE, "neck": {"code": [0, 1, 0, 0], "out_channels": 32},
+            "min_size": 96, "max_size": 96, "num_classes": 4, "head_channels": 16}
+
+
+def _corrupt(folder, tensor: str, dest):
+    """A copy of the export ``folder`` whose model.onnx has ``tensor`` negated."""
+    import onnx
+    from onnx import numpy_helper
+    shutil.copytree(folder, dest)
+    proto = onnx.load(str(dest / "model.onnx"))
+    [init] = [i for i in proto.graph.initializer if i.name == tensor]
+    init.CopyFrom(numpy_helper.from_array((-numpy_helper.to_array(init)).astype(np.float32), init.name))
+    onnx.save(proto, str(dest / "model.onnx"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def mask_export(tiny_data, tmp_path_factory):
+    """A random-weight Mask R-CNN (class scores and mask logits spread, so that detections with
+    masks of varied extent exist) exported against the tiny data set's 6 val images."""
+    tmp = tmp_path_factory.mktemp("mask-export")
+    torch.manual_seed(0)
+    model = randomize_norms(build_detector(MASK), 2).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.5)
+        model.roi_heads.box_predictor.cls_score.bias.normal_(0, 1.0)
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.normal_(0, 1.0)
+    torch.save(model.state_dict(), tmp / "w.pth")
+    info = export_model(MASK, tmp / "w.pth", CocoSource(str(tiny_data)), tmp / "out", name="tiny-mask")
+    return tmp / "out", info, model
+
+
+def test_mask_rcnn_programs_output_masks_and_pass_the_gate(mask_export, tiny_data):
+    out, info, model = mask_export
+    report = json.loads((out / "parity.json").read_text())
+    assert info["task"] == "instance_segmentation" and [o["name"] for o in info["outputs"]] == \
+        ["boxes", "labels", "scores", "masks"]
+    assert report["passed"] is True and "segm_mAP" in report["reference"]
+    for name in ("onnx", "torchscript"):
+        p = report["programs"][name]
+        v, pr = p["val"], p["probes"]
+        assert p["passed"] and v["matched"] == v["detections"] > 0 and v["unmatched"] == 0
+        assert v["mask_mismatch"] == 0 and v["min_mask_iou"] >= 0.99
+        assert pr["matched"] == pr["detections"] > 0 and pr["mask_mismatch"] == 0 and pr["min_mask_iou"] >= 0.99
+        assert p["segm_mAP_diff"] <= 0.1
+    ds = CocoSource(str(tiny_data)).load("val", train=False)
+    image = ds[0][0][:, :80, :]  # a size the programs were not traced on
+    want = eager_runner(model)(image)
+    for run in (onnx_runner(out / "model.onnx"), torchscript_runner(out / "model.torchscript.pt")):
+        got = run(image)
+        n = want["boxes"].shape[0]
+        assert got["masks"].shape == want["masks"].shape == (n, 1, 80, 96) and n > 0
+        assert torch.equal(got["labels"], want["labels"])
+        assert ((got["masks"] > 0.5) != (want["masks"] > 0.5)).sum() <= 0.001 * got["masks"].numel()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "A Mask R-CNN (instance segmentation)" in card and "min mask IoU" in card and "segm_mAP" in card
+
+
+def test_a_mask_rcnn_program_with_wrong_masks_is_refused(mask_export, tiny_data, tmp_path):
+    """model.onnx with the mask predictor's weights negated: boxes and scores are PyTorch's, the
+    masks are not: the gate fails on the masks alone and the folder is refused."""
+    out, _, model = mask_export
+    bad = _corrupt(out, "roi_heads.mask_predictor.mask_fcn_logits.weight", tmp_path / "bad")
+    ds = CocoSource(str(tiny_data)).load("val", train=False)
+    report = parity.check(eager_runner(model), {"onnx": onnx_runner(bad / "model.onnx")}, ds)
+    p = report["programs"]["onnx"]
+    assert report["passed"] is False and p["val"]["unmatched"] == 0 and p["val"]["score_mismatch"] == 0
+    assert p["val"]["mask_mismatch"] > 0 and p["val"]["min_mask_iou"] < 0.99
+    (bad / "parity.json").write_text(json.dumps(report))
+    with pytest.raises(ExportRefused, match=r"onnx: 0 unmatched detection\(s\), 0 score mismatch\(es\), \d+ mask "
+                                            r"mismatch\(es\)"):
+        check_publishable(bad)
+
+
+@pytest.fixture(scope="module")
+def semantic_export(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("semantic-export")
+    torch.manual_seed(0)
+    model = randomize_norms(build_detector(SEMANTIC), 2).eval()
+    with torch.no_grad():
+        model.sem_head.predictor.weight.normal_(0, 0.5)  # every class somewhere
+    torch.save(model.state_dict(), tmp / "w.pth")
+    info = export_model(SEMANTIC, tmp / "w.pth", CocoSource(str(tiny_data)), tmp / "out", name="tiny-semantic")
+    return tmp / "out", info, model
+
+
+def test_semantic_programs_output_label_maps_and_pass_the_gate(semantic_export, tiny_data):
+    out, info, model = semantic_export
+    report = json.loads((out / "parity.json").read_text())
+    assert info["task"] == "semantic_segmentation" and [o["name"] for o in info["outputs"]] == ["sem_seg"]
+    labels = json.loads((out / "labels.json").read_text())["labels"]
+    assert [(e["label"], e["category_id"]) for e in labels] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert report["passed"] is True and set(report["reference"]) == {"mIoU", "pixel_acc", "mAcc"}
+    for name in ("onnx", "torchscript"):
+        p = report["programs"][name]
+        assert p["passed"] and p["val"]["pixels"] == 6 * 96 * 96 and p["val"]["images_with_mismatch"] == 0
+        assert p["val"]["min_agreement"] >= 0.999 and p["probes"]["images_with_mismatch"] == 0
+        assert p["probes"]["pixels"] > 0 and p["mIoU_diff"] <= 0.1
+    ds = CocoSource(str(tiny_data)).load("val", train=False)
+    image = ds[1][0][:, 10:, :70]  # another size and aspect ratio
+    want = eager_runner(model)(image)["sem_seg"]
+    assert want.shape == (86, 70) and len(want.unique()) >= 2
+    for run in (onnx_runner(out / "model.onnx"), torchscript_runner(out / "model.torchscript.pt")):
+        got = run(image)["sem_seg"]
+        assert got.shape == want.shape and (got != want).sum() <= 0.001 * want.numel()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "A SemanticFPN (semantic segmentation)" in card and "pixels labelled otherwise" in card
+
+
+def test_a_semantic_program_with_wrong_scores_is_refused_and_segmentation_is_not_served(semantic_export, tiny_data,
+                                                                                         tmp_path):
+    out, _, model = semantic_export
+    bad = _corrupt(out, "sem_head.predictor.weight", tmp_path / "bad")
+    ds = CocoSource(str(tiny_data)).load("val", train=False, semantic=True)
+    report = parity.check(eager_runner(model), {"onnx": onnx_runner(bad / "model.onnx")}, ds)
+    p = report["programs"]["onnx"]
+    assert report["passed"] is False and p["val"]["images_with_mismatch"] == 6 and p["val"]["disagree"] > 0
+    (bad / "parity.json").write_text(json.dumps(report))
+    with pytest.raises(ExportRefused, match=r"onnx: \d+ of 55296 pixels labelled otherwise, 6 image\(s\) under the "
+                                            r"pixel agreement"):
+        check_publishable(bad)
+    with pytest.raises(ServeError, match=r"task 'semantic_segmentation': spnas serve answers detections"):
+        load_export(out)
