@@ -121,6 +121,14 @@ def test_version_tags_exact():
     odd = version_tags({**EXPORT_INFO, "control": {"searched": {"mAP": 0.35}, "control": {"mAP": 0.3}},
                         "metrics": {"mAP": 0.1 + 0.2}})
     assert (odd["control_delta"], odd["control_mAP"], float(odd["mAP"])) == ("0.05", "0.3", 0.1 + 0.2)
+    # a semantic model's quality is its mIoU: its tags and control tags are of mIoU, no mAP
+    semantic = {**EXPORT_INFO, "task": "semantic_segmentation", "metrics": {"mIoU": 82.5, "pixel_acc": 96.0},
+                "control": {"searched": {"mIoU": 89.25}, "control": {"mIoU": 87.5}, "delta_mIoU": 1.75}}
+    tags = version_tags(semantic)
+    assert (tags["mIoU"], tags["control_mIoU"], tags["control_delta"]) == ("82.5", "87.5", "1.75")
+    assert "mAP" not in tags and "control_mAP" not in tags
+    with pytest.raises(RegistryError, match=r"metrics.mIoU"):
+        version_tags({**semantic, "metrics": {"mAP": 1.0}})
 
 
 @pytest.mark.parametrize("change, message", [

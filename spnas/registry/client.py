@@ -53,7 +53,8 @@ READY_TIMEOUT_S = 300.0         # the longest wait for a new version to become R
 #: a registered model name (also the last part of its experiment's name)
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: the version tags :func:`version_tags` computes (``extra_tags`` may not reuse them)
-COMPUTED_TAGS = ("serial_code", "parallel_code", "block", "data_version", "mAP", "control_mAP", "control_delta",
+COMPUTED_TAGS = ("serial_code", "parallel_code", "block", "data_version", "mAP", "control_mAP", "mIoU",
+                 "control_mIoU", "control_delta",
                  "params", "gflops", "latency_ms_pytorch_cpu", "latency_ms_onnxruntime_cpu", "parity", "storage_uri")
 PROMOTION_TAGS = ("promoted_at", "previous_champion", "promotion_reason")
 
@@ -210,7 +211,8 @@ def version_tags(info: Mapping[str, Any], *, storage_uri: str | None = None,
                  extra_tags: Mapping[str, str] | None = None, where: str = EXPORT_JSON) -> dict[str, str]:
     """The tags of a version registered from an export whose ``export.json`` is ``info``:
     ``serial_code``, ``parallel_code`` (e.g. ``"0-1-0-0"``), ``block``, ``data_version``,
-    ``mAP``, ``params``, ``gflops``, ``latency_ms_pytorch_cpu``, ``latency_ms_onnxruntime_cpu``,
+    ``mAP`` (a semantic model: ``mIoU``, and ``control_mIoU`` below), ``params``, ``gflops``,
+    ``latency_ms_pytorch_cpu``, ``latency_ms_onnxruntime_cpu``,
     ``parity`` (``"passed"``); ``control_mAP`` when the export's control has the control's mAP
     and ``control_delta`` (searched - control, in-run mAPs, rounded to 6 decimals; else the
     control's ``delta_mAP``) when it can be computed; ``storage_uri`` when given; then
@@ -223,18 +225,19 @@ def version_tags(info: Mapping[str, Any], *, storage_uri: str | None = None,
     tags = {"serial_code": str(_key(info, "desc.backbone.code", where)),
             "parallel_code": "-".join(str(v) for v in parallel),
             "block": str(_key(info, "desc.backbone.block", where)),
-            "data_version": str(_key(info, "data.version", where)),
-            "mAP": _number(_key(info, "metrics.mAP", where), "metrics.mAP", where)}
+            "data_version": str(_key(info, "data.version", where))}
+    q = "mIoU" if info.get("task") == "semantic_segmentation" else "mAP"  # a semantic model's quality is its mIoU
+    tags[q] = _number(_key(info, f"metrics.{q}", where), f"metrics.{q}", where)
     control = info.get("control")
     if isinstance(control, Mapping):
         searched = control.get("searched") if isinstance(control.get("searched"), Mapping) else {}
         ctrl = control.get("control") if isinstance(control.get("control"), Mapping) else {}
-        if _is_number(ctrl.get("mAP")):
-            tags["control_mAP"] = _number(ctrl["mAP"], "control.control.mAP", where)
-            if _is_number(searched.get("mAP")):
-                tags["control_delta"] = repr(round(float(searched["mAP"]) - float(ctrl["mAP"]), 6))
-        if "control_delta" not in tags and _is_number(control.get("delta_mAP")):
-            tags["control_delta"] = _number(control["delta_mAP"], "control.delta_mAP", where)
+        if _is_number(ctrl.get(q)):
+            tags[f"control_{q}"] = _number(ctrl[q], f"control.control.{q}", where)
+            if _is_number(searched.get(q)):
+                tags["control_delta"] = repr(round(float(searched[q]) - float(ctrl[q]), 6))
+        if "control_delta" not in tags and _is_number(control.get(f"delta_{q}")):
+            tags["control_delta"] = _number(control[f"delta_{q}"], f"control.delta_{q}", where)
     tags["params"] = _number(_key(info, "costs.params", where), "costs.params", where)
     tags["gflops"] = _number(_key(info, "costs.gflops", where), "costs.gflops", where)
     for runtime in ("pytorch_cpu", "onnxruntime_cpu"):
@@ -257,7 +260,7 @@ def version_tags(info: Mapping[str, Any], *, storage_uri: str | None = None,
 
 def _run_metrics(tags: Mapping[str, str]) -> dict[str, float]:
     """The run's metrics (for comparing runs in the MLflow UI): the numeric version tags."""
-    keys = ("mAP", "control_mAP", "control_delta", "params", "gflops", "latency_ms_pytorch_cpu",
+    keys = ("mAP", "control_mAP", "mIoU", "control_mIoU", "control_delta", "params", "gflops", "latency_ms_pytorch_cpu",
             "latency_ms_onnxruntime_cpu")
     return {k: float(tags[k]) for k in keys if k in tags}
 
