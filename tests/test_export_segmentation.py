@@ -146,3 +146,16 @@ def test_a_semantic_program_with_wrong_scores_is_refused_and_segmentation_is_not
         check_publishable(bad)
     with pytest.raises(ServeError, match=r"task 'semantic_segmentation': spnas serve answers detections"):
         load_export(out)
+
+
+def test_the_pipelines_export_figures_follow_the_task(mask_export, semantic_export):
+    """What the pipeline's export task reports of each program's gate: mask figures for a Mask
+    R-CNN, label-map figures for a semantic model (not box figures it has none of)."""
+    from spnas.orchestration.ship import _parity_figures
+    mask = json.loads((mask_export[0] / "parity.json").read_text())["programs"]["onnx"]
+    got = _parity_figures(mask)
+    assert set(got) == {"max_box_diff", "max_score_diff", "unmatched", "mAP_diff", "mask_mismatch", "min_mask_iou",
+                        "segm_mAP_diff"}
+    assert got["mask_mismatch"] == 0 and got["min_mask_iou"] >= 0.99 and got["unmatched"] == 0
+    sem = json.loads((semantic_export[0] / "parity.json").read_text())["programs"]["torchscript"]
+    assert _parity_figures(sem) == {"disagree": 0, "min_agreement": 1.0, "mIoU_diff": 0.0}

@@ -515,7 +515,7 @@ def test_component_bodies_with_real_artifacts(tiny_data, tmp_path):
     c.stage_data.python_func(config=config, overrides="[]", data_uri=str(tiny_data), workspace="", run_uri=run_uri,
                              dataset=dataset)
     manifest = json.loads((Path(run_uri) / "data" / "manifest.json").read_text())
-    assert manifest["objects"] == 2 + 16 + 6 == len(manifest["files"])  # 2 annotation files, 22 images
+    assert manifest["objects"] == 2 + 2 * (16 + 6) == len(manifest["files"])  # 2 annotation files, 22 images + label maps
     assert dataset.metadata["root"] == str(tiny_data) and dataset.metadata["staged"] == ""
     assert dataset.metadata["version"] == manifest["version"] and len(manifest["version"]) == 16
     assert json.loads(Path(dataset.path).read_text()) == dataset.metadata
@@ -648,7 +648,7 @@ def test_kfp_local_stages_the_data_once_and_survives_a_killed_candidate(tiny_dat
     (pipeline_run,) = (tmp_path / "root").iterdir()
     assert (run / "fully_train" / "output.csv").is_file() and (pipeline_run / "publish" / "report").is_file()  # done
     manifest = json.loads((run / "data" / "manifest.json").read_text())
-    assert manifest["objects"] == objects == 24
+    assert manifest["objects"] == objects == 2 + 2 * (16 + 6)  # annotation files, images, label maps
     fetches = [json.loads(line) for line in fetch_log.read_text().splitlines()]
     data = [f for f in fetches if f["uri"].rstrip("/") == data_uri]
     # stage, fine_tune, the surviving serial child, reignition, 2 parallel children, the full train,

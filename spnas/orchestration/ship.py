@@ -84,6 +84,23 @@ def _control_summary(run_uri: str) -> dict[str, Any] | None:
         return None
 
 
+def _parity_figures(program: Mapping[str, Any]) -> dict[str, Any]:
+    """One program's gate figures for the export task's output and metrics: detections
+    (``max_box_diff``, ``max_score_diff``, ``unmatched``, ``mAP_diff``; a Mask R-CNN's
+    ``mask_mismatch``, ``min_mask_iou``, ``segm_mAP_diff`` too) or label maps (``disagree``,
+    ``min_agreement``, ``mIoU_diff``)."""
+    val = program.get("val") or {}
+    if "disagree" in val:
+        return {"disagree": val.get("disagree"), "min_agreement": val.get("min_agreement"),
+                "mIoU_diff": program.get("mIoU_diff")}
+    out = {"max_box_diff": val.get("max_box_diff"), "max_score_diff": val.get("max_score_diff"),
+           "unmatched": val.get("unmatched"), "mAP_diff": program.get("mAP_diff")}
+    if "mask_mismatch" in val:
+        out.update(mask_mismatch=val["mask_mismatch"], min_mask_iou=val.get("min_mask_iou"),
+                   segm_mAP_diff=program.get("segm_mAP_diff"))
+    return out
+
+
 def run_lineage(cfg: RunConfig, run_uri: str, step_name: str, record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The lineage of ``record`` (a record of ``cfg``'s step ``step_name``) from what the run published
     under ``run_uri``: each search step's ``state.json``, each other step's ``output.csv``
@@ -136,12 +153,11 @@ def export_record(config_text: str, step_name: str, record: Mapping[str, Any], w
                             lineage_=run_lineage(cfg, run_uri, step_name, rec))
         report = read_json(out / "parity.json", "parity report")
         publish_folder(out, target)
-        programs = {k: {"max_box_diff": (p.get("val") or {}).get("max_box_diff"),
-                        "max_score_diff": (p.get("val") or {}).get("max_score_diff"),
-                        "unmatched": (p.get("val") or {}).get("unmatched"), "mAP_diff": p.get("mAP_diff")}
-                    for k, p in (report.get("programs") or {}).items()}
+        programs = {k: _parity_figures(p) for k, p in (report.get("programs") or {}).items()}
         summary = {"export_uri": target, "weights": weights, "passed": bool(info["parity"]["passed"]),
-                   "mAP": info["metrics"].get("mAP"), "params": info["costs"]["params"],
+                   "task": info.get("task", "detection"),
+                   **{q: info["metrics"].get(q) for q in ("mAP", "segm_mAP", "mIoU") if q == "mAP" or q in info["metrics"]},
+                   "params": info["costs"]["params"],
                    "gflops": info["costs"]["gflops"], "latency_ms": info["costs"]["latency_ms"],
                    "parity": programs, "data_version": info["data"]["version"], "name": name}
         log.info("exported %s to %s: parity gate %s", weights, target, "passed" if summary["passed"] else "FAILED")
@@ -372,7 +388,8 @@ def export_task(config_text: str, step_name: str, record: Mapping[str, Any], con
             parity_metrics.log_metric("passed", 0.0)
             raise
     parity_metrics.log_metric("passed", 1.0)
-    _log_metrics(parity_metrics, {"mAP": out["mAP"], "params": out["params"], "gflops": out["gflops"]})
+    _log_metrics(parity_metrics, {**{q: out[q] for q in ("mAP", "segm_mAP", "mIoU") if out.get(q) is not None},
+                                  "params": out["params"], "gflops": out["gflops"]})
     for prog, figures in out["parity"].items():
         _log_metrics(parity_metrics, figures, f"{prog}_")
     _log_metrics(parity_metrics, {k: v for k, v in out["latency_ms"].items() if k.endswith("_cpu")}, "latency_ms_")
@@ -385,7 +402,9 @@ def register_task(export: Mapping[str, Any], model_name: str, registry_uri: str,
     out = register_export(str(export["export_uri"]), str(export["weights"]), model_name, registry_uri)
     if out["registered"]:
         text = (f"# Registered\n\n`{model_name}` version **{out['version']}**, alias **{out['alias']}**, in the "
-                f"registry at {out['registry']} (export {export['export_uri']}, mAP {export.get('mAP')}).\n")
+                f"registry at {out['registry']} (export {export['export_uri']}, "
+                + ", ".join(f"{q} {export[q]}" for q in ("mAP", "segm_mAP", "mIoU") if export.get(q) is not None)
+                + ").\n")
     else:
         text = f"# Not registered\n\n{out['why']}. The export is at {export['export_uri']}.\n"
     Path(note.path).parent.mkdir(parents=True, exist_ok=True)
