@@ -4,11 +4,13 @@ An export folder (written by ``spnas export``) holds:
 
 * ``model.onnx``: the whole detector, one input ``images`` (float32 ``[3, H, W]``, RGB in
   [0, 1]) and three outputs ``boxes`` ``[N, 4]``, ``labels`` ``[N]`` (contiguous 1..K),
-  ``scores`` ``[N]``;
+  ``scores`` ``[N]``; a Mask R-CNN's (``"task": "instance_segmentation"``) a fourth, ``masks``
+  float32 ``[N, 1, H, W]`` (mask probabilities over the input's pixels);
 * ``labels.json``: ``{"labels": [{"label": 1, "category_id": 3, "name": "circle"}, ...]}``,
   every contiguous label 1..K exactly once, mapped to a distinct COCO category id;
-* ``export.json``: ``{"name": ..., "format_version": 1, "onnx": "model.onnx", ...}``
-  (``name`` is the default served model name; ``onnx`` the model's file name in the folder);
+* ``export.json``: ``{"name": ..., "format_version": 1, "onnx": "model.onnx", "task": ..., ...}``
+  (``name`` is the default served model name; ``onnx`` the model's file name in the folder;
+  ``task`` ``detection`` (the default) or ``instance_segmentation``: :data:`SERVED_TASKS`);
 * ``parity.json``: ``{"passed": true|false, ...}``, the parity gate's verdict.
 
 :func:`load_export` raises :class:`~spnas.utils.errors.ServeError` naming the file at fault; a
@@ -38,6 +40,9 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_IMAGE_BYTES = 20_000_000   # 20 MB of encoded image
 DEFAULT_MAX_PIXELS = 40_000_000        # 40 Mpx decoded
 
+#: the ``export.json`` tasks spnas serve answers, and whether their programs output masks
+SERVED_TASKS = {"detection": False, "instance_segmentation": True}
+
 #: a served model's name: it is a path segment of every endpoint (``/v2/models/{name}/infer``)
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -46,7 +51,8 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class ExportBundle:
     """A checked export folder. ``categories`` maps each contiguous label to its category id,
     ``names`` to its category name; ``verified`` is the parity gate's verdict (False when the
-    folder was accepted with ``allow_unverified``)."""
+    folder was accepted with ``allow_unverified``); ``masks``: the model outputs instance masks
+    (a Mask R-CNN export, ``"task": "instance_segmentation"``)."""
 
     root: Path
     onnx_path: Path
@@ -56,6 +62,7 @@ class ExportBundle:
     verified: bool
     parity: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    masks: bool = False
 
 
 def check_model_name(name: Any, where: str = "model name") -> str:
@@ -149,7 +156,7 @@ def load_export(path: str | os.PathLike, *, allow_unverified: bool = False) -> E
 
     Raises :class:`ServeError` naming the file at fault: the folder or a file missing,
     ``export.json`` or ``labels.json`` malformed, ``format_version`` other than 1, a ``task`` other
-    than ``detection`` (segmentation exports are not served yet), or (unless
+    than ``detection`` or ``instance_segmentation`` (label maps are not served yet), or (unless
     ``allow_unverified``) ``parity.json`` missing, malformed or saying ``"passed": false``.
     """
     root = Path(path)
@@ -165,10 +172,10 @@ def load_export(path: str | os.PathLike, *, allow_unverified: bool = False) -> E
         raise ServeError(f"{where}: format_version {brief(version)} is not supported (this spnas reads "
                          f"format_version {FORMAT_VERSION})")
     task = doc.get("task", "detection")
-    if task != "detection":
-        raise ServeError(f"{where}: task {brief(task)}: spnas serve answers detections (boxes, labels, scores) only; "
-                         "serving masks and label maps is not built yet (issue #16): run the exported programs "
-                         "directly (model.onnx, model.torchscript.pt)")
+    if not isinstance(task, str) or task not in SERVED_TASKS:
+        raise ServeError(f"{where}: task {brief(task)}: spnas serve answers detections (boxes, labels, scores) and "
+                         f"instance masks only (tasks {sorted(SERVED_TASKS)}); serving label maps is not built yet "
+                         "(issue #16): run the exported programs directly (model.onnx, model.torchscript.pt)")
     name = doc.get("name", DEFAULT_MODEL_NAME)
     if not isinstance(name, str):  # checked as a URL segment where it is used, since --name may replace it
         raise ServeError(f"{where}: name must be a string, got {brief(name)}")
@@ -180,4 +187,4 @@ def load_export(path: str | os.PathLike, *, allow_unverified: bool = False) -> E
     categories, names = _labels(root / LABELS_JSON)
     verified, parity = _parity(root, allow_unverified)
     return ExportBundle(root=root, onnx_path=onnx_path, name=name, categories=categories, names=names,
-                        verified=verified, parity=parity, export=doc)
+                        verified=verified, parity=parity, export=doc, masks=SERVED_TASKS[task])

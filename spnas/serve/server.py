@@ -7,11 +7,15 @@ model, :class:`DetectorModel`. It speaks:
   ``{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["<base64 PNG or JPEG>"]}``;
   the outputs are ``boxes`` (FP32 ``[N, 4]``, x1 y1 x2 y2 in the input image's pixels),
   ``scores`` (FP32 ``[N]``, descending) and ``labels`` (INT64 ``[N]``, the data set's category
-  ids from ``labels.json``); ``GET /v2/health/ready``, ``GET /v2/models``,
-  ``GET /v2/models/{name}`` (metadata) and ``/v2/models/{name}/ready``;
+  ids from ``labels.json``); a Mask R-CNN export (``"task": "instance_segmentation"``) adds
+  ``masks`` (BYTES ``[N]``: per detection, the JSON text of its COCO compressed RLE
+  ``{"size": [h, w], "counts": "..."}``, the pixels of probability above 0.5; :mod:`.rle`);
+  ``GET /v2/health/ready``, ``GET /v2/models``, ``GET /v2/models/{name}`` (metadata) and
+  ``/v2/models/{name}/ready``;
 * v1 (free with KServe): ``POST /v1/models/{name}:predict`` with
   ``{"instances": [{"image": {"b64": "<base64>"}}]}``, answered with
-  ``{"predictions": [{"boxes": [...], "scores": [...], "labels": [...]}]}``.
+  ``{"predictions": [{"boxes": [...], "scores": [...], "labels": [...]}]}`` (and ``"masks": [RLE
+  object, ...]`` for a Mask R-CNN export).
 
 Bad input never reaches ONNX Runtime: a request that is not one decodable PNG/JPEG within the
 limits gets 400 (KServe's ``InvalidInput``) with a message naming what is wrong; a body larger
@@ -26,6 +30,7 @@ import asyncio
 import base64
 import binascii
 import io
+import json
 import logging
 import math
 import os
@@ -40,6 +45,7 @@ import numpy as np
 
 from ..utils import checks
 from ..utils.errors import ServeError
+from . import rle
 from .bundle import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, EXPORT_JSON, ExportBundle, check_model_name, load_export
 from .deps import import_kserve, import_onnxruntime
 
@@ -59,7 +65,10 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 #: the ONNX graph's tensors (spnas export's contract) and the served outputs, in their order
 ONNX_INPUT = "images"
 ONNX_OUTPUTS = ("boxes", "labels", "scores")
+ONNX_MASK_OUTPUTS = (*ONNX_OUTPUTS, "masks")
 OUTPUTS = (("boxes", "FP32", [-1, 4]), ("scores", "FP32", [-1]), ("labels", "INT64", [-1]))
+#: a Mask R-CNN export's outputs: one RLE (its JSON text) per detection
+MASK_OUTPUTS = (*OUTPUTS, ("masks", "BYTES", [-1]))
 #: what a request body may carry beyond the base64 image (JSON framing, id, parameters)
 BODY_SLACK = 64 * 1024
 #: the side of the grey test image the model runs on at load
@@ -210,8 +219,8 @@ class _RunFailed(InferenceError):
 
 
 class DetectorModel(kserve.Model):
-    """The export's detector behind KServe's v1/v2 protocols. :meth:`load` opens ``model.onnx``
-    in ONNX Runtime (CUDA when the installed onnxruntime offers it, else CPU), checks its input
+    """The export's detector (or Mask R-CNN: :attr:`masks`) behind KServe's v1/v2 protocols.
+    :meth:`load` opens ``model.onnx`` in ONNX Runtime (CUDA when the installed onnxruntime offers it, else CPU), checks its input
     and outputs and runs it once on a test image; requests are decoded and run in a pool of
     ``workers`` threads, so the event loop (health checks) never waits on a detection."""
 
@@ -225,6 +234,9 @@ class DetectorModel(kserve.Model):
         self._session: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._lut = np.full(max(bundle.categories) + 1, -1, dtype=np.int64)  # label -> category id
+        self.masks = bundle.masks
+        self._onnx_outputs = ONNX_MASK_OUTPUTS if self.masks else ONNX_OUTPUTS
+        self.outputs = MASK_OUTPUTS if self.masks else OUTPUTS
         for label, cat in bundle.categories.items():
             self._lut[label] = cat
 
@@ -236,8 +248,8 @@ class DetectorModel(kserve.Model):
 
     def load(self) -> bool:
         """Open the ONNX model; :class:`ServeError` naming the file when it cannot be loaded, does
-        not have the export's input ``images`` and outputs ``boxes``, ``labels``, ``scores``, or
-        fails on a grey 64x64 test image."""
+        not have the export's input ``images`` and outputs ``boxes``, ``labels``, ``scores`` (and
+        ``masks`` for a Mask R-CNN export, none for another), or fails on a grey 64x64 test image."""
         path = self.bundle.onnx_path
         try:
             session = ort.InferenceSession(str(path), providers=self.providers())
@@ -247,8 +259,10 @@ class DetectorModel(kserve.Model):
         outputs = [o.name for o in session.get_outputs()]
         if inputs != [(ONNX_INPUT, "tensor(float)")]:
             raise ServeError(f"the ONNX model {str(path)!r} must have one float input {ONNX_INPUT!r}, has {inputs}")
-        if sorted(outputs) != sorted(ONNX_OUTPUTS):
-            raise ServeError(f"the ONNX model {str(path)!r} must have the outputs {list(ONNX_OUTPUTS)}, has {outputs}")
+        if sorted(outputs) != sorted(self._onnx_outputs):
+            task = self.bundle.export.get("task", "detection")
+            raise ServeError(f"the ONNX model {str(path)!r} must have the outputs {list(self._onnx_outputs)} (the "
+                             f"export's task is {task!r} in {EXPORT_JSON}), has {outputs}")
         try:  # a model that cannot run at all fails here, not on every request
             self._run(session, np.full((3, WARMUP_SIDE, WARMUP_SIDE), 0.5, dtype=np.float32))
         except InferenceError as exc:
@@ -256,8 +270,9 @@ class DetectorModel(kserve.Model):
                              f"{exc}") from None
         self._session = session
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="spnas-infer")
-        log.info("model %r: %s on %s, %d label(s)%s", self.name, path, session.get_providers()[0],
-                 len(self.bundle.categories), "" if self.bundle.verified else " (UNVERIFIED: parity gate not passed)")
+        log.info("model %r: %s on %s, %d label(s)%s%s", self.name, path, session.get_providers()[0],
+                 len(self.bundle.categories), ", masks as RLE" if self.masks else "",
+                 "" if self.bundle.verified else " (UNVERIFIED: parity gate not passed)")
         self.ready = True
         return self.ready
 
@@ -270,25 +285,28 @@ class DetectorModel(kserve.Model):
         return [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [1]}]
 
     def get_output_types(self) -> list[dict[str, Any]]:
-        return [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in OUTPUTS]
+        return [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in self.outputs]
 
-    def detect(self, data: Any) -> dict[str, np.ndarray]:
-        """One base64 (or raw) encoded image -> ``{"boxes", "scores", "labels"}``, labels mapped to
-        category ids. :class:`InvalidInput` for bad input, an image ONNX Runtime fails on included
-        (the model ran at load, so the image's geometry is what it cannot take: a 1x200 image
-        leaves torchvision's resize a side of 0 pixels); :class:`InferenceError` when the model
-        gives inconsistent outputs or a label ``labels.json`` does not map."""
+    def detect(self, data: Any) -> dict[str, Any]:
+        """One base64 (or raw) encoded image -> ``{"boxes", "scores", "labels"}`` (numpy arrays),
+        labels mapped to category ids, and for a Mask R-CNN export ``"masks"``: one RLE
+        (:func:`.rle.encode`) per detection, in detection order. :class:`InvalidInput` for bad
+        input, an image ONNX Runtime fails on included (the model ran at load, so the image's
+        geometry is what it cannot take: a 1x200 image leaves torchvision's resize a side of 0
+        pixels); :class:`InferenceError` when the model gives inconsistent outputs (masks of
+        another shape than ``[N, 1, H, W]`` included) or a label ``labels.json`` does not map."""
         x = decode_image(decode_base64(data, self.limits), self.limits)
         try:
             return self._run(self._session, x)
         except _RunFailed as exc:
             raise InvalidInput(f"the model cannot process this {x.shape[2]}x{x.shape[1]} image: {exc}") from None
 
-    def _run(self, session: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, session: Any, x: np.ndarray) -> dict[str, Any]:
         try:
-            boxes, labels, scores = session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: x})
+            values = session.run(list(self._onnx_outputs), {ONNX_INPUT: x})
         except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
             raise _RunFailed(f"ONNX Runtime failed: {exc}") from None
+        boxes, labels, scores = values[:3]
         n = len(scores)
         if boxes.shape != (n, 4) or labels.shape != (n,):
             raise InferenceError(f"the model gave inconsistent outputs: boxes {list(boxes.shape)}, labels "
@@ -299,30 +317,43 @@ class DetectorModel(kserve.Model):
             unmapped = labels[self._lut[labels] < 0]
         if unmapped.size:
             raise InferenceError(f"the model gave label {int(unmapped[0])}, which labels.json does not map")
-        return {"boxes": boxes.astype(np.float32, copy=False), "scores": scores.astype(np.float32, copy=False),
-                "labels": self._lut[labels]}
+        out: dict[str, Any] = {"boxes": boxes.astype(np.float32, copy=False),
+                               "scores": scores.astype(np.float32, copy=False), "labels": self._lut[labels]}
+        if self.masks:
+            masks = values[3]
+            if masks.shape != (n, 1, *x.shape[1:]):
+                raise InferenceError(f"the model gave masks of shape {list(masks.shape)} for {n} detection(s) on a "
+                                     f"{x.shape[2]}x{x.shape[1]} image; expected {[n, 1, *x.shape[1:]]}")
+            out["masks"] = rle.encode(masks)
+        return out
 
-    async def _detect_async(self, data: Any) -> dict[str, np.ndarray]:
+    async def _detect_async(self, data: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.detect, data)
 
     async def predict(self, payload: Any, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> InferResponse | dict[str, Any]:
         """v2 (:class:`InferRequest`) -> :class:`InferResponse`; v1 (a JSON object) ->
-        ``{"predictions": [{"boxes", "scores", "labels"}]}``."""
+        ``{"predictions": [{"boxes", "scores", "labels"}]}`` (and ``"masks"``, a list of RLE
+        objects, for a Mask R-CNN export). In v2 each mask is the JSON text of its RLE, one
+        element of the BYTES output ``masks`` (shape ``[N]``)."""
         if isinstance(payload, InferRequest):
-            known = [n for n, _, _ in OUTPUTS]
+            known = [n for n, _, _ in self.outputs]
             unknown = [o.name for o in payload.request_outputs or [] if o.name not in known]
             if unknown:
                 raise InvalidInput(f"unknown output(s) {unknown} requested; this model has {known}")
             result = await self._detect_async(image_of_v2(payload))
+            if self.masks:
+                result["masks"] = np.array([json.dumps(r, separators=(",", ":")) for r in result["masks"]],
+                                           dtype=np.object_).reshape(-1)
             outputs = [InferOutput(name=name, shape=list(result[name].shape), datatype=datatype, data=result[name])
-                       for name, datatype, _ in OUTPUTS]
+                       for name, datatype, _ in self.outputs]
             return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                                  infer_outputs=outputs, requested_outputs=payload.request_outputs or None,
                                  use_binary_outputs=payload.use_binary_outputs)
         result = await self._detect_async(image_of_v1(payload))
-        return {"predictions": [{k: result[k].tolist() for k in ("boxes", "scores", "labels")}]}
+        keys = [n for n, _, _ in self.outputs]
+        return {"predictions": [{k: result[k] if k == "masks" else result[k].tolist() for k in keys}]}
 
 
 ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
