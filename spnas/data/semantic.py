@@ -99,11 +99,3 @@ def paint_instances(layers: Sequence[tuple[int, dict[str, Any]]], size: tuple[in
         out[decode(rle).astype(bool)] = label
     return out
 
-
-def label_histogram(maps: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
-    """Pixels per label ``0..num_classes-1`` over ``maps`` (ignored pixels left out)."""
-    total = np.zeros(num_classes, dtype=np.int64)
-    for m in maps:
-        v = m[m != IGNORE_VALUE]
-        total += np.bincount(v.ravel(), minlength=num_classes)[:num_classes]
-    return total

@@ -26,8 +26,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ..data.coco import CocoDetection
-from ..models.semantic import IGNORE_INDEX
-from ..training.evaluation import SEGM, coco_metrics, mask_rles, semantic_metrics, to_coco_results
+from ..training.evaluation import SEGM, coco_metrics, mask_rles, pixel_counts, semantic_metrics, to_coco_results
 from .programs import Runner
 
 log = logging.getLogger(__name__)
@@ -205,10 +204,8 @@ def _check_maps(reference: Runner, programs: Mapping[str, Runner], dataset: Coco
 
     def metrics(outs: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         conf = torch.zeros(n_cls * n_cls, dtype=torch.int64)
-        for (_, t), o in zip(images, outs, strict=True):
-            truth, pred = t["sem_seg"].reshape(-1), o["sem_seg"].reshape(-1)
-            keep = truth != IGNORE_INDEX
-            conf += torch.bincount(truth[keep] * n_cls + pred[keep].clamp(0, n_cls - 1), minlength=n_cls * n_cls)
+        for (_, t), o in zip(images, outs, strict=True):  # clamped: a malformed program cannot index past the matrix
+            conf += pixel_counts(t["sem_seg"], o["sem_seg"].clamp(0, n_cls - 1), n_cls, f"image {t['image_id']}")
         m = semantic_metrics(conf.reshape(n_cls, n_cls), names)
         return {k: m[k] for k in ("mIoU", "pixel_acc", "mAcc")}
 

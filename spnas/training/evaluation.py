@@ -142,7 +142,6 @@ def confusion_matrix(model: nn.Module, dataset: CocoDetection, device: str | tor
     from tqdm import tqdm
 
     from ..data.coco import collate
-    from ..models.semantic import IGNORE_INDEX
     from . import distributed
     ctx = distributed.current()
     dev = distributed.rank_device(device_of(device), ctx)
@@ -156,14 +155,21 @@ def confusion_matrix(model: nn.Module, dataset: CocoDetection, device: str | tor
                                 leave=False):
         outs = model([im.to(dev, non_blocking=True) for im in images])
         for out, tgt in zip(outs, targets, strict=True):
-            truth, pred = tgt["sem_seg"].reshape(-1), out["sem_seg"].cpu().reshape(-1)
-            keep = truth != IGNORE_INDEX
-            if bool((truth[keep] >= n).any()):
-                raise ValueError(f"image {tgt['image_id']}: label map values >= the model's {n} classes")
-            conf += torch.bincount(truth[keep] * n + pred[keep], minlength=n * n)
+            conf += pixel_counts(tgt["sem_seg"], out["sem_seg"].cpu(), n, f"image {tgt['image_id']}")
     if ctx.distributed:
         conf = sum(distributed.all_gather(conf), torch.zeros_like(conf))
     return conf.reshape(n, n)
+
+
+def pixel_counts(truth: torch.Tensor, pred: torch.Tensor, n: int, where: str) -> torch.Tensor:
+    """One image's flat confusion counts ``int64 [n * n]`` (index ``true * n + predicted``),
+    ignored pixels left out; a truth value >= ``n`` raises ValueError naming ``where``."""
+    from ..models.semantic import IGNORE_INDEX
+    truth, pred = truth.reshape(-1), pred.reshape(-1)
+    keep = truth != IGNORE_INDEX
+    if bool((truth[keep] >= n).any()):
+        raise ValueError(f"{where}: label map values >= the model's {n} classes")
+    return torch.bincount(truth[keep] * n + pred[keep], minlength=n * n)
 
 
 def semantic_metrics(conf: torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, Any]:
