@@ -8,7 +8,9 @@ throughput of ``spnas serve`` over loopback HTTP.
    bounded number of v2 infer requests (encoded val images, base64 in JSON) is sent at each
    concurrency level; prints requests per second and the p50/p95 request latency, and checks
    every answer against ONNX Runtime run directly on the same image (boxes within 1e-3 px,
-   scores within 1e-4, labels equal). The server is stopped by PID, whatever happens.
+   scores within 1e-4, labels equal; a Mask R-CNN's RLE masks equal to ONNX Runtime's masks
+   above 0.5 pixel for pixel; a semantic model's label map and its PNG equal to ONNX Runtime's
+   label map in category ids). The server is stopped by PID, whatever happens.
 
     python bench/serve_throughput.py runs/demo/export [--data data/demo] [--images 12]
         [--requests 48] [--concurrency 1 4] [--workers 2]
@@ -41,6 +43,7 @@ from spnas.data.source import CocoSource
 from spnas.export.programs import eager_runner, onnx_runner
 from spnas.models.checkpoint import load_weights
 from spnas.models.detector import build_detector
+from spnas.serve import labelmap, rle
 
 
 def _free_port() -> int:
@@ -81,12 +84,20 @@ def references(export: Path, info: dict, images: list[bytes]) -> list[dict[str, 
     ids: what the server must answer."""
     labels = json.loads((export / info.get("labels", "labels.json")).read_text())["labels"]
     to_cat = {int(e["label"]): int(e["category_id"]) for e in labels}
+    lut = np.zeros(max(to_cat) + 1, dtype=np.int64)
+    for label, cat in to_cat.items():
+        lut[label] = cat
     run = onnx_runner(export / info["onnx"])
     out = []
     for encoded in images:
         o = run(_tensor(encoded))
-        out.append({"boxes": o["boxes"].numpy(), "scores": o["scores"].numpy(),
-                    "labels": np.array([to_cat[int(v)] for v in o["labels"]], dtype=np.int64)})
+        if "sem_seg" in o:
+            out.append({"sem_seg": lut[o["sem_seg"].numpy()]})
+            continue
+        ref = {"boxes": o["boxes"].numpy(), "scores": o["scores"].numpy(), "labels": lut[o["labels"].numpy()]}
+        if "masks" in o:
+            ref["masks"] = o["masks"].numpy()[:, 0] > rle.MASK_THRESHOLD
+        out.append(ref)
     return out
 
 
@@ -134,14 +145,27 @@ class Server:
 
 
 def agrees(body: dict, ref: dict[str, np.ndarray]) -> bool:
+    """The v2 answer equals ONNX Runtime direct (:func:`references`): detections (and masks), or
+    the label map as category ids and as its PNG."""
     outs = {o["name"]: o for o in body.get("outputs", [])}
-    if set(outs) != {"boxes", "scores", "labels"}:
+    if "sem_seg" in ref:
+        want = ref["sem_seg"]
+        if set(outs) != {"sem_seg", "sem_seg_png"} or outs["sem_seg"]["shape"] != list(want.shape):
+            return False
+        png = labelmap.decode(base64.b64decode(outs["sem_seg_png"]["data"][0]))
+        return np.array_equal(np.asarray(outs["sem_seg"]["data"]).reshape(want.shape), want) and \
+            np.array_equal(png, want)
+    if set(outs) != ({"boxes", "scores", "labels", "masks"} if "masks" in ref else {"boxes", "scores", "labels"}):
         return False
     n = len(ref["scores"])
     boxes = np.asarray(outs["boxes"]["data"], dtype=np.float32).reshape(-1, 4)
-    return (boxes.shape[0] == n and np.allclose(boxes, ref["boxes"], atol=1e-3, rtol=0)
+    same = (boxes.shape[0] == n and np.allclose(boxes, ref["boxes"], atol=1e-3, rtol=0)
             and np.allclose(np.asarray(outs["scores"]["data"], dtype=np.float32), ref["scores"], atol=1e-4, rtol=0)
             and list(outs["labels"]["data"]) == ref["labels"].tolist())
+    if same and "masks" in ref:
+        masks = [rle.decode(json.loads(text)).astype(bool) for text in outs["masks"]["data"]]
+        same = len(masks) == n and all(np.array_equal(m, w) for m, w in zip(masks, ref["masks"], strict=False))
+    return same
 
 
 def throughput(server: Server, name: str, bodies: list[bytes], refs: list[dict], requests: int,

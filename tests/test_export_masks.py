@@ -238,8 +238,8 @@ def test_served_masks_are_rles_of_what_onnxruntime_gives(mask_server, mask_expor
 
 def test_a_detection_export_answers_without_masks(tmp_path):
     """In process (no HTTP): a Faster R-CNN export's v2 and v1 answers and metadata have no masks
-    and asking for them is refused; an export.json claiming masks its model.onnx lacks, and a
-    semantic export, are refused by name."""
+    and asking for them is refused; an export.json claiming masks its model.onnx lacks, a semantic
+    export whose labels.json has no background label, and an unknown task are refused by name."""
     from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
@@ -271,5 +271,10 @@ def test_a_detection_export_answers_without_masks(tmp_path):
                                          r"export's task is 'instance_segmentation'"):
         claimed.load()
     (folder / "export.json").write_text(json.dumps({**doc, "task": "semantic_segmentation"}))
-    with pytest.raises(ServeError, match=r"task 'semantic_segmentation': .* serving label maps is not built yet"):
+    with pytest.raises(ServeError, match=r"labels.json .*: a semantic export's labels must include label 0 "
+                                         r"\(background, category id 0\), has labels \[1, 2, 3\]"):
+        load_export(folder)
+    (folder / "export.json").write_text(json.dumps({**doc, "task": "panoptic"}))
+    with pytest.raises(ServeError, match=r"task 'panoptic' is not one spnas serve answers \(tasks \['detection', "
+                                         r"'instance_segmentation', 'semantic_segmentation'\]\)"):
         load_export(folder)

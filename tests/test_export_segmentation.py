@@ -1,8 +1,13 @@
 """Exporting segmentation models (#16): a Mask R-CNN's programs output masks, a SemanticFPN's a
 label map; the parity gate checks matched masks (IoU >= 0.99) and label maps (>= 99.9 % of the
-pixels) on the validation images and on resized probes, and refuses a corrupted program."""
+pixels) on the validation images and on resized probes, and refuses a corrupted program. A
+semantic export is served (`spnas serve`) as category-id label maps, checked over loopback HTTP
+against ONNX Runtime run directly."""
 from __future__ import annotations
 
+import asyncio
+import base64
+import io
 import json
 import shutil
 
@@ -132,8 +137,7 @@ def test_semantic_programs_output_label_maps_and_pass_the_gate(semantic_export, 
     assert "A SemanticFPN (semantic segmentation)" in card and "pixels labelled otherwise" in card
 
 
-def test_a_semantic_program_with_wrong_scores_is_refused_and_segmentation_is_not_served(semantic_export, tiny_data,
-                                                                                         tmp_path):
+def test_a_semantic_program_with_wrong_scores_is_refused(semantic_export, tiny_data, tmp_path):
     out, _, model = semantic_export
     bad = _corrupt(out, "sem_head.predictor.weight", tmp_path / "bad")
     ds = CocoSource(str(tiny_data)).load("val", train=False, semantic=True)
@@ -144,8 +148,8 @@ def test_a_semantic_program_with_wrong_scores_is_refused_and_segmentation_is_not
     with pytest.raises(ExportRefused, match=r"onnx: \d+ of 55296 pixels labelled otherwise, 6 image\(s\) under the "
                                             r"pixel agreement"):
         check_publishable(bad)
-    with pytest.raises(ServeError, match=r"task 'semantic_segmentation': spnas serve answers detections"):
-        load_export(out)
+    with pytest.raises(ServeError, match="failed the parity gate"):
+        load_export(bad)
 
 
 def test_the_pipelines_export_figures_follow_the_task(mask_export, semantic_export):
@@ -159,3 +163,143 @@ def test_the_pipelines_export_figures_follow_the_task(mask_export, semantic_expo
     assert got["mask_mismatch"] == 0 and got["min_mask_iou"] >= 0.99 and got["unmatched"] == 0
     sem = json.loads((semantic_export[0] / "parity.json").read_text())["programs"]["torchscript"]
     assert _parity_figures(sem) == {"disagree": 0, "min_agreement": 1.0, "mIoU_diff": 0.0}
+
+
+# ---------------------------------------------------------------- serving label maps
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _scene(tiny_data, index: int, size: tuple[int, int]) -> bytes:
+    """Val image ``index`` of the tiny data set resized to ``size`` (h, w), as a PNG."""
+    from PIL import Image
+    ds = CocoSource(str(tiny_data)).load("val", train=False)
+    image = (ds[index][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return _png(np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR)))
+
+
+def _direct_map(folder, encoded: bytes) -> np.ndarray:
+    """ONNX Runtime's label map on the image as the server decodes it, mapped to category ids."""
+    import onnxruntime as ort
+    from PIL import Image
+    with Image.open(io.BytesIO(encoded)) as im:
+        x = np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    [labels] = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["sem_seg"], {"images": x})
+    cats = {e["label"]: e["category_id"] for e in json.loads((folder / "labels.json").read_text())["labels"]}
+    return np.vectorize(cats.__getitem__)(labels).astype(np.int64)
+
+
+def _remapped(folder, dest, offset: int):
+    """A copy of the export ``folder`` whose labels.json maps label k >= 1 to category k + offset."""
+    shutil.copytree(folder, dest)
+    doc = json.loads((dest / "labels.json").read_text())
+    for e in doc["labels"]:
+        e["category_id"] += offset if e["label"] else 0
+    (dest / "labels.json").write_text(json.dumps(doc))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def semantic_server(semantic_export, tmp_path_factory):
+    from test_serve import Server
+    tmp = tmp_path_factory.mktemp("semantic-server")
+    folder = _remapped(semantic_export[0], tmp / "export", 10)  # categories 11..13: a label is not its id
+    srv = Server(folder, tmp / "serve.log")
+    try:
+        yield folder, srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def test_served_label_maps_are_what_onnxruntime_gives(semantic_server, tiny_data):
+    """Over loopback HTTP, on an image of another size than the traced 96x96: v2 answers
+    ``sem_seg`` (INT64 [H, W] category ids) and ``sem_seg_png`` (one base64 PNG of the same map),
+    both equal pixel for pixel to ONNX Runtime's labels mapped through labels.json; v1 the same;
+    a request naming one output gets that one; an unknown output is a 400 naming the outputs."""
+    folder, srv = semantic_server
+    from spnas.serve import labelmap
+    status, meta = srv.get("/v2/models/tiny-semantic")
+    assert status == 200 and meta["outputs"] == [{"name": "sem_seg", "datatype": "INT64", "shape": [-1, -1]},
+                                                 {"name": "sem_seg_png", "datatype": "BYTES", "shape": [1]}]
+    h, w = 86, 70
+    encoded = _scene(tiny_data, 1, (h, w))
+    want = _direct_map(folder, encoded)
+    assert want.shape == (h, w) and set(np.unique(want)) <= {0, 11, 12, 13} and len(np.unique(want)) >= 2
+    b64 = base64.b64encode(encoded).decode()
+    image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}
+
+    status, body = srv.post("/v2/models/tiny-semantic/infer", {"id": "s1", "inputs": [image]})
+    assert status == 200, body
+    assert [(o["name"], o["datatype"], o["shape"]) for o in body["outputs"]] == [
+        ("sem_seg", "INT64", [h, w]), ("sem_seg_png", "BYTES", [1])]
+    assert np.array_equal(np.asarray(body["outputs"][0]["data"]).reshape(h, w), want)
+    png = base64.b64decode(body["outputs"][1]["data"][0])
+    assert np.array_equal(labelmap.decode(png), want) and len(png) < 2000
+
+    status, body = srv.post("/v1/models/tiny-semantic:predict", {"instances": [{"image": {"b64": b64}}]})
+    assert status == 200, body
+    [pred] = body["predictions"]
+    assert sorted(pred) == ["sem_seg", "sem_seg_png"]
+    assert np.array_equal(np.asarray(pred["sem_seg"]), want)
+    assert np.array_equal(labelmap.decode(base64.b64decode(pred["sem_seg_png"])), want)
+
+    status, body = srv.post("/v2/models/tiny-semantic/infer", {"inputs": [image], "outputs": [{"name": "sem_seg_png"}]})
+    assert status == 200 and [o["name"] for o in body["outputs"]] == ["sem_seg_png"], body
+    assert np.array_equal(labelmap.decode(base64.b64decode(body["outputs"][0]["data"][0])), want)
+    status, body = srv.post("/v2/models/tiny-semantic/infer", {"inputs": [image], "outputs": [{"name": "masks"}]})
+    assert status == 400 and "unknown output(s) ['masks'] requested; this model has ['sem_seg', 'sem_seg_png']" \
+        in body["error"], body
+
+
+def test_a_semantic_export_with_category_ids_over_255_answers_16_bit_pngs(semantic_export, tiny_data, tmp_path):
+    """In process: categories 301..303 come back as they are in ``sem_seg`` and in a 16-bit PNG."""
+    from kserve.protocol.infer_type import InferInput, InferRequest
+    from PIL import Image
+
+    from spnas.serve import labelmap
+    from spnas.serve.server import DetectorModel
+    folder = _remapped(semantic_export[0], tmp_path / "wide", 300)
+    model = DetectorModel(load_export(folder))
+    assert model.load() and model.semantic and not model.masks
+    encoded = _scene(tiny_data, 2, (64, 80))
+    want = _direct_map(folder, encoded)
+    assert set(np.unique(want)) <= {0, 301, 302, 303} and want.max() > 255
+    b64 = base64.b64encode(encoded).decode()
+    rest, _ = asyncio.run(model.predict(InferRequest(
+        model_name="tiny-semantic", infer_inputs=[InferInput("image", [1], "BYTES", [b64])]))).to_rest()
+    assert np.array_equal(np.asarray(rest["outputs"][0]["data"]).reshape(64, 80), want)
+    png = base64.b64decode(rest["outputs"][1]["data"][0])
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.mode == "I;16"
+    assert np.array_equal(labelmap.decode(png), want)
+    model.stop()
+
+
+def test_a_semantic_labels_json_must_map_background_to_0(semantic_export, tmp_path):
+    folder = shutil.copytree(semantic_export[0], tmp_path / "bad")
+    doc = json.loads((folder / "labels.json").read_text())
+    doc["labels"][0]["category_id"] = 7
+    (folder / "labels.json").write_text(json.dumps(doc))
+    with pytest.raises(ServeError, match=r"labels\[0\]: label 0 \(background\) and category id 0 go together in a "
+                                         r"semantic export's labels, got label 0 -> category id 7"):
+        load_export(folder)
+
+
+def test_label_map_pngs_round_trip_and_refuse_values_out_of_range():
+    from spnas.serve import labelmap
+    rng = np.random.default_rng(0)
+    for bits, top in ((8, 255), (16, 65535)):
+        m = rng.integers(0, top + 1, (13, 7))
+        assert np.array_equal(labelmap.decode(labelmap.encode(m, bits)), m)
+    assert labelmap.png_bits(255) == 8 and labelmap.png_bits(256) == 16 and labelmap.png_bits(65535) == 16
+    with pytest.raises(ServeError, match="category id 65536 does not fit a 16-bit PNG label map"):
+        labelmap.png_bits(65536)
+    with pytest.raises(ServeError, match=r"label map values 0..256 do not fit 8 bits"):
+        labelmap.encode(np.array([[0, 256]]), 8)
+    with pytest.raises(ServeError, match=r"a label map must be \[H, W\], got shape \[1, 2, 2\]"):
+        labelmap.encode(np.zeros((1, 2, 2), dtype=np.int64))

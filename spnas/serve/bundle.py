@@ -5,12 +5,16 @@ An export folder (written by ``spnas export``) holds:
 * ``model.onnx``: the whole detector, one input ``images`` (float32 ``[3, H, W]``, RGB in
   [0, 1]) and three outputs ``boxes`` ``[N, 4]``, ``labels`` ``[N]`` (contiguous 1..K),
   ``scores`` ``[N]``; a Mask R-CNN's (``"task": "instance_segmentation"``) a fourth, ``masks``
-  float32 ``[N, 1, H, W]`` (mask probabilities over the input's pixels);
+  float32 ``[N, 1, H, W]`` (mask probabilities over the input's pixels); a SemanticFPN's
+  (``"task": "semantic_segmentation"``) instead one output ``sem_seg`` int64 ``[H, W]``, the
+  label of every input pixel (0 background);
 * ``labels.json``: ``{"labels": [{"label": 1, "category_id": 3, "name": "circle"}, ...]}``,
-  every contiguous label 1..K exactly once, mapped to a distinct COCO category id;
+  every contiguous label 1..K exactly once, mapped to a distinct COCO category id; a semantic
+  export lists label 0 too, as ``{"label": 0, "category_id": 0, "name": "background"}``;
 * ``export.json``: ``{"name": ..., "format_version": 1, "onnx": "model.onnx", "task": ..., ...}``
   (``name`` is the default served model name; ``onnx`` the model's file name in the folder;
-  ``task`` ``detection`` (the default) or ``instance_segmentation``: :data:`SERVED_TASKS`);
+  ``task`` ``detection`` (the default), ``instance_segmentation`` or ``semantic_segmentation``:
+  :data:`SERVED_TASKS`);
 * ``parity.json``: ``{"passed": true|false, ...}``, the parity gate's verdict.
 
 :func:`load_export` raises :class:`~spnas.utils.errors.ServeError` naming the file at fault; a
@@ -40,8 +44,10 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_IMAGE_BYTES = 20_000_000   # 20 MB of encoded image
 DEFAULT_MAX_PIXELS = 40_000_000        # 40 Mpx decoded
 
-#: the ``export.json`` tasks spnas serve answers, and whether their programs output masks
-SERVED_TASKS = {"detection": False, "instance_segmentation": True}
+#: the ``export.json`` tasks spnas serve answers
+SERVED_TASKS = ("detection", "instance_segmentation", "semantic_segmentation")
+#: the task whose labels.json has label 0 (background) and whose model outputs a label map
+SEMANTIC_TASK = "semantic_segmentation"
 
 #: a served model's name: it is a path segment of every endpoint (``/v2/models/{name}/infer``)
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -51,8 +57,8 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class ExportBundle:
     """A checked export folder. ``categories`` maps each contiguous label to its category id,
     ``names`` to its category name; ``verified`` is the parity gate's verdict (False when the
-    folder was accepted with ``allow_unverified``); ``masks``: the model outputs instance masks
-    (a Mask R-CNN export, ``"task": "instance_segmentation"``)."""
+    folder was accepted with ``allow_unverified``); ``task`` is ``export.json``'s (one of
+    :data:`SERVED_TASKS`). A semantic export's ``categories`` include ``0 -> 0`` (background)."""
 
     root: Path
     onnx_path: Path
@@ -62,7 +68,17 @@ class ExportBundle:
     verified: bool
     parity: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
-    masks: bool = False
+    task: str = "detection"
+
+    @property
+    def masks(self) -> bool:
+        """The model outputs instance masks (a Mask R-CNN export)."""
+        return self.task == "instance_segmentation"
+
+    @property
+    def semantic(self) -> bool:
+        """The model outputs a label map (a SemanticFPN export)."""
+        return self.task == SEMANTIC_TASK
 
 
 def check_model_name(name: Any, where: str = "model name") -> str:
@@ -85,7 +101,9 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _labels(path: Path) -> tuple[dict[int, int], dict[int, str]]:
+def _labels(path: Path, background: bool = False) -> tuple[dict[int, int], dict[int, str]]:
+    """labels.json's ``label -> category id`` and ``label -> name``: labels 1..K, and with
+    ``background`` (a semantic export) label 0 mapped to category id 0 as well."""
     doc = _read(path, LABELS_JSON)
     where = f"{LABELS_JSON} {str(path)!r}"
     if not isinstance(doc, dict) or not isinstance(doc.get("labels"), list) or not doc["labels"]:
@@ -97,8 +115,8 @@ def _labels(path: Path) -> tuple[dict[int, int], dict[int, str]]:
         if not isinstance(entry, dict):
             raise ServeError(f"{at}: must be an object with label, category_id and name, got {brief(entry)}")
         label, cat, name = entry.get("label"), entry.get("category_id"), entry.get("name")
-        if not _int(label) or label < 1:
-            raise ServeError(f"{at}.label: must be an integer >= 1, got {brief(label)}")
+        if not _int(label) or label < (0 if background else 1):
+            raise ServeError(f"{at}.label: must be an integer >= {0 if background else 1}, got {brief(label)}")
         if not _int(cat):
             raise ServeError(f"{at}.category_id: must be an integer, got {brief(cat)}")
         if not isinstance(name, str):
@@ -107,11 +125,19 @@ def _labels(path: Path) -> tuple[dict[int, int], dict[int, str]]:
             raise ServeError(f"{at}.label: label {label} is listed twice")
         if cat in categories.values():
             raise ServeError(f"{at}.category_id: category id {cat} is listed twice")
+        if background and (label == 0) != (cat == 0):
+            raise ServeError(f"{at}: label 0 (background) and category id 0 go together in a semantic export's "
+                             f"labels, got label {label} -> category id {cat}")
         categories[label], names[label] = cat, name
-    expected = set(range(1, len(categories) + 1))
+    if background and 0 not in categories:
+        raise ServeError(f"{where}: a semantic export's labels must include label 0 (background, category id 0), "
+                         f"has labels {sorted(categories)}")
+    first = 0 if background else 1
+    expected = set(range(first, first + len(categories)))
     if set(categories) != expected:
         missing = sorted(expected - set(categories))
-        raise ServeError(f"{where}: the labels must be 1..{len(categories)} (the model's contiguous labels), "
+        what = "0 (background) and the model's contiguous labels" if background else "the model's contiguous labels"
+        raise ServeError(f"{where}: the labels must be {first}..{first + len(categories) - 1} ({what}), "
                          f"missing {missing}")
     return categories, names
 
@@ -155,8 +181,8 @@ def load_export(path: str | os.PathLike, *, allow_unverified: bool = False) -> E
     """Check the export folder ``path`` and return its :class:`ExportBundle`.
 
     Raises :class:`ServeError` naming the file at fault: the folder or a file missing,
-    ``export.json`` or ``labels.json`` malformed, ``format_version`` other than 1, a ``task`` other
-    than ``detection`` or ``instance_segmentation`` (label maps are not served yet), or (unless
+    ``export.json`` or ``labels.json`` malformed, ``format_version`` other than 1, a ``task`` not in
+    :data:`SERVED_TASKS`, or (unless
     ``allow_unverified``) ``parity.json`` missing, malformed or saying ``"passed": false``.
     """
     root = Path(path)
@@ -173,9 +199,7 @@ def load_export(path: str | os.PathLike, *, allow_unverified: bool = False) -> E
                          f"format_version {FORMAT_VERSION})")
     task = doc.get("task", "detection")
     if not isinstance(task, str) or task not in SERVED_TASKS:
-        raise ServeError(f"{where}: task {brief(task)}: spnas serve answers detections (boxes, labels, scores) and "
-                         f"instance masks only (tasks {sorted(SERVED_TASKS)}); serving label maps is not built yet "
-                         "(issue #16): run the exported programs directly (model.onnx, model.torchscript.pt)")
+        raise ServeError(f"{where}: task {brief(task)} is not one spnas serve answers (tasks {list(SERVED_TASKS)})")
     name = doc.get("name", DEFAULT_MODEL_NAME)
     if not isinstance(name, str):  # checked as a URL segment where it is used, since --name may replace it
         raise ServeError(f"{where}: name must be a string, got {brief(name)}")
@@ -184,7 +208,7 @@ def load_export(path: str | os.PathLike, *, allow_unverified: bool = False) -> E
         raise ServeError(f"the ONNX model {str(onnx_path)!r} (named by {EXPORT_JSON}) does not exist")
     if onnx_path.stat().st_size == 0:
         raise ServeError(f"the ONNX model {str(onnx_path)!r} is empty")
-    categories, names = _labels(root / LABELS_JSON)
+    categories, names = _labels(root / LABELS_JSON, background=task == SEMANTIC_TASK)
     verified, parity = _parity(root, allow_unverified)
     return ExportBundle(root=root, onnx_path=onnx_path, name=name, categories=categories, names=names,
-                        verified=verified, parity=parity, export=doc, masks=SERVED_TASKS[task])
+                        verified=verified, parity=parity, export=doc, task=task)

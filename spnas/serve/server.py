@@ -9,13 +9,18 @@ model, :class:`DetectorModel`. It speaks:
   ``scores`` (FP32 ``[N]``, descending) and ``labels`` (INT64 ``[N]``, the data set's category
   ids from ``labels.json``); a Mask R-CNN export (``"task": "instance_segmentation"``) adds
   ``masks`` (BYTES ``[N]``: per detection, the JSON text of its COCO compressed RLE
-  ``{"size": [h, w], "counts": "..."}``, the pixels of probability above 0.5; :mod:`.rle`);
+  ``{"size": [h, w], "counts": "..."}``, the pixels of probability above 0.5; :mod:`.rle`); a
+  SemanticFPN export (``"task": "semantic_segmentation"``) answers instead ``sem_seg`` (INT64
+  ``[H, W]``: the category id of every input pixel, 0 background) and ``sem_seg_png`` (BYTES
+  ``[1]``: the same label map as a base64 PNG, 8-bit or 16-bit grey; :mod:`.labelmap`), both
+  unless the request names the outputs it wants;
   ``GET /v2/health/ready``, ``GET /v2/models``, ``GET /v2/models/{name}`` (metadata) and
   ``/v2/models/{name}/ready``;
 * v1 (free with KServe): ``POST /v1/models/{name}:predict`` with
   ``{"instances": [{"image": {"b64": "<base64>"}}]}``, answered with
   ``{"predictions": [{"boxes": [...], "scores": [...], "labels": [...]}]}`` (and ``"masks": [RLE
-  object, ...]`` for a Mask R-CNN export).
+  object, ...]`` for a Mask R-CNN export; ``{"sem_seg": [[...], ...], "sem_seg_png": "<base64>"}``
+  for a semantic export).
 
 Bad input never reaches ONNX Runtime: a request that is not one decodable PNG/JPEG within the
 limits gets 400 (KServe's ``InvalidInput``) with a message naming what is wrong; a body larger
@@ -45,7 +50,7 @@ import numpy as np
 
 from ..utils import checks
 from ..utils.errors import ServeError
-from . import rle
+from . import labelmap, rle
 from .bundle import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, EXPORT_JSON, ExportBundle, check_model_name, load_export
 from .deps import import_kserve, import_onnxruntime
 
@@ -69,6 +74,9 @@ ONNX_MASK_OUTPUTS = (*ONNX_OUTPUTS, "masks")
 OUTPUTS = (("boxes", "FP32", [-1, 4]), ("scores", "FP32", [-1]), ("labels", "INT64", [-1]))
 #: a Mask R-CNN export's outputs: one RLE (its JSON text) per detection
 MASK_OUTPUTS = (*OUTPUTS, ("masks", "BYTES", [-1]))
+#: a semantic export's: the ONNX label map, served as category ids and as one base64 PNG
+SEMANTIC_ONNX_OUTPUTS = ("sem_seg",)
+SEMANTIC_OUTPUTS = (("sem_seg", "INT64", [-1, -1]), ("sem_seg_png", "BYTES", [1]))
 #: what a request body may carry beyond the base64 image (JSON framing, id, parameters)
 BODY_SLACK = 64 * 1024
 #: the side of the grey test image the model runs on at load
@@ -219,7 +227,8 @@ class _RunFailed(InferenceError):
 
 
 class DetectorModel(kserve.Model):
-    """The export's detector (or Mask R-CNN: :attr:`masks`) behind KServe's v1/v2 protocols.
+    """The export's detector (or Mask R-CNN: :attr:`masks`, or SemanticFPN: :attr:`semantic`)
+    behind KServe's v1/v2 protocols.
     :meth:`load` opens ``model.onnx`` in ONNX Runtime (CUDA when the installed onnxruntime offers it, else CPU), checks its input
     and outputs and runs it once on a test image; requests are decoded and run in a pool of
     ``workers`` threads, so the event loop (health checks) never waits on a detection."""
@@ -234,9 +243,14 @@ class DetectorModel(kserve.Model):
         self._session: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._lut = np.full(max(bundle.categories) + 1, -1, dtype=np.int64)  # label -> category id
-        self.masks = bundle.masks
-        self._onnx_outputs = ONNX_MASK_OUTPUTS if self.masks else ONNX_OUTPUTS
-        self.outputs = MASK_OUTPUTS if self.masks else OUTPUTS
+        self.masks, self.semantic = bundle.masks, bundle.semantic
+        if self.semantic:
+            self._onnx_outputs: tuple[str, ...] = SEMANTIC_ONNX_OUTPUTS
+            self.outputs: tuple[tuple[str, str, list[int]], ...] = SEMANTIC_OUTPUTS
+            self._png_bits = labelmap.png_bits(max(bundle.categories.values()))
+        else:
+            self._onnx_outputs = ONNX_MASK_OUTPUTS if self.masks else ONNX_OUTPUTS
+            self.outputs = MASK_OUTPUTS if self.masks else OUTPUTS
         for label, cat in bundle.categories.items():
             self._lut[label] = cat
 
@@ -249,7 +263,8 @@ class DetectorModel(kserve.Model):
     def load(self) -> bool:
         """Open the ONNX model; :class:`ServeError` naming the file when it cannot be loaded, does
         not have the export's input ``images`` and outputs ``boxes``, ``labels``, ``scores`` (and
-        ``masks`` for a Mask R-CNN export, none for another), or fails on a grey 64x64 test image."""
+        ``masks`` for a Mask R-CNN export, none for another; ``sem_seg`` alone for a semantic
+        export), or fails on a grey 64x64 test image."""
         path = self.bundle.onnx_path
         try:
             session = ort.InferenceSession(str(path), providers=self.providers())
@@ -271,7 +286,8 @@ class DetectorModel(kserve.Model):
         self._session = session
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="spnas-infer")
         log.info("model %r: %s on %s, %d label(s)%s%s", self.name, path, session.get_providers()[0],
-                 len(self.bundle.categories), ", masks as RLE" if self.masks else "",
+                 len(self.bundle.categories), ", masks as RLE" if self.masks else
+                 ", label maps (category ids and PNG)" if self.semantic else "",
                  "" if self.bundle.verified else " (UNVERIFIED: parity gate not passed)")
         self.ready = True
         return self.ready
@@ -290,11 +306,13 @@ class DetectorModel(kserve.Model):
     def detect(self, data: Any) -> dict[str, Any]:
         """One base64 (or raw) encoded image -> ``{"boxes", "scores", "labels"}`` (numpy arrays),
         labels mapped to category ids, and for a Mask R-CNN export ``"masks"``: one RLE
-        (:func:`.rle.encode`) per detection, in detection order. :class:`InvalidInput` for bad
+        (:func:`.rle.encode`) per detection, in detection order; for a semantic export
+        ``{"sem_seg"}`` alone, ``int64 [H, W]`` category ids. :class:`InvalidInput` for bad
         input, an image ONNX Runtime fails on included (the model ran at load, so the image's
         geometry is what it cannot take: a 1x200 image leaves torchvision's resize a side of 0
         pixels); :class:`InferenceError` when the model gives inconsistent outputs (masks of
-        another shape than ``[N, 1, H, W]`` included) or a label ``labels.json`` does not map."""
+        another shape than ``[N, 1, H, W]``, a label map of another size than the image included)
+        or a label ``labels.json`` does not map."""
         x = decode_image(decode_base64(data, self.limits), self.limits)
         try:
             return self._run(self._session, x)
@@ -306,19 +324,15 @@ class DetectorModel(kserve.Model):
             values = session.run(list(self._onnx_outputs), {ONNX_INPUT: x})
         except Exception as exc:  # noqa: BLE001  onnxruntime raises its own exception types
             raise _RunFailed(f"ONNX Runtime failed: {exc}") from None
+        if self.semantic:
+            return {"sem_seg": self._label_map(values[0], x)}
         boxes, labels, scores = values[:3]
         n = len(scores)
         if boxes.shape != (n, 4) or labels.shape != (n,):
             raise InferenceError(f"the model gave inconsistent outputs: boxes {list(boxes.shape)}, labels "
                                  f"{list(labels.shape)}, scores {list(scores.shape)}")
-        labels = labels.astype(np.int64, copy=False)
-        unmapped = labels[(labels < 1) | (labels >= len(self._lut))]
-        if not unmapped.size:
-            unmapped = labels[self._lut[labels] < 0]
-        if unmapped.size:
-            raise InferenceError(f"the model gave label {int(unmapped[0])}, which labels.json does not map")
         out: dict[str, Any] = {"boxes": boxes.astype(np.float32, copy=False),
-                               "scores": scores.astype(np.float32, copy=False), "labels": self._lut[labels]}
+                               "scores": scores.astype(np.float32, copy=False), "labels": self._categories(labels)}
         if self.masks:
             masks = values[3]
             if masks.shape != (n, 1, *x.shape[1:]):
@@ -326,6 +340,28 @@ class DetectorModel(kserve.Model):
                                      f"{x.shape[2]}x{x.shape[1]} image; expected {[n, 1, *x.shape[1:]]}")
             out["masks"] = rle.encode(masks)
         return out
+
+    def _categories(self, labels: np.ndarray) -> np.ndarray:
+        """The model's labels as category ids; :class:`InferenceError` for one labels.json does
+        not map (below 1, or 0 for a semantic export's background, above the largest, or missing)."""
+        labels = labels.astype(np.int64, copy=False)
+        first = 0 if self.semantic else 1
+        unmapped = labels[(labels < first) | (labels >= len(self._lut))]
+        if not unmapped.size:
+            unmapped = labels[self._lut[labels] < 0]
+        if unmapped.size:
+            raise InferenceError(f"the model gave label {int(unmapped.flat[0])}, which labels.json does not map")
+        return self._lut[labels]
+
+    def _label_map(self, sem_seg: np.ndarray, x: np.ndarray) -> np.ndarray:
+        if sem_seg.shape != x.shape[1:]:
+            raise InferenceError(f"the model gave a label map of shape {list(sem_seg.shape)} for a "
+                                 f"{x.shape[2]}x{x.shape[1]} image; expected {list(x.shape[1:])}")
+        return self._categories(sem_seg)
+
+    def _png(self, sem_seg: np.ndarray) -> str:
+        """The label map (category ids) as the base64 text of a PNG (:mod:`.labelmap`)."""
+        return base64.b64encode(labelmap.encode(sem_seg, self._png_bits)).decode("ascii")
 
     async def _detect_async(self, data: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -335,23 +371,31 @@ class DetectorModel(kserve.Model):
                       response_headers: dict[str, str] | None = None) -> InferResponse | dict[str, Any]:
         """v2 (:class:`InferRequest`) -> :class:`InferResponse`; v1 (a JSON object) ->
         ``{"predictions": [{"boxes", "scores", "labels"}]}`` (and ``"masks"``, a list of RLE
-        objects, for a Mask R-CNN export). In v2 each mask is the JSON text of its RLE, one
-        element of the BYTES output ``masks`` (shape ``[N]``)."""
+        objects, for a Mask R-CNN export); a semantic export's ``{"predictions": [{"sem_seg":
+        [[...]], "sem_seg_png": "<base64 PNG>"}]}``. In v2 each mask is the JSON text of its RLE,
+        one element of the BYTES output ``masks`` (shape ``[N]``); the PNG one element of the
+        BYTES output ``sem_seg_png`` (shape ``[1]``), made only when asked for or no output is named."""
         if isinstance(payload, InferRequest):
             known = [n for n, _, _ in self.outputs]
             unknown = [o.name for o in payload.request_outputs or [] if o.name not in known]
             if unknown:
                 raise InvalidInput(f"unknown output(s) {unknown} requested; this model has {known}")
             result = await self._detect_async(image_of_v2(payload))
+            wanted = {o.name for o in payload.request_outputs or []} or set(known)
+            outputs_now = [(n, d) for n, d, _ in self.outputs if n in wanted]
+            if self.semantic and "sem_seg_png" in wanted:
+                result["sem_seg_png"] = np.array([self._png(result["sem_seg"])], dtype=np.object_)
             if self.masks:
                 result["masks"] = np.array([json.dumps(r, separators=(",", ":")) for r in result["masks"]],
                                            dtype=np.object_).reshape(-1)
             outputs = [InferOutput(name=name, shape=list(result[name].shape), datatype=datatype, data=result[name])
-                       for name, datatype, _ in self.outputs]
+                       for name, datatype in outputs_now]
             return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                                  infer_outputs=outputs, requested_outputs=payload.request_outputs or None,
                                  use_binary_outputs=payload.use_binary_outputs)
         result = await self._detect_async(image_of_v1(payload))
+        if self.semantic:
+            return {"predictions": [{"sem_seg": result["sem_seg"].tolist(), "sem_seg_png": self._png(result["sem_seg"])}]}
         keys = [n for n, _, _ in self.outputs]
         return {"predictions": [{k: result[k] if k == "masks" else result[k].tolist() for k in keys}]}
 
