@@ -499,12 +499,13 @@ def evaluate_model(config: str, step: str, record: dict, dataset: Input[Dataset]
 
 
 def decide(champion: dict, challenger: dict, margin: float, run_uri: str, verdict: Output[Markdown]) -> str:
-    """Promote when the challenger beats the champion by at least margin mAP on the same split.
+    """Promote when the challenger beats the champion by at least margin points on the same split
+    (box mAP; mIoU for a semantic segmentation model).
 
     Args:
         champion: evaluate_model's result for the champion.
         challenger: evaluate_model's result for the challenger.
-        margin: the mAP points the challenger must gain.
+        margin: the mAP (or mIoU) points the challenger must gain.
         run_uri: this run's prefix (verdict.json is written there).
 
     Returns "promote" or "keep".

@@ -6,7 +6,7 @@ prepare -> preflight (config, data, results prefix, the registry and its champio
 new data (its version manifest) and fetch the champion -> train the champion's architecture from
 its weights on the new data (the config's full-train schedule; ``epochs`` overrides it) ->
 evaluate the champion *and* the retrained challenger on the same new val split -> decide:
-``dsl.If`` the challenger gains at least ``margin`` mAP: export behind the parity gate, write the
+``dsl.If`` the challenger gains at least ``margin`` mAP (mIoU for a semantic model): export behind the parity gate, write the
 KServe InferenceService manifest, register the new version and move the ``champion`` alias;
 ``dsl.Else``: record that the champion stays, both figures shown. Scheduled with ``make
 schedule`` (no catch-up, one run at a time); the NAS pipeline stays on demand (``make run``).

@@ -111,6 +111,23 @@ def test_decide_promotes_only_by_the_margin(tmp_path, champion, challenger, marg
     assert "version 3" in text and "`abc123`" in text
 
 
+def test_decide_compares_miou_for_a_semantic_model_and_refuses_mixed_tasks(tmp_path):
+    """A semantic model's metrics have mIoU and no box mAP: the verdict compares mIoU (not two
+    missing figures read as 0); a champion of another task than the challenger is refused."""
+    from spnas.utils.errors import PhaseError
+    champion = {"metrics": {"mIoU": 80.0, "pixel_acc": 96.0, "params": 1e6}}
+    verdict = ship.decide(champion, {"metrics": {"mIoU": 80.4, "pixel_acc": 96.1}}, 0.5, str(tmp_path / "a"))
+    assert (verdict["key"], verdict["decision"], verdict["delta"]) == ("mIoU", "keep", 0.4)
+    verdict = ship.decide(champion, {"metrics": {"mIoU": 81.0}}, 0.5, str(tmp_path / "b"))
+    assert (verdict["key"], verdict["decision"], verdict["champion"], verdict["challenger"]) == \
+        ("mIoU", "promote", 80.0, 81.0)
+    assert "| model | mIoU |" in ship.verdict_markdown(verdict, "x")
+    with pytest.raises(PhaseError, match=r"the champion's metrics have no 'mIoU' \(got \['AP50', 'mAP'\]\); champion "
+                                         r"and challenger must be the same task"):
+        ship.decide({"metrics": {"mAP": 50.0, "AP50": 70.0}}, {"metrics": {"mIoU": 81.0}}, 0.5, str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+
+
 # ----------------------------------------------------------------------------- registry and store
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,16 @@ EXPORT_DIR = "export"
 CHAMPION_DIR = "champion"
 #: The retraining verdict, beside the run's other files: ``<run>/verdict.json``.
 VERDICT_FILE = "verdict.json"
-#: The metric the retraining decision compares (COCO box mAP, 0-100).
+#: The metric the retraining decision compares for a detector (COCO box mAP, 0-100); a semantic
+#: model's is mIoU (:func:`decision_key`).
 DECISION_KEY = "mAP"
+
+
+def decision_key(metrics: Mapping[str, Any] | None) -> str:
+    """The metric a retraining verdict compares: ``mIoU`` for a semantic model's metrics, else
+    :data:`DECISION_KEY` (box mAP, for a Mask R-CNN too, as its control comparison does)."""
+    from ..search.settings import quality_key
+    return quality_key(metrics)
 
 
 def _join(run_uri: str, *parts: str) -> str:
@@ -278,7 +286,8 @@ def evaluate_record(config_text: str, step_name: str, record: Mapping[str, Any],
                          f"{rec.get('error') or rec.get('status')}")
     metrics = evaluate_architecture(rec["desc"], local_path(rec["weights"]), steps.data_source(step, data_uri),
                                     device=cfg.device)
-    log.info("%s %s on %s: mAP %.2f", role, rec.get("id"), data_uri, metrics.get(DECISION_KEY) or 0.0)
+    key = decision_key(metrics)
+    log.info("%s %s on %s: %s %.2f", role, rec.get("id"), data_uri, key, metrics.get(key) or 0.0)
     return {"role": role, "id": rec.get("id"), "version": rec.get("version"), "weights": rec["weights"],
             "desc": rec["desc"],
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
@@ -286,21 +295,30 @@ def evaluate_record(config_text: str, step_name: str, record: Mapping[str, Any],
 
 def decide(champion: Mapping[str, Any], challenger: Mapping[str, Any], margin: float, run_uri: str,
            data_version: str = "", champion_version: Any = None) -> dict[str, Any]:
-    """``"promote"`` when the challenger's mAP beats the champion's by at least ``margin`` (mAP
-    points) on the same split, else ``"keep"``. The verdict (both figures, the delta, the
-    margin, the data version) is written to ``<run>/verdict.json`` and returned."""
-    a = float((champion.get("metrics") or {}).get(DECISION_KEY) or 0.0)
-    b = float((challenger.get("metrics") or {}).get(DECISION_KEY) or 0.0)
+    """``"promote"`` when the challenger's quality (:func:`decision_key`: mAP, or mIoU for a
+    semantic model) beats the champion's by at least ``margin`` points on the same split, else
+    ``"keep"``. The verdict (the key, both figures, the delta, the margin, the data version) is
+    written to ``<run>/verdict.json`` and returned. :class:`PhaseError` when either model's
+    metrics lack the key (a champion of another task than the challenger)."""
+    key = decision_key(challenger.get("metrics"))
+    figures = []
+    for who, rec in (("champion", champion), ("challenger", challenger)):
+        value = (rec.get("metrics") or {}).get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise PhaseError(f"retraining decision: the {who}'s metrics have no {key!r} (got "
+                             f"{sorted(rec.get('metrics') or {})}); champion and challenger must be the same task")
+        figures.append(float(value))
+    a, b = figures
     delta = round(b - a, 4)
-    verdict = {"decision": "promote" if delta >= float(margin) else "keep", "key": DECISION_KEY,
+    verdict = {"decision": "promote" if delta >= float(margin) else "keep", "key": key,
                "champion_version": champion_version,
                "champion": round(a, 4), "challenger": round(b, 4), "delta": delta, "margin": float(margin),
                "data_version": data_version, "champion_metrics": dict(champion.get("metrics") or {}),
                "challenger_metrics": dict(challenger.get("metrics") or {})}
     with tempfile.TemporaryDirectory(prefix="spnas-verdict-") as tmp:
         pods.publish(atomic_write_json(Path(tmp) / VERDICT_FILE, verdict), run_uri, "")
-    log.info("retraining verdict: challenger %.2f vs champion %.2f mAP (delta %+.2f, margin %.2f): %s", b, a, delta,
-             float(margin), verdict["decision"])
+    log.info("retraining verdict: challenger %.2f vs champion %.2f %s (delta %+.2f, margin %.2f): %s", b, a, key,
+             delta, float(margin), verdict["decision"])
     return verdict
 
 
