@@ -56,6 +56,30 @@ def tiny_run(tiny_data, tmp_path_factory):
     return workdir, json.loads((workdir / "output" / "reports.json").read_text())
 
 
+@pytest.fixture(scope="session")
+def mask_export(tiny_data, tmp_path_factory):
+    """``(export folder, export.json, the PyTorch model)`` of a random-weight Mask R-CNN
+    (:data:`helpers.MASK_RCNN`: class scores and mask logits spread so that it detects on the tiny
+    data set's val scenes with masks of 3-94 % of their boxes, BN statistics randomised),
+    exported behind the gate as ``masks``: shared by the export and serving tests of masks."""
+    from helpers import MASK_RCNN
+
+    from spnas.data.source import CocoSource
+    from spnas.export.bundle import export_model
+    from spnas.models.detector import build_detector
+    tmp = tmp_path_factory.mktemp("mask-export")
+    torch.manual_seed(3)
+    model = randomize_norms(build_detector(MASK_RCNN), 5).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.5)
+        model.roi_heads.box_predictor.cls_score.bias.normal_(0, 1.0)
+        model.roi_heads.mask_predictor.mask_fcn_logits.weight.normal_(0, 0.3)
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.normal_(0, 0.3)
+    torch.save(model.state_dict(), tmp / "w.pth")
+    info = export_model(MASK_RCNN, tmp / "w.pth", CocoSource(str(tiny_data)), tmp / "out", name="masks")
+    return tmp / "out", info, model
+
+
 @pytest.fixture
 def rand_norms():
     return randomize_norms

@@ -16,6 +16,12 @@ ROOT = Path(__file__).parent.parent
 DEMO = ROOT / "configs" / "demo.yml"
 
 
+#: a small Mask R-CNN for the tiny data set (96 px, 3 classes; at most 12 detections per image)
+MASK_RCNN = {"type": "MaskRCNN", "backbone": {"code": "1-1-1-1", "block": "basic", "base_channels": 8},
+             "neck": {"code": [0, 0, 1, 0], "out_channels": 32}, "min_size": 96, "max_size": 96, "num_classes": 4,
+             "representation_size": 64, "box_score_thresh": 0.3, "box_detections_per_img": 12}
+
+
 def tiny_overrides(data_root) -> list[str]:
     """``--set`` overrides that shrink configs/demo.yml to a run of seconds on ``data_root``."""
     return [f"fine_tune.dataset.common.data_root={data_root}", "general.workers=1",

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import randomize_norms
+from helpers import MASK_RCNN
 from PIL import Image
 from pycocotools import mask as mask_utils
 from test_serve import Server, _write_export
@@ -28,32 +28,12 @@ from spnas.data.source import CocoSource
 from spnas.export import parity
 from spnas.export.bundle import ExportRefused, check_publishable, export_model
 from spnas.export.programs import eager_runner, onnx_runner
-from spnas.models.detector import build_detector
 from spnas.serve.bundle import load_export
 from spnas.utils.errors import ServeError
 
-MASK = {"type": "MaskRCNN", "backbone": {"code": "1-1-1-1", "block": "basic", "base_channels": 8},
-        "neck": {"code": [0, 0, 1, 0], "out_channels": 32}, "min_size": 96, "max_size": 96, "num_classes": 4,
-        "representation_size": 64, "box_score_thresh": 0.3, "box_detections_per_img": 12}
 VAL_IMAGES = 6  # the tiny data set's val split
 # pycocotools 2.0.11's decode under numpy 2 warns on every call; nothing of ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-
-@pytest.fixture(scope="module")
-def mask_export(tiny_data, tmp_path_factory):
-    """``(export folder, export.json, the PyTorch model)`` of the random Mask R-CNN."""
-    tmp = tmp_path_factory.mktemp("mask-serve")
-    torch.manual_seed(3)
-    model = randomize_norms(build_detector(MASK), 5).eval()
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.5)
-        model.roi_heads.box_predictor.cls_score.bias.normal_(0, 1.0)
-        model.roi_heads.mask_predictor.mask_fcn_logits.weight.normal_(0, 0.3)  # masks of 3-94 % of their boxes
-        model.roi_heads.mask_predictor.mask_fcn_logits.bias.normal_(0, 0.3)
-    torch.save(model.state_dict(), tmp / "w.pth")
-    info = export_model(MASK, tmp / "w.pth", CocoSource(str(tiny_data)), tmp / "out", name="masks")
-    return tmp / "out", info, model
 
 
 # ---------------------------------------------------------------- the gate
@@ -86,7 +66,7 @@ def test_a_trained_mask_rcnn_exports_with_equal_segm_map(tiny_data, tmp_path):
     scoring the reference's segm_mAP."""
     from spnas.cli.main import main as cli
     desc = tmp_path / "desc.json"
-    desc.write_text(json.dumps({**MASK, "box_score_thresh": 0.05}))
+    desc.write_text(json.dumps({**MASK_RCNN, "box_score_thresh": 0.05}))
     assert cli(["train", "--data", str(tiny_data), "--desc", str(desc), "--task", "instance_segmentation",
                 "--iters", "24", "--batch-size", "4", "--lr", "0.16", "--schedule", "cosine", "--warmup-iters", "2",
                 "--seed", "1", "--workers", "0", "--out", str(tmp_path / "train")]) == 0

@@ -26,8 +26,6 @@ from spnas.serve.bundle import load_export
 from spnas.utils.errors import ServeError
 
 BACKBONE = {"code": "1-1-2-1", "block": "basic", "base_channels": 8}
-MASK = {"type": "MaskRCNN", "backbone": BACKBONE, "neck": {"code": [0, 1, 0, 0], "out_channels": 32},
-        "min_size": 96, "max_size": 96, "num_classes": 4, "representation_size": 64, "box_score_thresh": 0.2}
 SEMANTIC = {"type": "SemanticFPN", "backbone": BACKBONE, "neck": {"code": [0, 1, 0, 0], "out_channels": 32},
             "min_size": 96, "max_size": 96, "num_classes": 4, "head_channels": 16}
 
@@ -42,22 +40,6 @@ def _corrupt(folder, tensor: str, dest):
     init.CopyFrom(numpy_helper.from_array((-numpy_helper.to_array(init)).astype(np.float32), init.name))
     onnx.save(proto, str(dest / "model.onnx"))
     return dest
-
-
-@pytest.fixture(scope="module")
-def mask_export(tiny_data, tmp_path_factory):
-    """A random-weight Mask R-CNN (class scores and mask logits spread, so that detections with
-    masks of varied extent exist) exported against the tiny data set's 6 val images."""
-    tmp = tmp_path_factory.mktemp("mask-export")
-    torch.manual_seed(0)
-    model = randomize_norms(build_detector(MASK), 2).eval()
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.5)
-        model.roi_heads.box_predictor.cls_score.bias.normal_(0, 1.0)
-        model.roi_heads.mask_predictor.mask_fcn_logits.bias.normal_(0, 1.0)
-    torch.save(model.state_dict(), tmp / "w.pth")
-    info = export_model(MASK, tmp / "w.pth", CocoSource(str(tiny_data)), tmp / "out", name="tiny-mask")
-    return tmp / "out", info, model
 
 
 def test_mask_rcnn_programs_output_masks_and_pass_the_gate(mask_export, tiny_data):
