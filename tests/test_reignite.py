@@ -230,3 +230,42 @@ def test_reignition_honours_the_data_set_file_prefixes(data, tmp_path):
     re_ = rec["reignition"]
     assert re_["images"] == n_boxes and re_["recalibrated"] == 6 and re_["source"] == f"object crops of {root}"
     assert re_["before"]["mAP"] is not None and re_["after"]["mAP"] is not None
+
+
+def test_the_classifier_gradient_is_clipped_by_default_so_a_sharp_head_does_not_diverge(trained, data, tmp_path):
+    """The fitted head is sharp, so the classifier's gradients reach the backbone amplified: at
+    lr 2.0 the unclipped run's loss is NaN within a few steps (the hard demo scenes diverged so at
+    the demo's lr 0.01), the default clip (2.0) trains to a finite loss."""
+    from spnas.training.reignite import reignite
+    from spnas.utils.errors import NonFiniteLossError
+    record, _ = trained
+    assert ReignitionSettings().clip_grad_norm == 2.0
+    settings = ReignitionSettings(epochs=1, batch_size=32, lr=2.0, recalibrate_images=0)
+    with pytest.raises(NonFiniteLossError, match="non-finite reignition loss at step"):
+        reignite(record["desc"], record["weights"], tmp_path / "free", dataclasses.replace(settings, clip_grad_norm=None),
+                 detection=CocoSource(str(data)))
+    perf = reignite(record["desc"], record["weights"], tmp_path / "clipped", settings, detection=CocoSource(str(data)))
+    assert perf["top1_train"] > 1 / 3 * 100 and (tmp_path / "clipped" / "model_0.pth").is_file()
+
+
+def test_a_diverged_reignition_keeps_the_model_as_it_came_and_says_why(trained, data, tmp_path, caplog, monkeypatch):
+    """A reignition whose classifier diverges does not end the run: the record keeps "before"
+    (weights byte for byte, mAP as measured), says why, and the lineage is unchanged."""
+    from spnas.utils.errors import NonFiniteLossError
+    record, trained_map = trained
+
+    def diverges(*args, **kw):
+        raise NonFiniteLossError("non-finite reignition loss at step 12: nan")
+    monkeypatch.setattr(phases, "reignite", diverges)
+    with caplog.at_level(logging.WARNING, logger="spnas.orchestration.phases"):
+        [rec] = phases.reignition([{**record, "lineage_iters": 120}], _step(), tmp_path, detection=CocoSource(str(data)),
+                                  seed=0)
+    re_ = rec["reignition"]
+    assert re_["kept"] == "before" and re_["after"] is None and re_["before"]["mAP"] == trained_map
+    assert re_["reason"] == ("reignition diverged (non-finite reignition loss at step 12: nan); the model is kept as "
+                             "it was")
+    assert rec["status"] == "ok" and rec["metrics"]["mAP"] == trained_map and rec["lineage_iters"] == 120
+    assert (tmp_path / "model_0.pth").read_bytes() == Path(record["weights"]).read_bytes()
+    perf = json.loads((tmp_path / "performance_0.json").read_text())
+    assert perf["kept"] == "before" and perf["mAP"] == trained_map and perf["error"].startswith("non-finite")
+    assert "reignition of 0 diverged (non-finite reignition loss at step 12: nan)" in caplog.text

@@ -39,7 +39,7 @@ from ..training.architecture import evaluate_architecture, train_architecture
 from ..training.evaluation import METRIC_NAMES, SEGM_METRIC_NAMES, SEMANTIC_METRIC_NAMES
 from ..training.reignite import reignite
 from ..training.schedule import TrainConfig
-from ..utils.errors import ConfigError, InheritanceError, PhaseError, SpnasError
+from ..utils.errors import ConfigError, InheritanceError, NonFiniteLossError, PhaseError, SpnasError
 from ..utils.faults import failpoint
 from ..utils.fileio import atomic_write_bytes, atomic_write_json, read_json
 from . import steps
@@ -297,9 +297,20 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
     def work(m: Mapping[str, Any]) -> dict[str, Any]:
         arch_id, weights_in = m["id"], local_path(m["weights"])
         before = evaluate_architecture(m["desc"], weights_in, detection, device=device)
-        perf = reignite(m["desc"], weights_in, out, settings, folder=local_path(folder) if folder else None,
-                        detection=detection, arch_id=arch_id, device=device, progress=progress, nproc=nproc)
         weights = out / f"model_{arch_id}.pth"
+        try:
+            perf = reignite(m["desc"], weights_in, out, settings, folder=local_path(folder) if folder else None,
+                            detection=detection, arch_id=arch_id, device=device, progress=progress, nproc=nproc)
+        except NonFiniteLossError as exc:  # a diverged classifier: the model goes on as it came
+            log.warning("reignition of %s diverged (%s): kept the model before reignition", arch_id, exc)
+            atomic_write_bytes(weights, Path(weights_in).read_bytes())
+            perf = {"error": str(exc), "recalibrated": 0, "head_iters": 0}
+            choice = {"before": {k: before.get(k) for k in METRIC_NAMES}, "after": None, "kept": "before",
+                      "reason": f"reignition diverged ({exc}); the model is kept as it was"}
+            atomic_write_json(out / f"performance_{arch_id}.json", {**perf, **before, **choice})
+            return {**_record(arch_id, before, normalize_desc(m["desc"]), weights, arch_id,
+                              reignition={**perf, **choice}),
+                    "iters": None, "images": None, "seconds": None, "lineage_iters": m.get("lineage_iters")}
         after = evaluate_architecture(m["desc"], weights, detection, device=device)
         adapted = f"BN recalibrated on {perf['recalibrated']} image(s), {perf['head_iters']} head iteration(s)"
         if _map(after) >= _map(before):

@@ -95,11 +95,13 @@ def reignition_settings(step: StepConfig, seed: int) -> ReignitionSettings:
     """How the step re-trains a backbone: its trainer's epochs and lr, a classification batch of
     at least :data:`MIN_REIGNITION_BATCH`, its input size (None: the source's default), the
     run's seed; then BN recalibration on its ``recalibrate_images`` and ``head_iters`` of head
-    fine-tune, both in batches of the trainer's (detection) batch size."""
+    fine-tune, both in batches of the trainer's (detection) batch size. The trainer's
+    ``clip_grad_norm`` when set, else :class:`ReignitionSettings`' default (2.0)."""
     return ReignitionSettings(epochs=step.trainer.epochs, batch_size=max(step.trainer.batch_size, MIN_REIGNITION_BATCH),
                               lr=step.trainer.lr, image_size=step.image_size, seed=seed,
                               recalibrate_images=step.recalibrate_images, head_iters=step.head_iters,
-                              detection_batch_size=step.trainer.batch_size)
+                              detection_batch_size=step.trainer.batch_size,
+                              **({"clip_grad_norm": step.trainer.clip_grad_norm} if step.trainer.clip_grad_norm else {}))
 
 
 def inner_reignition_step(config: RunConfig, search_step: StepConfig) -> StepConfig:
