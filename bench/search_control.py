@@ -21,10 +21,11 @@ Every figure is printed as measured, misses included.
 
     python bench/search_control.py [--hard] [--train 240] [--val 60] [--workers 1] [--long-factor 3] [--quick]
 
-The default is the demo scenes, not ``--hard``: on this project's 2-core CPU the demo schedule
-does not learn the hard scenes (fine_tune reached mAP 1.0, AP50 3.2 after its 2 epochs; the
-serial candidates 0.0-5.0), so every comparison there is noise. ``--hard`` is for a machine that
-can afford a longer fine_tune (``--fine-tune-epochs``).
+The default is the demo scenes. On the hard scenes the demo's 2-epoch fine_tune learns too
+little to compare anything (mAP 1.0 with the 1024-wide head); give it ``--fine-tune-epochs 8``
+(mAP 23.9 after 480 iterations, 9 minutes for the whole bench with ``--workers 2`` on the 2-core
+CPU, 2026-12-04). ``bench/arch_equal_training.py`` measures the ceiling: whether any
+architecture beats the seed at all when both train the same schedule from the same weights.
 
 ``--quick`` (a check that the script runs, not a measurement): tiny data, 1 epoch everywhere,
 2 candidates per search.

@@ -94,3 +94,25 @@ def test_pareto_plot_covers_no_point_with_a_label_or_the_legend():
         assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "equal-budget control"
     finally:
         plt.close(fig)
+
+
+def test_control_summary_counts_the_candidates_that_beat_the_phase_seed():
+    """The hard demo's case: every candidate below the seed as it came (the front never left it),
+    said as such; a phase where some candidates beat the best seed counts them exactly."""
+    from spnas.orchestration.reports import report_markdown, seed_line
+    searched, control = rec(0, None, -1, 32.5, lineage=240), rec("control", None, -1, 32.5, iters=240)
+    ctrl = {**rec("control", None, -1, 23.4, iters=60), "best": 3, "planned_iters": 60, "generations": 1}
+    serial = [rec(0, None, -1, 23.86), rec(1, 0, 0, 19.15), rec(2, 0, 0, 20.36), rec(3, 0, 1, 20.73),
+              rec(4, 0, 1, 2.45), rec(5, 0, 1, 99.0, status="failed")]
+    parallel = [rec(0, None, -1, 40.0), rec(9, None, -1, 41.0), rec(1, 0, 0, 41.0), rec(2, 9, 0, 41.5),
+                rec(3, 9, 1, 43.0)]
+    s = control_summary(searched, control, {"serial": ctrl, "parallel": {**ctrl, "best": 3}}, ["mAP", "params"],
+                        {"serial": serial, "parallel": parallel})
+    assert s["phases"]["serial"]["seed"] == {"id": 0, "mAP": 23.86}
+    assert (s["phases"]["serial"]["candidates"], s["phases"]["serial"]["beat_seed"]) == (4, 0)
+    assert s["phases"]["parallel"]["seed"] == {"id": 9, "mAP": 41.0}
+    assert (s["phases"]["parallel"]["candidates"], s["phases"]["parallel"]["beat_seed"]) == (3, 2)  # 41.0 is a tie
+    assert seed_line(s["phases"]["serial"], "mAP").startswith("no candidate of 4 beat the best seed (mAP 23.86)")
+    assert seed_line(s["phases"]["parallel"], "mAP") == "2 of 3 candidate(s) beat the best seed (mAP 41.00)"
+    text = report_markdown({"serial": serial}, searched, s)
+    assert "  - no candidate of 4 beat the best seed (mAP 23.86)" in text

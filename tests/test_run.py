@@ -80,6 +80,10 @@ def test_run_all_phases_files_and_reproducibility(tiny_run, tiny_data, tmp_path)
                                            key=lambda r: r["metrics"]["mAP"])["id"]
         assert pc["control"]["iterations"] == pc["searched"]["iterations"] == plan["iters"]
         assert pc["delta_mAP"] == pc["searched"]["mAP"] - pc["control"]["mAP"]
+        top = max(r["metrics"]["mAP"] for r in recs.values() if r["round"] < 0 and r["status"] == "ok")
+        cands = [r for r in recs.values() if r["round"] >= 0 and r["status"] == "ok"]
+        assert pc["seed"]["mAP"] == top and pc["candidates"] == len(cands)
+        assert pc["beat_seed"] == sum(r["metrics"]["mAP"] > top for r in cands)
     compute = a["compute"]
     assert compute["controls"]["iterations"] == sum(a["phases"][p]["control"]["iters"] for p in
                                                     ("serial", "parallel", "fully_train"))

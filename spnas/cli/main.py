@@ -192,6 +192,7 @@ def cmd_reignite(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..orchestration.local import run
+    from ..orchestration.reports import seed_line
     config = load_config(args.config, workdir=args.workdir, overrides=args.set or ())
     reports = run(config, workers=args.workers, progress=not args.quiet, publish=args.publish,
                   resume=args.resume, nproc=args.nproc)
@@ -217,6 +218,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if "delta_" + q in ph:
                 print(f"  {name:<9} best candidate {ph['searched'][q]:.2f} vs control {ph['control'][q]:.2f} {q} "
                       f"({ph['delta_' + q]:+.2f}, {ph['control']['iterations']} iterations each)")
+            if ph.get("seed") is not None:
+                print(f"  {'':<9} {seed_line(ph, q)}")
         print(f"  delta {q} {ctrl['delta_' + q]:+.2f}: the {ctrl['winner']} model is the result ({ctrl['reason']})")
     if reports.get("compute"):
         c = reports["compute"]
