@@ -20,6 +20,7 @@ from the same fine-tuned seed and the same data:
 Every figure is printed as measured, misses included.
 
     python bench/search_control.py [--hard] [--train 240] [--val 60] [--workers 1] [--long-factor 3] [--quick]
+        [--set serial.search_algorithm.refresh_seeds=true ...]
 
 The default is the demo scenes. On the hard scenes the demo's 2-epoch fine_tune learns too
 little to compare anything (mAP 1.0 with the 1024-wide head); give it ``--fine-tune-epochs 8``
@@ -117,6 +118,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="keep everything here (default: a temporary folder)")
     ap.add_argument("--quick", action="store_true", help="tiny and fast: checks that the script runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the run (repeatable), e.g. serial.search_algorithm.refresh_seeds=true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from spnas.config import load_config
@@ -131,6 +134,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "spnas", "demo-data", str(data), *(["--hard"] if args.hard else []),
                         "--seed", str(args.seed), *sizes], check=True, capture_output=True)
     overrides = [f"fine_tune.dataset.common.data_root={data}", f"general.seed={args.seed}"]
+    overrides += args.set
     if args.fine_tune_epochs is not None:
         overrides.append(f"fine_tune.trainer.epochs={args.fine_tune_epochs}")
     if args.quick:

@@ -359,7 +359,8 @@ def test_every_accepted_key_of_ours_is_honoured():
                              "min_blocks": 4, "max_blocks": 20, "max_per_stage": 2, "max_params": 50000000,
                              "max_gflops": 300, "flops_size": 320, "max_redraws": 500, "candidates_per_round": 3,
                              "seed": 11, "max_memory_mb": 9000, "max_latency_ms": 250, "memory_batch": 8,
-                             "reignition_patience": 2, "max_reignitions": 3, "max_swap_shift": 3, "width_ratio": 0.25}
+                             "reignition_patience": 2, "max_reignitions": 3, "max_swap_shift": 3, "width_ratio": 0.25,
+                             "refresh_seeds": True}
     assert (serial.trainer.norm_eval, ft.trainer.norm_eval) == (False, "auto")
     assert (re_.recalibrate_images, re_.head_iters) == (32, 10)
     assert (re_.role, re_.top_k, re_.image_size, re_.dataset.kind, re_.dataset.data_root) == \

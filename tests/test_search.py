@@ -501,6 +501,7 @@ def test_same_seed_same_proposals_different_seed_different():
     ("max_per_stage", 0, {"algorithm": "SpNasP"}), ("max_stages", 9, {}),
     ("max_swap_shift", 0, {}), ("max_swap_shift", 9, {}), ("max_swap_shift", 1.5, {}), ("max_swap_shift", True, {}),
     ("width_ratio", 1.01, {}), ("width_ratio", -0.5, {}), ("width_ratio", "0.2", {}),
+    ("refresh_seeds", "yes", {}), ("refresh_seeds", 1, {}),
 ])
 def test_settings_validation_names_the_field(field, value, extra):
     kw = {"algorithm": "SpNasS", **extra, field: value}
@@ -621,3 +622,35 @@ def test_plateau_trigger_fires_at_most_max_reignitions_times():
         state = update(state, [{"id": c["id"], "status": "ok", "metrics": {"mAP": 36.0 + c["id"]}, "weights": "w"}
                                for c in cands])
         assert not plateau(state)
+
+
+def test_refresh_seeds_retrains_each_seed_first_and_the_refresh_stands_for_it():
+    """With refresh_seeds the first candidates are the seeds unchanged (ops ["refresh"], parent
+    the seed, its weights), within the round's slots and max_sample; once a refresh is ok its
+    seed leaves the front and the run's best, a failed refresh leaves its seed standing."""
+    from spnas.orchestration.steps import best_of
+    from spnas.search.state import superseded
+    s = serial_settings(max_sample=5, candidates_per_round=3, seed=2, refresh_seeds=True)
+    seeds = [seed_of("11-21-21-21", 40.0, weights="s3://b/a.pth"), seed_of("1-21-21-21", 38.0, weights="s3://b/b.pth")]
+    state = new_state(s, seeds)
+    state, cands = propose(state)
+    assert [c["ops"] for c in cands[:2]] == [["refresh"], ["refresh"]] and cands[2]["ops"] != ["refresh"]
+    assert [(c["parent"], c["parent_weights"]) for c in cands[:2]] == [(0, "s3://b/a.pth"), (1, "s3://b/b.pth")]
+    for c, seed in zip(cands[:2], seeds, strict=True):
+        assert c["desc"]["backbone"]["code"] == seed["desc"]["backbone"]["code"] == c["parent_desc"]["backbone"]["code"]
+        assert c["desc"]["neck"]["code"] == [0, 0, 0, 0]
+    assert {r["id"] for r in front(state)} == {0, 1}  # nothing recorded yet: the seeds stand
+    results = [{"id": cands[0]["id"], "status": "ok", "metrics": {"mAP": 37.5}, "weights": "r0.pth", "iters": 60},
+               {"id": cands[1]["id"], "status": "failed", "metrics": None, "error": "killed"},
+               {"id": cands[2]["id"], "status": "ok", "metrics": {"mAP": 39.0}, "weights": "c.pth", "iters": 60}]
+    state = update(state, results)
+    recs = records(state)
+    assert superseded(recs) == {0}
+    on_front = {r["id"] for r in front(state)}
+    assert 0 not in on_front and cands[1]["id"] not in on_front and 1 in on_front  # seed 0 at 40.0 no longer counts
+    assert best_of(recs)["id"] == cands[2]["id"]  # 39.0: the stale 40.0 of seed 0 is not the result
+    state, more = propose(state)  # no second refresh, not even of seed 1 whose refresh failed
+    assert len(more) == 2 and all(c["ops"] != ["refresh"] for c in more)
+    assert len([r for r in records(state) if r["round"] >= 0]) == 5
+    off = new_state(serial_settings(max_sample=3, candidates_per_round=3, seed=2), seeds)
+    assert all(c["ops"] != ["refresh"] for c in propose(off)[1])  # off by default

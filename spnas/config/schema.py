@@ -99,7 +99,7 @@ _SEARCH_KEYS = {"type", "max_sample", "objective_keys", "num_mutate", "add_stage
                 "expand_ratio", "max_stages", "min_stages", "min_blocks", "max_blocks", "max_per_stage", "max_params",
                 "max_gflops", "flops_size", "max_redraws", "candidates_per_round", "seed", "max_memory_mb",
                 "max_latency_ms", "memory_batch", "reignition_patience", "max_reignitions", "max_swap_shift",
-                "width_ratio"}
+                "width_ratio", "refresh_seeds"}
 _SEARCH_SPACE_KEYS = {"type", "hyperparameters"}
 _HYPERPARAMETER_KEYS = {"key", "type", "range"}
 _TRAINER_KEYS = {"type", "epochs", "iters", "with_train", "optimizer", "lr_scheduler", "callbacks", "clip_grad_norm",

@@ -123,8 +123,11 @@ def classification_folder(step: StepConfig) -> str | None:
 
 
 def best_of(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The ok record with the highest mAP (the run's result), or None."""
-    ok = [r for r in records if r.get("status") == "ok"]
+    """The ok record with the highest mAP (the run's result), or None. A seed whose refresh was
+    recorded (``refresh_seeds``: :func:`~spnas.search.state.superseded`) does not count."""
+    from ..search.state import superseded
+    gone = superseded(records)
+    ok = [r for r in records if r.get("status") == "ok" and r.get("id") not in gone]
     return by_map(ok)[0] if ok else None
 
 

@@ -96,6 +96,7 @@ class SearchSettings:
     memory_batch: int = 4                            # images per step of the memory estimate (the trainer's batch)
     reignition_patience: int | None = None           # SpNasS: reignite after this many rounds without a better front
     max_reignitions: int = 2                         # SpNasS: at most this many reignitions inside the search
+    refresh_seeds: bool = False                      # the first candidates retrain each seed unchanged (see state)
 
     def __post_init__(self) -> None:
         alg = self.algorithm
@@ -136,6 +137,7 @@ class SearchSettings:
             raise _bad("min_stages", self.min_stages, f"at most max_stages={self.max_stages}")
         if self.max_stages > self.max_blocks:
             raise _bad("max_stages", self.max_stages, f"at most max_blocks={self.max_blocks}")
+        checks.boolean(self.refresh_seeds, _where("refresh_seeds"))
         self.max_per_stage = _as_int("max_per_stage", self.max_per_stage, 0, MAX_PARALLEL_PER_STAGE)
         if self.algorithm == "SpNasP" and self.max_per_stage < 1:
             raise _bad("max_per_stage", self.max_per_stage, "at least 1 for SpNasP (extra passes per stage)")

@@ -33,6 +33,16 @@ maximised; ``params`` (total detector parameters), ``gflops`` (backbone + parall
 measured by this module for every record, seeds included, and are minimised. Measured values are
 used (not reported ones) so that every record is compared in the same units.
 
+Seeds at equal training (``refresh_seeds``): a seed arrives at the end of its own schedule,
+while every candidate restarts the step's schedule from inherited weights, so a seed's figure is
+not comparable with its children's (on the hard demo scenes a converged seed lost 0.5 mAP to 60
+more iterations, its children 3-21, and the front never left the seed). With ``refresh_seeds``
+the first candidates of the search are the seeds themselves, unchanged (``ops``
+``["refresh"]``, parent the seed), trained like any child; once a seed's refresh is ok the seed
+record leaves the front (:func:`superseded`) and the refresh stands for it. The refreshes count
+towards ``max_sample`` and fill round slots like other candidates (a compiled pipeline's
+fan-out is fixed).
+
 All randomness comes from one ``random.Random`` seeded with ``settings.seed`` whose state is
 carried in the search state: the same settings, seeds and results give the same proposals,
 also across a JSON round trip of the state.
@@ -186,8 +196,20 @@ def new_state(settings: SearchSettings, seeds: Sequence[Mapping[str, Any]]) -> d
     return _copy(state)
 
 
+REFRESH_OPS = ["refresh"]
+
+
+def superseded(records: Sequence[Mapping[str, Any]]) -> set[Any]:
+    """Ids of the seeds whose refresh (an ok record with ``ops`` ``["refresh"]`` and that seed as
+    parent) has been recorded: they no longer stand for themselves on the front."""
+    seeds = {r.get("id") for r in records if r.get("round") == -1}
+    return {r.get("parent") for r in records
+            if r.get("ops") == REFRESH_OPS and r.get("status") == "ok" and r.get("parent") in seeds}
+
+
 def _front_records(st: Mapping[str, Any], settings: SearchSettings) -> list[dict]:
-    ok = [r for r in st["records"] if r["status"] == "ok"]
+    gone = superseded(st["records"])
+    ok = [r for r in st["records"] if r["status"] == "ok" and r["id"] not in gone]
     points = [objective_values(r, settings.objective_keys) for r in ok]
     return [ok[i] for i in pareto_front(points, settings.objective_keys)]
 
@@ -249,7 +271,17 @@ def propose(state: Mapping[str, Any], k: int | None = None) -> tuple[dict, list[
     seen = {_dedup_key(r["desc"], settings.algorithm) for r in st["records"]}
     round_no = st["round"]
     cands = []
+    refreshed = {r.get("parent") for r in st["records"] if r.get("ops") == REFRESH_OPS}
+    to_refresh = [r for r in sorted(st["records"], key=lambda r: r["id"])
+                  if settings.refresh_seeds and r["round"] == -1 and r["status"] == "ok" and r["id"] not in refreshed]
     for _ in range(count):
+        if to_refresh:  # a seed retrained unchanged, like a child (see the module docstring)
+            seed = to_refresh.pop(0)
+            child = _child_desc(seed["desc"], seed["desc"]["backbone"]["code"], seed["desc"]["neck"]["code"])
+            cands.append(_pending(st, {"id": st["next_id"], "round": round_no, "desc": child, "parent": seed["id"],
+                                       "parent_desc": copy.deepcopy(seed["desc"]), "parent_weights": seed["weights"],
+                                       "ops": list(REFRESH_OPS), **costs(child, settings)}))
+            continue
         reasons: Counter = Counter()
         last = ""
         for _attempt in range(settings.max_redraws):
@@ -267,14 +299,9 @@ def propose(state: Mapping[str, Any], k: int | None = None) -> tuple[dict, list[
                 f"(last: {last}); {len(parents)} parent(s) on the front, {st['proposed'] + len(cands)} "
                 f"candidate(s) proposed. Widen the bounds or budgets, or lower max_sample")
         seen.add(_dedup_key(child, settings.algorithm))
-        cand = {"id": st["next_id"], "round": round_no, "desc": child, "parent": parent["id"],
-                "parent_desc": copy.deepcopy(parent["desc"]), "parent_weights": parent["weights"],
-                "ops": ops, **c}
-        st["next_id"] += 1
-        st["records"].append({**copy.deepcopy(cand), "status": "pending", "metrics": None, "error": None,
-                              "weights": None, "inherited": None, "fresh": None, "trainable": None, "iters": None, "images": None,
-                              "seconds": None, "lineage_iters": None})
-        cands.append(cand)
+        cands.append(_pending(st, {"id": st["next_id"], "round": round_no, "desc": child, "parent": parent["id"],
+                                   "parent_desc": copy.deepcopy(parent["desc"]), "parent_weights": parent["weights"],
+                                   "ops": ops, **c}))
     st["proposed"] += len(cands)
     st["round"] = round_no + 1
     st["rng"] = _rng_to_json(rng)
@@ -282,6 +309,15 @@ def propose(state: Mapping[str, Any], k: int | None = None) -> tuple[dict, list[
              [(c["id"], _dedup_key(c["desc"], settings.algorithm), c["ops"]) for c in cands],
              st["proposed"], settings.max_sample)
     return _copy(st), _copy(cands)
+
+
+def _pending(st: dict, cand: dict) -> dict:
+    """Record ``cand`` in ``st`` as pending (the next id taken) and return it."""
+    st["next_id"] += 1
+    st["records"].append({**copy.deepcopy(cand), "status": "pending", "metrics": None, "error": None,
+                          "weights": None, "inherited": None, "fresh": None, "trainable": None, "iters": None, "images": None,
+                          "seconds": None, "lineage_iters": None})
+    return cand
 
 
 def _opt_int(value: Any, where: str) -> int | None:
