@@ -284,3 +284,29 @@ def test_an_underivable_serial_code_stops_the_run_before_any_training(tiny_data,
     assert "config key serial.search_space: code '11-2-2' cannot be derived from the fine-tuned network '1-2-2-2'" \
         in capsys.readouterr().err
     assert not (tmp_path / "output").exists()
+
+
+def test_refresh_seeds_ranks_the_search_against_its_seed_retrained(tiny_data, tmp_path, monkeypatch):
+    """With ``refresh_seeds``, ``spnas run``'s first serial candidate retrains the fine-tuned seed
+    unchanged, and once it is recorded the seed's own (converged) figure is neither on the front
+    nor the run's result, however high it is (candidates faked: the bookkeeping is tested)."""
+    import spnas.orchestration.local as run_mod
+    seen = []
+
+    def low(candidate, *args, **kw):  # every candidate far below any seed
+        seen.append(candidate)
+        return {"id": candidate["id"], "status": "ok", "metrics": {"mAP": -1.0 + 0.01 * candidate["id"], "AP50": 0.0},
+                "error": None, "weights": candidate["parent_weights"], "inherited": 1, "fresh": 0, "iters": 4,
+                "images": 16}
+    monkeypatch.setattr(run_mod.phases, "train_candidate", low)
+    cfg = load_config(DEMO, workdir=tmp_path / "w", overrides=tiny_overrides(tiny_data) + [
+        "pipeline=[fine_tune, serial]", "serial.search_algorithm.max_sample=3", "general.control=false",
+        "serial.search_algorithm.refresh_seeds=true"])
+    reports = run_mod.run(cfg, workers=1, progress=False)
+    seed = reports["phases"]["fine_tune"]["records"][0]
+    recs = reports["phases"]["serial"]["records"]
+    assert seen[0]["ops"] == ["refresh"] and seen[0]["parent"] == 0 and seen[0]["parent_weights"] == seed["weights"]
+    assert seen[0]["desc"]["backbone"]["code"] == seed["desc"]["backbone"]["code"]
+    assert [c["ops"] == ["refresh"] for c in seen] == [True, False, False] and len(recs) == 4
+    assert reports["best"]["id"] == max(c["id"] for c in seen)  # the best candidate, not the seed (id 0)
+    assert reports["best"]["metrics"]["mAP"] < 0 <= seed["metrics"]["mAP"]
