@@ -42,7 +42,9 @@ CASES = {
     "instance": Case(ROOT / "configs" / "demo-instance.yml", "MaskRCNN", "instance_segmentation",
                      ("segm_mAP", "segm_AP50", "mAP", "AP50"), "mAP", (), tuple(MASK_HEAD_LIGHT)),
     "semantic": Case(ROOT / "configs" / "demo-semantic.yml", "SemanticFPN", "semantic_segmentation",
-                     ("mIoU", "pixel_acc"), "mIoU", ("mAP", "AP50", "segm_mAP")),
+                     ("mIoU", "pixel_acc"), "mIoU", ("mAP", "AP50", "segm_mAP"),
+                     # the serial search retrains its seed first: the pipeline's rounds do it as spnas run does
+                     ("serial.search_algorithm.refresh_seeds=true",)),
 }
 
 
@@ -107,6 +109,12 @@ def test_segmentation_example_compiles_runs_under_kfp_local_and_agrees_with_spna
         cands = [r for r in records[name] if r["parent"] is not None]
         assert len(cands) == 2 and all(r["status"] == "ok" for r in cands), (name, cands)
     assert len(records["fine_tune"]) == len(records["reignition"]) == len(records["fully_train"]) == 1
+    refreshes = [r for r in records["serial"] if r.get("ops") == ["refresh"]]
+    if "serial.search_algorithm.refresh_seeds=true" in case.extra:  # the seed retrained first, in a pod
+        assert [(r["round"], r["parent"], r["desc"]["backbone"]["code"]) for r in refreshes] == \
+            [(0, 0, records["fine_tune"][0]["desc"]["backbone"]["code"])]
+    else:
+        assert refreshes == []
 
     # every record is a model of the task with the task's figures (a semantic one no box metric)
     for name, recs in records.items():
