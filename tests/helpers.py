@@ -99,3 +99,46 @@ def make_step(role: str = "serial", desc: dict | None = None, data_root=None, na
     from spnas.training.schedule import TrainConfig
     return StepConfig(name=name or role, role=role, dataset=DatasetConfig(data_root=str(data_root) if data_root else None),
                       trainer=TrainConfig(**trainer), model_desc=dict(desc or {}), search=search)
+
+
+def png_bytes(array) -> bytes:
+    """A uint8 ``[H, W, 3]`` (or ``[H, W]``) array encoded as PNG."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def val_scene_png(data_root, index: int, size: tuple[int, int]) -> bytes:
+    """Val image ``index`` of a demo data set resized to ``size`` (h, w), as PNG bytes."""
+    import numpy as np
+    from PIL import Image
+
+    from spnas.data.source import CocoSource
+    ds = CocoSource(str(data_root)).load("val", train=False)
+    image = (ds[index][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return png_bytes(np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR)))
+
+
+def as_served(encoded: bytes):
+    """An encoded image decoded as ``spnas serve`` decodes it: float32 ``[3, H, W]`` RGB in [0, 1]."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    with Image.open(io.BytesIO(encoded)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+
+
+def onnx_outputs(folder: Path, encoded: bytes, names: list[str]) -> list:
+    """An export folder's model.onnx run by ONNX Runtime directly on ``encoded`` as served."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(Path(folder) / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(names, {"images": as_served(encoded)})
+
+
+def export_categories(folder: Path) -> dict[int, int]:
+    """An export folder's labels.json as ``{label: category id}``."""
+    return {e["label"]: e["category_id"] for e in json.loads((Path(folder) / "labels.json").read_text())["labels"]}

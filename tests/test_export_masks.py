@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import shutil
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from helpers import MASK_RCNN
-from PIL import Image
+from helpers import MASK_RCNN, export_categories, onnx_outputs, png_bytes, val_scene_png
 from pycocotools import mask as mask_utils
 from test_serve import Server, _write_export
 
@@ -126,27 +123,10 @@ def test_a_program_with_shifted_masks_fails_the_gate_and_is_refused(mask_export,
 
 # ---------------------------------------------------------------- serving
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _scene(tiny_data, index: int, size: tuple[int, int]) -> bytes:
-    """Val image ``index`` of the tiny data set resized to ``size`` (h, w), as a PNG."""
-    ds = CocoSource(str(tiny_data)).load("val", train=False)
-    ds.set_epoch(0)
-    image = (ds[index][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return _png(np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR)))
-
-
 def _direct(folder, encoded: bytes) -> dict[str, np.ndarray]:
     """ONNX Runtime on the decoded image (as the server decodes it), labels mapped to category ids."""
-    with Image.open(io.BytesIO(encoded)) as im:
-        x = np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    boxes, labels, scores, masks = session.run(["boxes", "labels", "scores", "masks"], {"images": x})
-    cats = {e["label"]: e["category_id"] for e in json.loads((folder / "labels.json").read_text())["labels"]}
+    boxes, labels, scores, masks = onnx_outputs(folder, encoded, ["boxes", "labels", "scores", "masks"])
+    cats = export_categories(folder)
     return {"boxes": boxes, "scores": scores, "labels": np.array([cats[int(v)] for v in labels]),
             "masks": masks[:, 0] > 0.5}
 
@@ -188,7 +168,7 @@ def test_served_masks_are_rles_of_what_onnxruntime_gives(mask_server, mask_expor
     status, meta = mask_server.get("/v2/models/masks")
     assert status == 200 and meta["outputs"][-1] == {"name": "masks", "datatype": "BYTES", "shape": [-1]}
     h, w = 72, 120  # another size and aspect ratio than the 96x96 the programs were traced on
-    encoded = _scene(tiny_data, 1, (h, w))
+    encoded = val_scene_png(tiny_data, 1, (h, w))
     want = _direct(out, encoded)
     n = len(want["scores"])
 
@@ -228,7 +208,7 @@ def test_a_detection_export_answers_without_masks(tmp_path):
     model = DetectorModel(load_export(folder))
     assert model.load() and model.masks is False
     assert [o["name"] for o in model.get_output_types()] == ["boxes", "scores", "labels"]
-    b64 = base64.b64encode(_png(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))).decode()
+    b64 = base64.b64encode(png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))).decode()
 
     def v2(outputs=()):
         return asyncio.run(model.predict(InferRequest(

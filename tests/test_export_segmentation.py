@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime  # noqa: F401  the export extra: missing, these tests fail, not skip
 import pytest
 import torch
-from helpers import randomize_norms
+from helpers import export_categories, onnx_outputs, randomize_norms, val_scene_png
 
 from spnas.data.source import CocoSource
 from spnas.export import parity
@@ -149,31 +149,10 @@ def test_the_pipelines_export_figures_follow_the_task(mask_export, semantic_expo
 
 # ---------------------------------------------------------------- serving label maps
 
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _scene(tiny_data, index: int, size: tuple[int, int]) -> bytes:
-    """Val image ``index`` of the tiny data set resized to ``size`` (h, w), as a PNG."""
-    from PIL import Image
-    ds = CocoSource(str(tiny_data)).load("val", train=False)
-    image = (ds[index][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return _png(np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR)))
-
-
 def _direct_map(folder, encoded: bytes) -> np.ndarray:
     """ONNX Runtime's label map on the image as the server decodes it, mapped to category ids."""
-    import onnxruntime as ort
-    from PIL import Image
-    with Image.open(io.BytesIO(encoded)) as im:
-        x = np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-    [labels] = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        ["sem_seg"], {"images": x})
-    cats = {e["label"]: e["category_id"] for e in json.loads((folder / "labels.json").read_text())["labels"]}
-    return np.vectorize(cats.__getitem__)(labels).astype(np.int64)
+    [labels] = onnx_outputs(folder, encoded, ["sem_seg"])
+    return np.vectorize(export_categories(folder).__getitem__)(labels).astype(np.int64)
 
 
 def _remapped(folder, dest, offset: int):
@@ -209,7 +188,7 @@ def test_served_label_maps_are_what_onnxruntime_gives(semantic_server, tiny_data
     assert status == 200 and meta["outputs"] == [{"name": "sem_seg", "datatype": "INT64", "shape": [-1, -1]},
                                                  {"name": "sem_seg_png", "datatype": "BYTES", "shape": [1]}]
     h, w = 86, 70
-    encoded = _scene(tiny_data, 1, (h, w))
+    encoded = val_scene_png(tiny_data, 1, (h, w))
     want = _direct_map(folder, encoded)
     assert want.shape == (h, w) and set(np.unique(want)) <= {0, 11, 12, 13} and len(np.unique(want)) >= 2
     b64 = base64.b64encode(encoded).decode()
@@ -248,7 +227,7 @@ def test_a_semantic_export_with_category_ids_over_255_answers_16_bit_pngs(semant
     folder = _remapped(semantic_export[0], tmp_path / "wide", 300)
     model = DetectorModel(load_export(folder))
     assert model.load() and model.semantic and not model.masks
-    encoded = _scene(tiny_data, 2, (64, 80))
+    encoded = val_scene_png(tiny_data, 2, (64, 80))
     want = _direct_map(folder, encoded)
     assert set(np.unique(want)) <= {0, 301, 302, 303} and want.max() > 255
     b64 = base64.b64encode(encoded).decode()
@@ -285,3 +264,17 @@ def test_label_map_pngs_round_trip_and_refuse_values_out_of_range():
         labelmap.encode(np.array([[0, 256]]), 8)
     with pytest.raises(ServeError, match=r"a label map must be \[H, W\], got shape \[1, 2, 2\]"):
         labelmap.encode(np.zeros((1, 2, 2), dtype=np.int64))
+
+
+def test_mask_match_counts_masks_of_another_size_as_mismatches():
+    """Matched detections whose masks lie over another image size (a program that pasted them
+    wrongly) fail the mask gate instead of stopping it with a shape error."""
+    gate = parity.Gate()
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, 0, :10, :10], masks[1, 0, 20:30, 20:30] = 0.9, 0.8
+    ref = {"boxes": boxes, "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.8]), "masks": masks}
+    same = parity.match(ref, ref, gate)
+    assert (same["matched"], same["mask_mismatch"], same["min_mask_iou"], same["max_mask_diff"]) == (2, 0, 1.0, 0.0)
+    other = parity.match(ref, {**ref, "masks": torch.zeros(2, 1, 32, 31)}, gate)
+    assert (other["matched"], other["mask_mismatch"], other["min_mask_iou"], other["max_mask_diff"]) == (2, 2, 0.0, 1.0)

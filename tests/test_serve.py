@@ -31,6 +31,7 @@ import onnx  # noqa: E402,F401  the export extra: the test model is exported her
 import pytest
 import yaml
 from filelock import FileLock
+from helpers import as_served
 from PIL import Image
 
 from spnas.serve.bundle import load_export
@@ -208,9 +209,8 @@ def _session(path: str):
 
 def _reference(export_dir: Path, encoded: bytes) -> dict[str, np.ndarray]:
     """ONNX Runtime run directly on the decoded image, labels mapped through labels.json."""
-    with Image.open(io.BytesIO(encoded)) as im:
-        x = np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-    boxes, labels, scores = _session(str(export_dir / "model.onnx")).run(["boxes", "labels", "scores"], {"images": x})
+    boxes, labels, scores = _session(str(export_dir / "model.onnx")).run(["boxes", "labels", "scores"],
+                                                                         {"images": as_served(encoded)})
     return {"boxes": boxes, "scores": scores, "labels": np.array([CATEGORIES[int(v)] for v in labels], dtype=np.int64)}
 
 

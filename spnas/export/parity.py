@@ -70,12 +70,15 @@ def match(ref: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], gate
         bad_score += diff > gate.score
         if masks:
             p_ref, p_got = ref["masks"][i, 0], got["masks"][j, 0]
-            decisive = (p_ref - 0.5).abs() > gate.score  # a rounding may flip a pixel at 0.5 either way
-            a, b = (p_ref > 0.5) & decisive, (p_got > 0.5) & decisive
-            union = int((a | b).sum())
-            m_iou = int((a & b).sum()) / union if union else 1.0
+            if p_ref.shape == p_got.shape:
+                decisive = (p_ref - 0.5).abs() > gate.score  # a rounding may flip a pixel at 0.5 either way
+                a, b = (p_ref > 0.5) & decisive, (p_got > 0.5) & decisive
+                union = int((a | b).sum())
+                m_iou = int((a & b).sum()) / union if union else 1.0
+                max_mask = max(max_mask, float((p_ref - p_got).abs().max()))
+            else:  # a mask over another image size: nothing of it matches
+                m_iou, max_mask = 0.0, 1.0
             min_mask, bad_mask = min(min_mask, m_iou), bad_mask + (m_iou < gate.mask_iou)
-            max_mask = max(max_mask, float((p_ref - p_got).abs().max())) if p_ref.shape == p_got.shape else 1.0
     row = {"reference": n_ref, "program": n_got, "matched": matched,
            "unmatched": (n_ref - matched) + (n_got - matched), "score_mismatch": bad_score,
            "min_iou": round(min_iou, 6) if matched else None, "max_score_diff": max_diff if matched else None,

@@ -298,34 +298,30 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
         arch_id, weights_in = m["id"], local_path(m["weights"])
         before = evaluate_architecture(m["desc"], weights_in, detection, device=device)
         weights = out / f"model_{arch_id}.pth"
+        after = None
         try:
             perf = reignite(m["desc"], weights_in, out, settings, folder=local_path(folder) if folder else None,
                             detection=detection, arch_id=arch_id, device=device, progress=progress, nproc=nproc)
         except NonFiniteLossError as exc:  # a diverged classifier: the model goes on as it came
             log.warning("reignition of %s diverged (%s): kept the model before reignition", arch_id, exc)
-            atomic_write_bytes(weights, Path(weights_in).read_bytes())
             perf = {"error": str(exc), "recalibrated": 0, "head_iters": 0}
-            choice = {"before": {k: before.get(k) for k in METRIC_NAMES}, "after": None, "kept": "before",
-                      "reason": f"reignition diverged ({exc}); the model is kept as it was"}
-            atomic_write_json(out / f"performance_{arch_id}.json", {**perf, **before, **choice})
-            return {**_record(arch_id, before, normalize_desc(m["desc"]), weights, arch_id,
-                              reignition={**perf, **choice}),
-                    "iters": None, "images": None, "seconds": None, "lineage_iters": m.get("lineage_iters")}
-        after = evaluate_architecture(m["desc"], weights, detection, device=device)
-        adapted = f"BN recalibrated on {perf['recalibrated']} image(s), {perf['head_iters']} head iteration(s)"
-        if _map(after) >= _map(before):
-            kept, reason = "after", (f"{quality_key(after)} after reignition {_map(after):.2f} >= {_map(before):.2f} "
-                                     f"before ({adapted})")
+            kept, reason = "before", f"reignition diverged ({exc}); the model is kept as it was"
         else:
-            kept, reason = "before", (f"{quality_key(after)} after reignition {_map(after):.2f} < {_map(before):.2f} "
-                                      f"before ({adapted})")
-            (out / f"reignited_{arch_id}.pth").unlink(missing_ok=True)
-            weights.rename(out / f"reignited_{arch_id}.pth")
+            after = evaluate_architecture(m["desc"], weights, detection, device=device)
+            adapted = f"BN recalibrated on {perf['recalibrated']} image(s), {perf['head_iters']} head iteration(s)"
+            kept = "after" if _map(after) >= _map(before) else "before"
+            reason = (f"{quality_key(after)} after reignition {_map(after):.2f} {'>=' if kept == 'after' else '<'} "
+                      f"{_map(before):.2f} before ({adapted})")
+        if kept == "before":
+            if after is not None:  # the re-trained weights that lost are kept aside
+                (out / f"reignited_{arch_id}.pth").unlink(missing_ok=True)
+                weights.rename(out / f"reignited_{arch_id}.pth")
             atomic_write_bytes(weights, Path(weights_in).read_bytes())
         log.info("reignition of %s: kept the model %s reignition: %s", arch_id, kept, reason)
         metrics = after if kept == "after" else before
-        choice = {"before": {k: before.get(k) for k in METRIC_NAMES}, "after": {k: after.get(k) for k in METRIC_NAMES},
-                  "kept": kept, "reason": reason}
+        choice = {"before": {k: before.get(k) for k in METRIC_NAMES},
+                  "after": None if after is None else {k: after.get(k) for k in METRIC_NAMES}, "kept": kept,
+                  "reason": reason}
         atomic_write_json(out / f"performance_{arch_id}.json", {**perf, **metrics, **choice})
         # the classifier's training is counted apart, not in the detector's lineage; a kept head
         # fine-tune trained the detector and is

@@ -219,11 +219,11 @@ def _against_seeds(records: Sequence[Mapping[str, Any]], q: str) -> dict[str, An
     """``seed`` (the best ok seed: id and ``q``), ``candidates`` and ``beat_seed`` (ok candidates,
     and those of them above the best seed's ``q``) of one phase's records; {} without a seed."""
     ok = [r for r in records if r.get("status", "ok") == "ok" and (r.get("metrics") or {}).get(q) is not None]
-    seeds = [r for r in ok if (r.get("round") if r.get("round") is not None else 0) < 0]
+    seeds = [r for r in ok if (r.get("round") or 0) < 0]
     if not seeds:
         return {}
     top = max(seeds, key=lambda r: r["metrics"][q])
-    cands = [r for r in ok if (r.get("round") if r.get("round") is not None else 0) >= 0]
+    cands = [r for r in ok if (r.get("round") or 0) >= 0]
     return {"seed": {"id": top.get("id"), q: top["metrics"][q]}, "candidates": len(cands),
             "beat_seed": sum(r["metrics"][q] > top["metrics"][q] for r in cands)}
 

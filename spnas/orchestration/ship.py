@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.types import RunConfig
+from ..search.settings import quality_key
 from ..storage import is_uri, local_path, upload
 from ..utils.errors import PhaseError
 from ..utils.fileio import atomic_write_json, read_json
@@ -40,16 +41,6 @@ EXPORT_DIR = "export"
 CHAMPION_DIR = "champion"
 #: The retraining verdict, beside the run's other files: ``<run>/verdict.json``.
 VERDICT_FILE = "verdict.json"
-#: The metric the retraining decision compares for a detector (COCO box mAP, 0-100); a semantic
-#: model's is mIoU (:func:`decision_key`).
-DECISION_KEY = "mAP"
-
-
-def decision_key(metrics: Mapping[str, Any] | None) -> str:
-    """The metric a retraining verdict compares: ``mIoU`` for a semantic model's metrics, else
-    :data:`DECISION_KEY` (box mAP, for a Mask R-CNN too, as its control comparison does)."""
-    from ..search.settings import quality_key
-    return quality_key(metrics)
 
 
 def _join(run_uri: str, *parts: str) -> str:
@@ -286,7 +277,7 @@ def evaluate_record(config_text: str, step_name: str, record: Mapping[str, Any],
                          f"{rec.get('error') or rec.get('status')}")
     metrics = evaluate_architecture(rec["desc"], local_path(rec["weights"]), steps.data_source(step, data_uri),
                                     device=cfg.device)
-    key = decision_key(metrics)
+    key = quality_key(metrics)
     log.info("%s %s on %s: %s %.2f", role, rec.get("id"), data_uri, key, metrics.get(key) or 0.0)
     return {"role": role, "id": rec.get("id"), "version": rec.get("version"), "weights": rec["weights"],
             "desc": rec["desc"],
@@ -295,12 +286,13 @@ def evaluate_record(config_text: str, step_name: str, record: Mapping[str, Any],
 
 def decide(champion: Mapping[str, Any], challenger: Mapping[str, Any], margin: float, run_uri: str,
            data_version: str = "", champion_version: Any = None) -> dict[str, Any]:
-    """``"promote"`` when the challenger's quality (:func:`decision_key`: mAP, or mIoU for a
-    semantic model) beats the champion's by at least ``margin`` points on the same split, else
-    ``"keep"``. The verdict (the key, both figures, the delta, the margin, the data version) is
-    written to ``<run>/verdict.json`` and returned. :class:`PhaseError` when either model's
-    metrics lack the key (a champion of another task than the challenger)."""
-    key = decision_key(challenger.get("metrics"))
+    """``"promote"`` when the challenger's quality (:func:`~spnas.search.settings.quality_key`:
+    box mAP, for a Mask R-CNN too, as its control comparison; mIoU for a semantic model) beats
+    the champion's by at least ``margin`` points on the same split, else ``"keep"``. The verdict
+    (the key, both figures, the delta, the margin, the data version) is written to
+    ``<run>/verdict.json`` and returned. :class:`PhaseError` when either model's metrics lack
+    the key (a champion of another task than the challenger)."""
+    key = quality_key(challenger.get("metrics"))
     figures = []
     for who, rec in (("champion", champion), ("challenger", challenger)):
         value = (rec.get("metrics") or {}).get(key)

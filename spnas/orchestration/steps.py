@@ -101,7 +101,7 @@ def reignition_settings(step: StepConfig, seed: int) -> ReignitionSettings:
                               lr=step.trainer.lr, image_size=step.image_size, seed=seed,
                               recalibrate_images=step.recalibrate_images, head_iters=step.head_iters,
                               detection_batch_size=step.trainer.batch_size,
-                              **({"clip_grad_norm": step.trainer.clip_grad_norm} if step.trainer.clip_grad_norm else {}))
+                              clip_grad_norm=step.trainer.clip_grad_norm or ReignitionSettings.clip_grad_norm)
 
 
 def inner_reignition_step(config: RunConfig, search_step: StepConfig) -> StepConfig:

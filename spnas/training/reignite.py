@@ -162,12 +162,7 @@ def _reignite_here(desc: Mapping[str, Any], weights: str | os.PathLike | Mapping
     probe = _fit_head(clf, dataset, train_idx, settings.probe_iters, seed, dev) if epochs else None
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     total = epochs * len(train_loader)
-    warm = min(settings.warmup_iters, total)
-
-    def factor(it: int) -> float:
-        ramp = (it + 1) / warm if it < warm else 1.0
-        return ramp * 0.5 * (1 + math.cos(math.pi * it / max(total, 1)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / max(total, 1))))
     net = torch.nn.parallel.DistributedDataParallel(
         clf, device_ids=[dev.index] if dev.type == "cuda" else None) if ctx.distributed else clf
     bar = tqdm(total=total, desc="reignite", unit="it", disable=not progress or not ctx.is_main)
