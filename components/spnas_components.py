@@ -297,16 +297,18 @@ def full_train(config: str, step: str, item: dict, dataset: Input[Dataset], work
                                 full_train_nodes, full_train_gpus_per_node, cluster)
 
 
-def finish(records: list[dict], run_uri: str, step: str) -> dict:
-    """The run's result: the best fully trained model (output.csv published).
+def finish(config: str, records: list[dict], run_uri: str, step: str, overrides: str) -> dict:
+    """The run's result: the best fully trained model by the run's quality (output.csv published).
 
     Args:
+        config: the run config text (its objectives name the run's quality).
         records: the full trains' records.
         run_uri: this run's prefix.
         step: the full train step's name.
+        overrides: the run's config overrides (JSON list).
     """
     from spnas.orchestration import pods
-    return pods.finish(records, run_uri, step)
+    return pods.finish(config, records, run_uri, step, overrides)
 
 
 def reignite_if_plateau(config: str, step: str, state: str, dataset: Input[Dataset], workspace: str, run_uri: str,

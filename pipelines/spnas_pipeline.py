@@ -333,8 +333,9 @@ def build_pipeline(config_path: "str | Path", image: str = DEFAULT_IMAGE, parall
             # with full_train_nodes > 1 each full-train pod creates and watches a TrainJob instead
             multi_node = {"full_train_nodes": full_train_nodes, "full_train_gpus_per_node": full_train_gpus_per_node,
                           "trainjob": trainjob_settings, "node_selector": node_selector, "tolerations": tolerations}
-            best = light(c.finish(records=fan_out(step, front, c.full_train, ctx, "full-train", "long", multi_node),
-                                  run_uri=run_uri, step=step.name))
+            best = light(c.finish(config=config, records=fan_out(step, front, c.full_train, ctx, "full-train", "long",
+                                                                 multi_node),
+                                  run_uri=run_uri, step=step.name, overrides=overrides))
             best.set_display_name("full train: best model")
             if not cfg.control:
                 return best.output

@@ -178,8 +178,9 @@ INSTANCE = __import__("pathlib").Path(__file__).resolve().parent.parent / "confi
 @pytest.mark.slow
 def test_spnas_run_of_the_instance_segmentation_example_through_all_five_phases(tiny_data, tmp_path):
     """configs/demo-instance.yml (a Mask R-CNN, searches ranked by segm_mAP), shrunk as the
-    tiny runs are: every phase runs, every record holds mask metrics, and the run's result
-    and its control are Mask R-CNNs."""
+    tiny runs are: every phase runs, every record holds mask metrics, the run's result and its
+    control are Mask R-CNNs, and the run's quality is its first objective, segm_mAP: the control
+    deltas, the phase controls and reignition's before/after choice are of mask AP."""
     import json
 
     from helpers import tiny_overrides
@@ -198,7 +199,20 @@ def test_spnas_run_of_the_instance_segmentation_example_through_all_five_phases(
     serial = [r for r in reports["phases"]["serial"]["records"] if r.get("parent") is not None]
     assert len(serial) == 2 and all(r["status"] == "ok" for r in serial)
     assert reports["best"]["desc"]["type"] == "MaskRCNN" and "segm_mAP" in reports["best"]["metrics"]
-    assert reports["control"]["control"]["mAP"] is not None
+    ctrl = reports["control"]
+    assert ctrl["quality"] == "segm_mAP" and "delta_mAP" not in ctrl
+    assert ctrl["delta_segm_mAP"] == ctrl["searched"]["segm_mAP"] - ctrl["control"]["segm_mAP"]
+    for entry in (ctrl["searched"], ctrl["control"]):  # box and mask figures, both
+        assert all(isinstance(entry[k], float) for k in ("mAP", "AP50", "segm_mAP", "segm_AP50")), entry
+    for name, ph in ctrl["phases"].items():
+        assert ph["delta_segm_mAP"] == ph["searched"]["segm_mAP"] - ph["control"]["segm_mAP"], name
+        assert set(ph["seed"]) == {"id", "segm_mAP"}, ph["seed"]
+    (re_,) = reports["phases"]["reignition"]["records"]
+    choice = re_["reignition"]
+    assert choice["reason"].startswith("segm_mAP after reignition"), choice["reason"]
+    kept = choice["after"] if choice["kept"] == "after" else choice["before"]
+    assert re_["metrics"]["segm_mAP"] == kept["segm_mAP"]
+    assert choice["kept"] == ("after" if choice["after"]["segm_mAP"] >= choice["before"]["segm_mAP"] else "before")
 
 
 def test_a_mask_objective_needs_a_mask_rcnn(tmp_path):

@@ -40,7 +40,7 @@ class Case:
 
 CASES = {
     "instance": Case(ROOT / "configs" / "demo-instance.yml", "MaskRCNN", "instance_segmentation",
-                     ("segm_mAP", "segm_AP50", "mAP", "AP50"), "mAP", (), tuple(MASK_HEAD_LIGHT)),
+                     ("segm_mAP", "segm_AP50", "mAP", "AP50"), "segm_mAP", (), tuple(MASK_HEAD_LIGHT)),
     "semantic": Case(ROOT / "configs" / "demo-semantic.yml", "SemanticFPN", "semantic_segmentation",
                      ("mIoU", "pixel_acc"), "mIoU", ("mAP", "AP50", "segm_mAP"),
                      # the serial search retrains its seed first: the pipeline's rounds do it as spnas run does

@@ -129,6 +129,18 @@ def test_version_tags_exact():
     assert "mAP" not in tags and "control_mAP" not in tags
     with pytest.raises(RegistryError, match=r"metrics.mIoU"):
         version_tags({**semantic, "metrics": {"mAP": 1.0}})
+    # a Mask R-CNN searched by mask AP: the control tags are of segm_mAP, the box mAP stays tagged
+    instance = {**EXPORT_INFO, "task": "instance_segmentation", "metrics": {"mAP": 40.5, "segm_mAP": 36.25},
+                "control": {"searched": {"mAP": 41.0, "segm_mAP": 37.0}, "control": {"mAP": 42.0, "segm_mAP": 35.5},
+                            "delta_segm_mAP": 1.5, "quality": "segm_mAP"}}
+    tags = version_tags(instance)
+    assert (tags["mAP"], tags["segm_mAP"], tags["control_segm_mAP"], tags["control_delta"]) == \
+        ("40.5", "36.25", "35.5", "1.5")
+    assert "control_mAP" not in tags
+    with pytest.raises(RegistryError, match=r"metrics.segm_mAP"):
+        version_tags({**instance, "metrics": {"mAP": 1.0}})
+    with pytest.raises(RegistryError, match="one the registry sets itself"):
+        version_tags(EXPORT_INFO, extra_tags={"control_segm_mAP": "1"})
 
 
 @pytest.mark.parametrize("change, message", [

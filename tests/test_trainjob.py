@@ -392,7 +392,7 @@ def test_every_pod_training_runs_one_process_per_gpu(config_text, tmp_path, monk
                      ("control", control), ("reignition", reignition), ("measure_costs", lambda rec, *a: dict(rec))]:
         monkeypatch.setattr(phases, name, fn)
     monkeypatch.setattr(spnas.search, "records", lambda state: [])
-    monkeypatch.setattr(steps, "phase_control_plan", lambda recs: {"seed": {"desc": {}, "weights": "w", "id": 0},
+    monkeypatch.setattr(steps, "phase_control_plan", lambda recs, objectives=(): {"seed": {"desc": {}, "weights": "w", "id": 0},
                                                                    "generations": 1, "best": {"id": 5}, "iters": 60})
     run = str(tmp_path / "run")
     pods.fine_tune(config_text, "fine_tune", "/data", run, str(tmp_path / "ft.pth"), gpus=gpus)

@@ -193,6 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..orchestration.local import run
     from ..orchestration.reports import seed_line
+    from ..search.settings import SECOND_FIGURE
     config = load_config(args.config, workdir=args.workdir, overrides=args.set or ())
     reports = run(config, workers=args.workers, progress=not args.quiet, publish=args.publish,
                   resume=args.resume, nproc=args.nproc)
@@ -208,11 +209,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if ctrl:
         print("equal-budget control (the seed trained as long as the searched model's lineage, from the same weights):")
         q = ctrl.get("quality", "mAP")
-        q2 = "AP50" if q == "mAP" else "pixel_acc"
+        q2 = SECOND_FIGURE.get(q, "AP50")
         for key in ("searched", "control"):
             e = ctrl[key]
             print(f"  {key:<9} {e['desc']['backbone']['code']} neck {e['desc']['neck']['code']}  {q} {e[q]:.2f}  "
-                  f"{q2} {e[q2]:.2f}  params {e['params']:,}  GFLOPs {e['gflops']:.2f}  "
+                  f"{q2} {e.get(q2) or 0:.2f}  params {e['params']:,}  GFLOPs {e['gflops']:.2f}  "
                   f"{e['iterations']} iterations")
         for name, ph in ctrl["phases"].items():
             if "delta_" + q in ph:

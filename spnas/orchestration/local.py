@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,10 @@ from .reports import control_summary, phase_compute, run_compute
 log = logging.getLogger(__name__)
 
 
-def _q(metrics: dict[str, Any]) -> str:
-    """``"mAP 61.25"`` (a semantic model's ``"mIoU 55.10"``) of a metrics dict."""
-    q = quality_key(metrics)
+def _q(metrics: dict[str, Any], objectives: Sequence[str] = ()) -> str:
+    """``"mAP 61.25"`` (a semantic model's ``"mIoU 55.10"``; the run's quality by ``objectives``:
+    :func:`quality_key`) of a metrics dict."""
+    q = quality_key(metrics, objectives)
     return f"{q} {metrics[q]:.2f}"
 
 
@@ -80,6 +82,7 @@ class Runner:
         check_devices(nproc, device_of(config.device))
         config = _fetch_data(config)
         self.config = config
+        self.objectives = steps.objective_keys(config)  # the run's quality is the first maximised one
         self.publish = publish
         self.resume = resume
         self.workers = workers or config.workers
@@ -142,7 +145,7 @@ class Runner:
             atomic_write_json(done_file, {"report": self.reports["phases"][step.name], "result": last})
             self._save_reports()
             failpoint("phase", step.name)
-        self.reports["best"] = steps.best_of(last)
+        self.reports["best"] = steps.best_of(last, self.objectives)
         summary = self.reports.get("control")
         if summary and summary["winner"] == "control":
             self.reports["best"] = self.reports["phases"][self.config.steps[-1].name]["control"]
@@ -165,7 +168,7 @@ class Runner:
         res = phases.fine_tune(step, steps.data_source(step), self.out / step.name, **self._opts())
         rec = {**res["record"], "phase": step.name}
         self.reports["phases"][step.name] = {"role": step.role, "records": [rec]}
-        _say(f"fine_tune: {_q(rec['metrics'])}, {rec['params']:,} params -> {res['model']}")
+        _say(f"fine_tune: {_q(rec['metrics'], self.objectives)}, {rec['params']:,} params -> {res['model']}")
         return [rec]
 
     def _search(self, step: StepConfig, seeds: list[dict]) -> list[dict]:
@@ -205,7 +208,7 @@ class Runner:
                 for c, r in zip(candidates, results, strict=False):
                     if r["status"] == "ok":
                         _say(f"  candidate {c['id']} {c['desc']['backbone']['code']} {c['desc']['neck']['code']} "
-                             f"(from {c['parent']}, {'+'.join(c['ops'])}): {_q(r['metrics'])}, "
+                             f"(from {c['parent']}, {'+'.join(c['ops'])}): {_q(r['metrics'], self.objectives)}, "
                              f"{c['params']:,} params, inherited {r['inherited']}/{r['inherited'] + r['fresh']}, "
                              f"trained {r.get('trainable') or 0:,} parameters")
                     else:
@@ -235,26 +238,27 @@ class Runner:
     _parallel = _search
 
     def _reignition(self, step: StepConfig, front: list[dict]) -> list[dict]:
-        chosen = steps.reignition_choice(step, front)
+        chosen = steps.reignition_choice(step, front, self.objectives)
         if chosen is None:
             _say("reignition disabled (top_k 0): passing the serial front on")
             self.reports["phases"][step.name] = {"role": step.role, "records": []}
             return front
         done = phases.reignition(chosen, step, self.out / step.name,
                                  detection=steps.detection_source(self.config, step), seed=self.config.seed,
-                                 **self._opts())
+                                 objectives=self.objectives, **self._opts())
         done = [{**r, "phase": step.name} for r in done]
         self.reports["phases"][step.name] = {"role": step.role, "records": done}
         for r in done:
             _say(f"reignition of {r['id']}: top-1 {r['reignition']['top1_train']:.1f}% on {r['reignition']['source']}, "
-                 f"model {_q(r['metrics'])}")
+                 f"model {_q(r['metrics'], self.objectives)}")
         return done
 
     def _full_train(self, step: StepConfig, front: list[dict]) -> list[dict]:
         data = steps.data_source(step)
-        done = phases.full_train(steps.full_train_choice(step, front), step, data, self.out / step.name, **self._opts())
+        done = phases.full_train(steps.full_train_choice(step, front, self.objectives), step, data, self.out / step.name,
+                                 **self._opts())
         self.reports["phases"][step.name] = {"role": step.role, "records": done}
-        final, ft = steps.best_of(done), self.reports["phases"].get(self.config.steps[0].name)
+        final, ft = steps.best_of(done, self.objectives), self.reports["phases"].get(self.config.steps[0].name)
         if self.config.control and final is not None and ft and ft["role"] == "fine_tune":
             seed = ft["records"][0]
             _say(f"{step.name}: equal-budget control: the seed {seed['desc']['backbone']['code']} trained "
@@ -265,7 +269,7 @@ class Runner:
             size, batch = int(final["desc"].get("max_size", 800)), step.trainer.batch_size
             final, ctrl = (phases.measure_costs(r, size, batch, self.config.device) for r in (final, ctrl))
             phase_ctrls = {name: ph["control"] for name, ph in self.reports["phases"].items() if ph.get("control")}
-            summary = control_summary(final, ctrl, phase_ctrls, steps.objective_keys(self.config),
+            summary = control_summary(final, ctrl, phase_ctrls, self.objectives,
                                       {name: ph["records"] for name, ph in self.reports["phases"].items()})
             atomic_write_json(self.out / "control.json", summary)
             self.reports["phases"][step.name].update(control=ctrl, compute=phase_compute(done, ctrl))
@@ -281,16 +285,16 @@ class Runner:
         state = read_json(state_path, "search state")
         k = state["plateau"]["reignitions"]
         rstep = steps.inner_reignition_step(self.config, step)
-        chosen = steps.reignition_choice(rstep, front(state)) or front(state)
-        _say(f"{step.name}: the front's best mAP has not improved for {state['plateau']['stale_rounds']} round(s): "
+        chosen = steps.reignition_choice(rstep, front(state), self.objectives) or front(state)
+        _say(f"{step.name}: the front's best quality has not improved for {state['plateau']['stale_rounds']} round(s): "
              f"reignition {k + 1} of at most {state['settings']['max_reignitions']} ({[r['id'] for r in chosen]})")
         done = phases.reignition(chosen, rstep, out / f"reignition_{k}", detection=steps.detection_source(self.config, step),
-                                 seed=self.config.seed, **self._opts())
+                                 seed=self.config.seed, objectives=self.objectives, **self._opts())
         rounds.search_add_reignited(state_path, done)
 
     def _phase_control(self, step: StepConfig, recs: list[dict], data: Any, out: Path) -> dict | None:
         """The search phase's equal-budget control (see :func:`steps.phase_control_plan`)."""
-        plan = steps.phase_control_plan(recs)
+        plan = steps.phase_control_plan(recs, self.objectives)
         if plan is None:
             return None
         seed, best = plan["seed"], plan["best"]
@@ -299,7 +303,7 @@ class Runner:
         ctrl = phases.control("control", seed["desc"], seed["weights"], [step.trainer] * plan["generations"], data, out,
                               base_lineage=seed.get("lineage_iters") or 0, **self._opts())
         ctrl.update(best=best["id"], seed=seed["id"], planned_iters=plan["iters"])
-        q = quality_key(best["metrics"])
+        q = quality_key(best["metrics"], self.objectives)
         _say(f"{step.name}: best candidate {best['id']} {q} {best['metrics'][q]:.2f} vs control "
              f"{ctrl['metrics'][q]:.2f} (delta {best['metrics'][q] - ctrl['metrics'][q]:+.2f})")
         return ctrl

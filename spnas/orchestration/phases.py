@@ -200,8 +200,8 @@ def search_init(step: StepConfig, seeds: Sequence[Mapping[str, Any]], out_dir: s
                     metrics = _metrics(evaluate_architecture(d, weights, data, device=device,
                                                              batch_size=step.trainer.batch_size))
                     log.info("%s: seed %d (code %s) derived from %s: %s %.2f", step.name, len(expanded), code,
-                             normalize_desc(seed["desc"])["backbone"]["code"], quality_key(metrics),
-                             quality(metrics) or 0)
+                             normalize_desc(seed["desc"])["backbone"]["code"],
+                             quality_key(metrics, settings.objective_keys), quality(metrics, settings.objective_keys) or 0)
                 expanded.append({**seed, "desc": d, "weights": str(weights), "metrics": metrics})
         seeds = expanded
         log.info("%s starts from the %s codes of the search space: %s", step.name, part, list(codes))
@@ -269,16 +269,18 @@ def _each_model(models: Sequence[Mapping[str, Any]], out: Path, resume: bool,
     return done
 
 
-def _map(metrics: Mapping[str, Any]) -> float:
-    """A metrics dict's mAP (a semantic model's mIoU: :func:`quality`), None (undefined) counting as -1."""
-    value = quality(metrics)
+def _map(metrics: Mapping[str, Any], objectives: Sequence[str] = ()) -> float:
+    """A metrics dict's quality (:func:`quality`: the first maximised of the run's ``objectives``;
+    without them box mAP, a semantic model's mIoU), None (undefined) counting as -1."""
+    value = quality(metrics, objectives)
     return -1.0 if value is None else float(value)
 
 
 def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: str | Path, *,
                detection: CocoSource, seed: int, device: str | None = None, progress: bool = False,
-               resume: bool = False, nproc: int = 1) -> list[dict[str, Any]]:
-    """Reignite each model and keep the better of before/after on validation mAP.
+               resume: bool = False, nproc: int = 1, objectives: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Reignite each model and keep the better of before/after on validation quality (the first
+    maximised of the run's ``objectives``: :func:`quality`; box mAP without them).
 
     ``models`` are records ``{"id", "desc", "weights"}``. For each, the detector is evaluated
     as it comes ("before"), then its backbone is re-trained as a classifier (the step's
@@ -309,9 +311,9 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
         else:
             after = evaluate_architecture(m["desc"], weights, detection, device=device)
             adapted = f"BN recalibrated on {perf['recalibrated']} image(s), {perf['head_iters']} head iteration(s)"
-            kept = "after" if _map(after) >= _map(before) else "before"
-            reason = (f"{quality_key(after)} after reignition {_map(after):.2f} {'>=' if kept == 'after' else '<'} "
-                      f"{_map(before):.2f} before ({adapted})")
+            kept = "after" if _map(after, objectives) >= _map(before, objectives) else "before"
+            reason = (f"{quality_key(after, objectives)} after reignition {_map(after, objectives):.2f} "
+                      f"{'>=' if kept == 'after' else '<'} {_map(before, objectives):.2f} before ({adapted})")
         if kept == "before":
             if after is not None:  # the re-trained weights that lost are kept aside
                 (out / f"reignited_{arch_id}.pth").unlink(missing_ok=True)
@@ -319,8 +321,9 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
             atomic_write_bytes(weights, Path(weights_in).read_bytes())
         log.info("reignition of %s: kept the model %s reignition: %s", arch_id, kept, reason)
         metrics = after if kept == "after" else before
-        choice = {"before": {k: before.get(k) for k in METRIC_NAMES},
-                  "after": None if after is None else {k: after.get(k) for k in METRIC_NAMES}, "kept": kept,
+        shown = (*METRIC_NAMES, *(k for k in (*SEGM_METRIC_NAMES[:2], *SEMANTIC_METRIC_NAMES[:2]) if k in before))
+        choice = {"before": {k: before.get(k) for k in shown},
+                  "after": None if after is None else {k: after.get(k) for k in shown}, "kept": kept,
                   "reason": reason}
         atomic_write_json(out / f"performance_{arch_id}.json", {**perf, **metrics, **choice})
         # the classifier's training is counted apart, not in the detector's lineage; a kept head

@@ -471,9 +471,10 @@ def choose(config_text: str, step_name: str, front_: Sequence[Mapping[str, Any]]
            overrides: str = "[]") -> list[dict]:
     """The models the step (reignition or full train) takes from the front, as fan-out items:
     :func:`steps.reignition_choice` / :func:`steps.full_train_choice`, as ``spnas run`` chooses."""
-    _, step = load_step(config_text, step_name, overrides)
-    recs = [plain(dict(r)) for r in front_]
-    chosen = steps.reignition_choice(step, recs) if step.role == "reignition" else steps.full_train_choice(step, recs)
+    cfg, step = load_step(config_text, step_name, overrides)
+    recs, keys = [plain(dict(r)) for r in front_], steps.objective_keys(cfg)
+    chosen = (steps.reignition_choice(step, recs, keys) if step.role == "reignition"
+              else steps.full_train_choice(step, recs, keys))
     return struct(_with_item_keys(chosen if chosen is not None else [], run_uri, overrides))
 
 
@@ -486,9 +487,10 @@ def collect(recs: Sequence[Mapping[str, Any]], run_uri: str, step_name: str) -> 
     return struct(recs)
 
 
-def best(recs: Sequence[Mapping[str, Any]]) -> dict:
-    """The run's result: the ok record with the highest mAP (:func:`steps.best_of`)."""
-    found = steps.best_of([plain(dict(r)) for r in recs])
+def best(recs: Sequence[Mapping[str, Any]], objectives: Sequence[str] = ()) -> dict:
+    """The run's result: the ok record with the highest quality (the first maximised of the run's
+    ``objectives``: :func:`steps.best_of`)."""
+    found = steps.best_of([plain(dict(r)) for r in recs], objectives)
     if found is None:
         raise ConfigError("no model finished its full train")
     return struct(found)
@@ -511,7 +513,8 @@ def report(config_text: str, serial_front: Sequence[Mapping[str, Any]], parallel
             publish(atomic_write_json(Path(tmp) / "control.json", summary), run_uri, "")
         if summary["winner"] == "control":
             result = controls["control"]
-    text = report_markdown({"serial front": serial_front, "parallel front": parallel_front}, result, summary)
+    text = report_markdown({"serial front": serial_front, "parallel front": parallel_front}, result, summary,
+                           steps.objective_keys(cfg))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
     return keep_final_model(str(result.get("weights") or ""), run_uri)
@@ -636,7 +639,8 @@ def reignite_one(config_text: str, step_name: str, item: Mapping[str, Any], data
     cfg, step = load_step(config_text, step_name, overrides)
     with tempfile.TemporaryDirectory(prefix="spnas-re-") as tmp:
         rec = phases.reignition([model], step, tmp, detection=steps.detection_source(cfg, step, data_uri),
-                                seed=cfg.seed, device=cfg.device, nproc=ddp_processes(gpus))[0]
+                                seed=cfg.seed, device=cfg.device, nproc=ddp_processes(gpus),
+                                objectives=steps.objective_keys(cfg))[0]
         rec["weights"] = _publish_model(Path(tmp), rec["id"], run_uri, step_name, model_path, model_uri)
     return struct({**rec, "phase": step_name})
 
@@ -798,17 +802,18 @@ def fill_artifacts(record: Mapping[str, Any], model: Any = None, metrics: Any = 
                 metrics.log_metric(key, value)
 
 
-def finish(recs: Sequence[Mapping[str, Any]], run_uri: str, step_name: str) -> dict:
+def finish(config_text: str, recs: Sequence[Mapping[str, Any]], run_uri: str, step_name: str,
+           overrides: Sequence[str] | str = ()) -> dict:
     """A fanned-out full train's end: :func:`collect` (publishes ``output.csv``), then
-    :func:`best`."""
-    return best(collect(recs, run_uri, step_name))
+    :func:`best` by the run's quality."""
+    return best(collect(recs, run_uri, step_name), steps.objective_keys(load_run(config_text, overrides)))
 
 
 
 def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[str, Any], data_uri: str,
                         run_uri: str, overrides: Sequence[str] | str = (), models_path: str = "",
                         models_uri: str = "") -> str:
-    """After a serial round: when the front's best mAP has not improved for
+    """After a serial round: when the front's best quality has not improved for
     ``reignition_patience`` rounds (and fewer than ``max_reignitions`` happened), reignite the
     front (the config's reignition settings, as ``spnas run`` does), publish the weights and add
     the reignited models to the search; returns the state's reference (the same one when nothing
@@ -825,11 +830,12 @@ def reignite_if_plateau(config_text: str, step_name: str, state: str | Mapping[s
         return state if isinstance(state, str) else _put_state(st, run_uri, step_name, f"state-{st['round']}")
     cfg, step = load_step(config_text, step_name, overrides)
     rstep = steps.inner_reignition_step(cfg, step)
-    chosen = steps.reignition_choice(rstep, front(st)) or front(st)
+    keys = steps.objective_keys(cfg)
+    chosen = steps.reignition_choice(rstep, front(st), keys) or front(st)
     k = st["plateau"]["reignitions"]
     with tempfile.TemporaryDirectory(prefix="spnas-inner-re-") as tmp:
         done = phases.reignition(chosen, rstep, tmp, detection=steps.detection_source(cfg, step, data_uri),
-                                 seed=cfg.seed, device=cfg.device)
+                                 seed=cfg.seed, device=cfg.device, objectives=keys)
         for r in done:
             r["weights"] = _publish_model(Path(tmp), r["id"], run_uri, f"{step_name}/reignition_{k}",
                                           str(Path(models_path) / f"model_{r['id']}.pth") if models_path else None,
@@ -850,7 +856,7 @@ def phase_control(config_text: str, step_name: str, state: str | Mapping[str, An
     from ..search import records
     from . import phases
     cfg, step = load_step(config_text, step_name, overrides)
-    plan = steps.phase_control_plan(records(_state(state)))
+    plan = steps.phase_control_plan(records(_state(state)), steps.objective_keys(cfg))
     if plan is None:
         return {"status": "skipped", "id": "control"}
     seed = plan["seed"]

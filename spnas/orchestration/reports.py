@@ -24,13 +24,20 @@ _LABEL_OFFSETS = ((4, 3), (4, -10), (-12, 3), (-12, -10)) + tuple(
                                                      (-0.7, -0.7), (0.7, -0.7)))
 
 
+_Y_LABELS = {"mAP": "mAP (COCO AP@[.5:.95] x 100)", "segm_mAP": "mask mAP (COCO segm AP@[.5:.95] x 100)",
+             "segm_AP50": "mask AP50 (COCO segm AP@.5 x 100)", "mIoU": "mIoU (mean IoU over classes x 100)"}
+
+
 def pareto_figure(records: Sequence[Mapping[str, Any]], front_ids: Sequence[Any], title: str,
-                  control: Mapping[str, Any] | None = None, x_key: str = "params") -> tuple[Any, Any, dict[str, Any]]:
-    """The Pareto plot as a matplotlib figure: mAP against ``x_key`` (params, gflops, memory or
-    latency) for every evaluated record, the front highlighted and joined, seeds squared, failed
-    candidates marked on the x axis, the equal-budget ``control`` as a diamond. The legend sits
-    outside the axes and each id label takes the first place where it covers no point and no
-    other label. Returns ``(fig, ax, layout)``; ``layout`` holds the display boxes of points,
+                  control: Mapping[str, Any] | None = None, x_key: str = "params",
+                  objectives: Sequence[str] = ()) -> tuple[Any, Any, dict[str, Any]]:
+    """The Pareto plot as a matplotlib figure: quality (the first maximised of the search's
+    ``objectives``: :func:`~spnas.search.settings.quality_key`; without them box mAP, a semantic
+    model's mIoU) against ``x_key`` (params, gflops, memory or latency) for every evaluated
+    record, the front highlighted and joined, seeds squared, failed candidates marked on the x
+    axis, the equal-budget ``control`` as a diamond. The legend sits outside the axes and each id
+    label takes the first place where it covers no point and no other label. Returns
+    ``(fig, ax, layout)``; ``layout`` holds the display boxes of points,
     labels and the legend (``points``, ``labels``, ``legend``) for checks."""
     import matplotlib
     matplotlib.use("Agg")
@@ -41,11 +48,11 @@ def pareto_figure(records: Sequence[Mapping[str, Any]], front_ids: Sequence[Any]
     label, scale = _X_LABELS.get(x_key, (x_key, 1.0))
 
     def xy(r: Mapping[str, Any]) -> tuple[float, float]:
-        return r[x_key] / scale, quality(r["metrics"])
+        return r[x_key] / scale, quality(r["metrics"], objectives)
 
-    ok = [r for r in records if r.get("status") == "ok" and quality(r.get("metrics")) is not None
+    ok = [r for r in records if r.get("status") == "ok" and quality(r.get("metrics"), objectives) is not None
           and r.get(x_key) is not None]
-    q = quality_key(ok[0]["metrics"]) if ok else "mAP"
+    q = quality_key(ok[0]["metrics"], objectives) if ok else "mAP"
     failed = [r for r in records if r.get("status") == "failed" and r.get(x_key) is not None]
     front = sorted((r for r in ok if r["id"] in set(front_ids)), key=lambda r: r[x_key])
     fig, ax = plt.subplots(figsize=(8.4, 4.5), dpi=110)
@@ -63,14 +70,14 @@ def pareto_figure(records: Sequence[Mapping[str, Any]], front_ids: Sequence[Any]
                    edgecolors="#1d3557", linewidths=1.2, label=f"seeds ({len(seeds)})", zorder=5)
     points = [xy(r) for r in ok] + [(r[x_key] / scale, 0.0) for r in failed]
     named = [(str(r["id"]), xy(r)) for r in ok]
-    if control is not None and quality(control.get("metrics")) is not None and control.get(x_key) is not None:
+    if control is not None and quality(control.get("metrics"), objectives) is not None and control.get(x_key) is not None:
         c = xy(control)
         ax.scatter([c[0]], [c[1]], s=110, marker="D", c="#2a9d8f", edgecolors="black", linewidths=0.8,
                    label="equal-budget control", zorder=6)
         points.append(c)
         named.append(("control", c))
     ax.set_xlabel(label)
-    ax.set_ylabel("mAP (COCO AP@[.5:.95] x 100)" if q == "mAP" else "mIoU (mean IoU over classes x 100)")
+    ax.set_ylabel(_Y_LABELS.get(q, q))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.margins(0.12)
@@ -104,10 +111,10 @@ def _point_box(ax: Any, p: tuple[float, float], radius_px: float) -> Any:
 
 
 def pareto_plot(records: Sequence[Mapping[str, Any]], front_ids: Sequence[Any], path: str | Path, title: str,
-                control: Mapping[str, Any] | None = None, x_key: str = "params") -> Path:
+                control: Mapping[str, Any] | None = None, x_key: str = "params", objectives: Sequence[str] = ()) -> Path:
     """:func:`pareto_figure` written as a PNG (atomically)."""
     import matplotlib.pyplot as plt
-    fig, _, _ = pareto_figure(records, front_ids, title, control, x_key)
+    fig, _, _ = pareto_figure(records, front_ids, title, control, x_key, objectives)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -125,12 +132,13 @@ def write_output_csv(out_dir: str | Path, records: Sequence[Mapping[str, Any]]) 
 
 
 def report_markdown(phases_records: Mapping[str, Sequence[Mapping[str, Any]]], best: Mapping[str, Any],
-                    control: Mapping[str, Any] | None = None) -> str:
+                    control: Mapping[str, Any] | None = None, objectives: Sequence[str] = ()) -> str:
     """A Markdown summary: the run's result, the searched model beside its equal-budget control
-    (``control``: a :func:`control_summary`), and a table of every record of every phase given."""
-    from ..search.settings import quality_key
-    q = quality_key(best["metrics"])
-    q2 = "AP50" if q == "mAP" else "pixel_acc"  # the second figure of the task
+    (``control``: a :func:`control_summary`), and a table of every record of every phase given,
+    all by the run's quality (``control["quality"]``, else the first maximised of ``objectives``)."""
+    from ..search.settings import SECOND_FIGURE, quality_key
+    q = (control or {}).get("quality") or quality_key(best["metrics"], objectives)
+    q2 = SECOND_FIGURE.get(q, "AP50")  # the second figure of the task
     lines = ["# SP-NAS run", "", f"**Result**: `{best['desc']['backbone']['code']}` neck "
              f"`{best['desc']['neck']['code']}`: {q} {best['metrics'][q]:.2f}, {q2} {_f(best['metrics'].get(q2))}, "
              f"{best['params']:,} params, {best['gflops']:.2f} GFLOPs", "", f"weights: `{best['weights']}`", ""]
@@ -168,11 +176,14 @@ def report_markdown(phases_records: Mapping[str, Sequence[Mapping[str, Any]]], b
 
 
 def _entry(record: Mapping[str, Any], iterations: Any) -> dict[str, Any]:
-    """One model's line of ``control.json``: its quality figures (``mAP``, ``AP50``; a semantic
-    model's ``mIoU``, ``pixel_acc``), costs, iterations and weights."""
+    """One model's line of ``control.json``: its quality figures (``mAP``, ``AP50``; a Mask
+    R-CNN's ``segm_mAP``, ``segm_AP50`` too; a semantic model's ``mIoU``, ``pixel_acc``), costs,
+    iterations and weights."""
     from ..search.settings import quality_key
     m = record.get("metrics") or {}
     figures = ("mAP", "AP50") if quality_key(m) == "mAP" else ("mIoU", "pixel_acc")
+    if "segm_mAP" in m:
+        figures += ("segm_mAP", "segm_AP50")
     return {"id": record.get("id"), "desc": record.get("desc"), **{k: m.get(k) for k in figures},
             "params": record.get("params"), "gflops": record.get("gflops"), "latency": record.get("latency"),
             "memory": record.get("memory"), "iterations": iterations, "weights": record.get("weights")}
@@ -185,8 +196,10 @@ def control_summary(searched: Mapping[str, Any], control: Mapping[str, Any],
     from the same fine-tuned weights for as many iterations as the searched model's lineage
     received since fine_tune), ``delta_mAP`` = searched - control, which one is the run's result
     (``winner``, ``reason``) and, per search phase, its best candidate beside that phase's
-    control. For a semantic model the figures are ``mIoU`` and ``pixel_acc`` and the deltas
-    ``delta_mIoU``; ``quality`` names the figure the deltas are of.
+    control. The deltas are of the run's quality, the first maximised of ``keys`` (box ``mAP``
+    unless a search ranks by another: ``delta_segm_mAP`` for a Mask R-CNN searched by mask AP;
+    ``delta_mIoU`` for a semantic model); ``quality`` names it. For a semantic model the figures
+    are ``mIoU`` and ``pixel_acc``; a Mask R-CNN's entries carry box and mask figures.
 
     Each phase entry also says how its candidates fared against the phase's seeds as they came
     in (no further training): ``seed`` (the best seed's id and quality), ``candidates`` (ok
@@ -196,7 +209,7 @@ def control_summary(searched: Mapping[str, Any], control: Mapping[str, Any],
     iterations of the candidates' schedule, and every one-mutation child 3-21)."""
     from ..search.settings import quality_key
     from .steps import winner
-    q = quality_key(searched.get("metrics"))
+    q = quality_key(searched.get("metrics"), keys)
     win, why = winner(searched, control, keys)
     phases = {}
     for name, ctrl in phase_controls.items():

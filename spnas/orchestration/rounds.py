@@ -62,9 +62,10 @@ def search_report(state_path: str | Path, out_dir: str | Path, title: str,
     fr = front(state)
     out = Path(out_dir)
     write_output_csv(out, fr)
-    costs = [k for k in state["settings"].get("objective_keys") or () if k not in MAXIMISED]
+    keys = list(state["settings"].get("objective_keys") or ())
+    costs = [k for k in keys if k not in MAXIMISED]
     png = pareto_plot(records(state), [r["id"] for r in fr], out / "pareto.png", title, control=control,
-                      x_key=costs[0] if costs else "params")
+                      x_key=costs[0] if costs else "params", objectives=keys)
     return {"output_csv": str(out / "output.csv"), "plot": str(png)}
 
 

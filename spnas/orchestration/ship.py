@@ -268,7 +268,10 @@ def evaluate_record(config_text: str, step_name: str, record: Mapping[str, Any],
                     overrides: Sequence[str] | str = ()) -> dict[str, Any]:
     """COCO metrics of ``record``'s weights on the validation split of ``data_uri`` (read as step
     ``step_name`` reads it): ``{"role", "id", "weights", "desc", "metrics"}``. The champion and
-    the challenger both go through this one function, on the same split."""
+    the challenger both go through this one function, on the same split. ``quality`` names the
+    figure they are compared by: the run's quality (the first maximised of the config's
+    objectives: segm_mAP for a Mask R-CNN searched by mask AP; else box mAP, a semantic model's
+    mIoU)."""
     from ..training.architecture import evaluate_architecture
     cfg, step = pods.load_step(config_text, step_name, overrides)
     rec = pods.plain(dict(record))
@@ -277,22 +280,23 @@ def evaluate_record(config_text: str, step_name: str, record: Mapping[str, Any],
                          f"{rec.get('error') or rec.get('status')}")
     metrics = evaluate_architecture(rec["desc"], local_path(rec["weights"]), steps.data_source(step, data_uri),
                                     device=cfg.device)
-    key = quality_key(metrics)
+    key = quality_key(metrics, steps.objective_keys(cfg))
     log.info("%s %s on %s: %s %.2f", role, rec.get("id"), data_uri, key, metrics.get(key) or 0.0)
     return {"role": role, "id": rec.get("id"), "version": rec.get("version"), "weights": rec["weights"],
-            "desc": rec["desc"],
+            "desc": rec["desc"], "quality": key,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
 
 
 def decide(champion: Mapping[str, Any], challenger: Mapping[str, Any], margin: float, run_uri: str,
            data_version: str = "", champion_version: Any = None) -> dict[str, Any]:
-    """``"promote"`` when the challenger's quality (:func:`~spnas.search.settings.quality_key`:
-    box mAP, for a Mask R-CNN too, as its control comparison; mIoU for a semantic model) beats
-    the champion's by at least ``margin`` points on the same split, else ``"keep"``. The verdict
+    """``"promote"`` when the challenger's quality (its ``quality`` key from
+    :func:`evaluate_record`: the run's first maximised objective; without it
+    :func:`~spnas.search.settings.quality_key`: box mAP, a semantic model's mIoU) beats the
+    champion's by at least ``margin`` points on the same split, else ``"keep"``. The verdict
     (the key, both figures, the delta, the margin, the data version) is written to
     ``<run>/verdict.json`` and returned. :class:`PhaseError` when either model's metrics lack
     the key (a champion of another task than the challenger)."""
-    key = quality_key(challenger.get("metrics"))
+    key = challenger.get("quality") or quality_key(challenger.get("metrics"))
     figures = []
     for who, rec in (("champion", champion), ("challenger", challenger)):
         value = (rec.get("metrics") or {}).get(key)

@@ -70,25 +70,28 @@ def neck_codes(step: StepConfig) -> tuple:
     return codes if part == "neck" else ()
 
 
-def by_map(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Records from the highest mAP (a semantic model's mIoU: :func:`~spnas.search.settings.quality`)
-    down (ties keep their order; a missing value counts as 0)."""
+def by_map(records: Sequence[Mapping[str, Any]], objectives: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Records from the highest quality down: the first maximised of the run's ``objectives``
+    (:func:`~spnas.search.settings.quality`; without them box mAP, a semantic model's mIoU); ties
+    keep their order; a missing value counts as 0."""
     from ..search.settings import quality
-    return sorted((dict(r) for r in records), key=lambda r: -(quality(r.get("metrics")) or 0))
+    return sorted((dict(r) for r in records), key=lambda r: -(quality(r.get("metrics"), objectives) or 0))
 
 
-def reignition_choice(step: StepConfig, front: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
-    """The models a reignition re-trains: the front's ``top_k`` by mAP (all when unset); None
-    when ``top_k`` is 0 (reignition off: the front passes on unchanged)."""
+def reignition_choice(step: StepConfig, front: Sequence[Mapping[str, Any]],
+                      objectives: Sequence[str] = ()) -> list[dict[str, Any]] | None:
+    """The models a reignition re-trains: the front's ``top_k`` by quality (:func:`by_map`; all
+    when unset); None when ``top_k`` is 0 (reignition off: the front passes on unchanged)."""
     if step.top_k == 0:
         return None
-    ranked = by_map(front)
+    ranked = by_map(front, objectives)
     return ranked[:step.top_k] if step.top_k else ranked
 
 
-def full_train_choice(step: StepConfig, front: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The models a full train trains: the front's ``top_k`` (default 1) by mAP."""
-    return by_map(front)[:step.top_k or 1]
+def full_train_choice(step: StepConfig, front: Sequence[Mapping[str, Any]],
+                      objectives: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The models a full train trains: the front's ``top_k`` (default 1) by quality (:func:`by_map`)."""
+    return by_map(front, objectives)[:step.top_k or 1]
 
 
 def reignition_settings(step: StepConfig, seed: int) -> ReignitionSettings:
@@ -122,13 +125,14 @@ def classification_folder(step: StepConfig) -> str | None:
     return step.dataset.data_root if step.dataset.kind == "imagenet" and step.dataset.data_root else None
 
 
-def best_of(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The ok record with the highest mAP (the run's result), or None. A seed whose refresh was
-    recorded (``refresh_seeds``: :func:`~spnas.search.state.superseded`) does not count."""
+def best_of(records: Sequence[Mapping[str, Any]], objectives: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The ok record with the highest quality (:func:`by_map`; the run's result), or None. A seed
+    whose refresh was recorded (``refresh_seeds``: :func:`~spnas.search.state.superseded`) does
+    not count."""
     from ..search.state import superseded
     gone = superseded(records)
     ok = [r for r in records if r.get("status") == "ok" and r.get("id") not in gone]
-    return by_map(ok)[0] if ok else None
+    return by_map(ok, objectives)[0] if ok else None
 
 
 def check_round(step_name: str, round_no: Any, results: Sequence[Mapping[str, Any]]) -> None:
@@ -141,10 +145,11 @@ def check_round(step_name: str, round_no: Any, results: Sequence[Mapping[str, An
 
 # ----------------------------------------------------------------------------- equal-budget controls
 
-def phase_control_plan(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """What a search phase's equal-budget control trains: the phase's best candidate (by mAP),
-    the seed its lineage starts from, and the generations of training along that lineage inside
-    the phase (each one schedule of the step's trainer). None when no candidate succeeded.
+def phase_control_plan(records: Sequence[Mapping[str, Any]], objectives: Sequence[str] = ()) -> dict[str, Any] | None:
+    """What a search phase's equal-budget control trains: the phase's best candidate (by quality:
+    :func:`by_map`), the seed its lineage starts from, and the generations of training along that
+    lineage inside the phase (each one schedule of the step's trainer). None when no candidate
+    succeeded.
 
     Returns ``{"best", "seed", "generations", "iters"}``; ``iters`` = the best's lineage
     iterations minus the seed's (what the control must receive)."""
@@ -152,7 +157,7 @@ def phase_control_plan(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] |
     ok = [r for r in records if r.get("status") == "ok" and r.get("round", -1) >= 0]
     if not ok:
         return None
-    best = by_map(ok)[0]
+    best = by_map(ok, objectives)[0]
     node, generations = best, 0
     while node.get("parent") is not None and node.get("round", -1) >= 0:
         generations += 1
@@ -189,11 +194,12 @@ def objective_keys(config: RunConfig) -> tuple[str, ...]:
 def winner(searched: Mapping[str, Any], control: Mapping[str, Any], keys: Sequence[str]) -> tuple[str, str]:
     """Which of the searched model and its control is the run's result, and why: the one that
     Pareto-dominates on ``keys`` (mAP, segm_* and mIoU maximised, costs minimised); when neither
-    does, the one with the higher quality (box mAP; a semantic model's mIoU), the searched model
-    on a tie. Returns ``(winner, reason)``."""
+    does, the one with the higher quality (the first maximised of ``keys``:
+    :func:`~spnas.search.settings.quality_key`), the searched model on a tie. Returns
+    ``(winner, reason)``."""
     from ..search.pareto import objective_values
     from ..search.settings import MAXIMISED, MEASURED, quality_key
-    q = quality_key(searched.get("metrics"))
+    q = quality_key(searched.get("metrics"), keys)
     keys = [k for k in keys if (k not in MEASURED and k in (searched.get("metrics") or {})) or k in ("params", "gflops")
             or (k in MEASURED and searched.get(k) is not None)]
     if q not in keys:

@@ -53,8 +53,10 @@ READY_TIMEOUT_S = 300.0         # the longest wait for a new version to become R
 #: a registered model name (also the last part of its experiment's name)
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: the version tags :func:`version_tags` computes (``extra_tags`` may not reuse them)
-COMPUTED_TAGS = ("serial_code", "parallel_code", "block", "data_version", "mAP", "control_mAP", "mIoU",
-                 "control_mIoU", "control_delta",
+#: the figures a run may compare its searched model and control by (control.json's ``quality``)
+RUN_QUALITIES = ("mAP", "segm_mAP", "segm_AP50", "mIoU")
+COMPUTED_TAGS = ("serial_code", "parallel_code", "block", "data_version", *RUN_QUALITIES,
+                 *(f"control_{k}" for k in RUN_QUALITIES), "control_delta",
                  "params", "gflops", "latency_ms_pytorch_cpu", "latency_ms_onnxruntime_cpu", "parity", "storage_uri")
 PROMOTION_TAGS = ("promoted_at", "previous_champion", "promotion_reason")
 
@@ -215,7 +217,9 @@ def version_tags(info: Mapping[str, Any], *, storage_uri: str | None = None,
     ``latency_ms_pytorch_cpu``, ``latency_ms_onnxruntime_cpu``,
     ``parity`` (``"passed"``); ``control_mAP`` when the export's control has the control's mAP
     and ``control_delta`` (searched - control, in-run mAPs, rounded to 6 decimals; else the
-    control's ``delta_mAP``) when it can be computed; ``storage_uri`` when given; then
+    control's ``delta_mAP``) when it can be computed. The control tags are of the run's quality
+    (``control.quality``): a Mask R-CNN searched by mask AP gets ``segm_mAP``,
+    ``control_segm_mAP`` and a ``control_delta`` of mask AP (beside its box ``mAP``); ``storage_uri`` when given; then
     ``extra_tags`` (which may not reuse these keys). Numbers are written as
     :func:`repr`/:func:`str` write them, so ``float(tag)`` gives the value back exactly."""
     parallel = _key(info, "desc.neck.code", where)
@@ -229,6 +233,9 @@ def version_tags(info: Mapping[str, Any], *, storage_uri: str | None = None,
     q = "mIoU" if info.get("task") == "semantic_segmentation" else "mAP"  # a semantic model's quality is its mIoU
     tags[q] = _number(_key(info, f"metrics.{q}", where), f"metrics.{q}", where)
     control = info.get("control")
+    if isinstance(control, Mapping) and control.get("quality") in RUN_QUALITIES and control["quality"] != q:
+        q = control["quality"]  # the run compared another figure (a Mask R-CNN's mask AP): tag it too
+        tags[q] = _number(_key(info, f"metrics.{q}", where), f"metrics.{q}", where)
     if isinstance(control, Mapping):
         searched = control.get("searched") if isinstance(control.get("searched"), Mapping) else {}
         ctrl = control.get("control") if isinstance(control.get("control"), Mapping) else {}
@@ -260,8 +267,8 @@ def version_tags(info: Mapping[str, Any], *, storage_uri: str | None = None,
 
 def _run_metrics(tags: Mapping[str, str]) -> dict[str, float]:
     """The run's metrics (for comparing runs in the MLflow UI): the numeric version tags."""
-    keys = ("mAP", "control_mAP", "mIoU", "control_mIoU", "control_delta", "params", "gflops", "latency_ms_pytorch_cpu",
-            "latency_ms_onnxruntime_cpu")
+    keys = (*RUN_QUALITIES, *(f"control_{k}" for k in RUN_QUALITIES), "control_delta", "params", "gflops",
+            "latency_ms_pytorch_cpu", "latency_ms_onnxruntime_cpu")
     return {k: float(tags[k]) for k in keys if k in tags}
 
 

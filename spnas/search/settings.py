@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -26,22 +26,32 @@ DEFAULT_OBJECTIVES = {"SpNasS": ("mAP", "params"), "SpNasP": ("mAP", "gflops")}
 MAX_SWAP_SHIFT = 8
 
 
-#: The main quality figure of a record's metrics: box mAP for the detectors (a Mask R-CNN's
-#: too: its box mAP), mIoU for a SemanticFPN. Records, controls, reports and the reignition
-#: trigger compare models by it.
+#: The main quality figure of a record's metrics without a run's objectives: box mAP for the
+#: detectors (a Mask R-CNN's too), mIoU for a SemanticFPN. With objectives (:func:`quality_key`),
+#: a run's quality is its first maximised objective, so a Mask R-CNN searched by ``segm_mAP`` is
+#: compared with its control, reignited, and picked by ``segm_mAP`` too.
 QUALITY_KEYS = ("mAP", "mIoU")
+#: The second figure reports print beside a quality figure.
+SECOND_FIGURE = {"mAP": "AP50", "segm_mAP": "segm_AP50", "segm_AP50": "segm_mAP", "mIoU": "pixel_acc"}
 
 
-def quality_key(metrics: Mapping[str, Any] | None) -> str:
-    """``"mIoU"`` for a semantic model's metrics (they hold no box mAP), else ``"mAP"``."""
+def quality_key(metrics: Mapping[str, Any] | None, objectives: Iterable[str] = ()) -> str:
+    """The figure models are compared by: the first maximised key of ``objectives`` (the run's or
+    the search's objective keys) that ``metrics`` hold; else ``"mIoU"`` for a semantic model's
+    metrics (they hold no box mAP), else ``"mAP"``. Records, controls, the run's result, reports,
+    reignition's before/after choice and the plateau trigger all compare by it."""
     m = metrics or {}
+    for k in objectives:
+        k = canonical_objective(k)
+        if k in MAXIMISED and m.get(k) is not None:
+            return k
     return "mIoU" if "mIoU" in m and "mAP" not in m else "mAP"
 
 
-def quality(metrics: Mapping[str, Any] | None) -> float | None:
+def quality(metrics: Mapping[str, Any] | None, objectives: Iterable[str] = ()) -> float | None:
     """The value of :func:`quality_key` in ``metrics`` (None when missing or undefined)."""
     m = metrics or {}
-    return m.get(quality_key(m))
+    return m.get(quality_key(m, objectives))
 
 
 def canonical_objective(key: str) -> str:

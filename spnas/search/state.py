@@ -190,7 +190,7 @@ def new_state(settings: SearchSettings, seeds: Sequence[Mapping[str, Any]]) -> d
     state = {"format": STATE_FORMAT, "settings": settings.to_dict(),
              "rng": _rng_to_json(random.Random(settings.seed)),
              "next_id": len(recs), "round": 0, "proposed": 0, "records": recs,
-             "plateau": {"best_mAP": _best_map(recs), "stale_rounds": 0, "reignitions": 0}}
+             "plateau": {"best_mAP": _best_map(recs, settings), "stale_rounds": 0, "reignitions": 0}}
     log.info("%s search: %d seed(s), max_sample %d, objectives %s", settings.algorithm, len(recs),
              settings.max_sample, list(settings.objective_keys))
     return _copy(state)
@@ -389,16 +389,19 @@ def update(state: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> di
     return _copy(st)
 
 
-def _best_map(recs: Sequence[Mapping[str, Any]]) -> float | None:
-    maps = [quality(r["metrics"]) for r in recs if r["status"] == "ok" and quality(r.get("metrics")) is not None]
+def _best_map(recs: Sequence[Mapping[str, Any]], settings: SearchSettings) -> float | None:
+    """The best quality (the search's first maximised objective: :func:`quality`) of ok ``recs``."""
+    maps = [quality(r.get("metrics"), settings.objective_keys) for r in recs if r["status"] == "ok"]
+    maps = [v for v in maps if v is not None]
     return max(maps) if maps else None
 
 
 def _note_round(st: dict, settings: SearchSettings) -> None:
-    """After a complete round: did the front's best mAP (a semantic model's mIoU: :func:`quality`;
-    kept under ``best_mAP``) improve? (the reignition trigger's count)"""
+    """After a complete round: did the front's best quality (the search's first maximised
+    objective, e.g. mIoU or segm_mAP: :func:`quality`; kept under ``best_mAP``) improve? (the
+    reignition trigger's count)"""
     p = st.setdefault("plateau", {"best_mAP": None, "stale_rounds": 0, "reignitions": 0})
-    best = _best_map(_front_records(st, settings))
+    best = _best_map(_front_records(st, settings), settings)
     if best is not None and (p["best_mAP"] is None or best > p["best_mAP"]):
         p["best_mAP"], p["stale_rounds"] = best, 0
     else:
@@ -436,7 +439,7 @@ def add_reignited(state: Mapping[str, Any], reignited: Sequence[Mapping[str, Any
     p = st.setdefault("plateau", {"best_mAP": None, "stale_rounds": 0, "reignitions": 0})
     p["reignitions"] += 1
     p["stale_rounds"] = 0
-    best = _best_map(_front_records(st, settings))
+    best = _best_map(_front_records(st, settings), settings)
     p["best_mAP"] = best if p["best_mAP"] is None or (best is not None and best > p["best_mAP"]) else p["best_mAP"]
     log.info("%s: %d reignited model(s) joined the search (reignition %d of at most %d)", settings.algorithm,
              len(reignited), p["reignitions"], settings.max_reignitions)
