@@ -9,11 +9,15 @@ the search does: this bench separates "the search picks badly" from "nothing bet
 this budget".
 
     python bench/arch_equal_training.py RUN_DIR DATA_ROOT [--epochs 4] [--seeds 0 1]
-        [--arch 1-2-2-2:0,0,0,0 1-21-2-2:0,0,0,0 ...] [--out DIR]
+        [--arch 1-2-2-2:0,0,0,0 1-21-2-2:0,0,0,0 ...] [--scratch] [--out DIR]
 
-RUN_DIR is a ``spnas run`` workdir (its ``output/fine_tune/desc_0.json`` and ``model_0.pth``);
-the schedule is SGD lr 0.08 per 16 images (linear scaling), 50 warm-up iterations, cosine, the
-fine_tune's batch size. Prints one line per architecture: params, mAP per seed, mean.
+RUN_DIR is a ``spnas run`` workdir (its ``output/fine_tune/desc_0.json`` and ``model_0.pth``)
+or any folder holding a ``desc_0.json`` and ``model_0.pth`` (e.g. one training of this bench,
+to start from a seed trained longer); the schedule is SGD lr 0.08 per 16 images (linear
+scaling), 50 warm-up iterations, cosine, the seed's batch size. ``--scratch`` trains every
+architecture from fresh weights instead (only the seed's description is read): does capacity
+pay off at all on this data and schedule? Prints one line per architecture: params, mAP per
+seed, mean.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--arch", nargs="+", default=DEFAULT_ARCHS, help="CODE:NECK, e.g. 1-21-2-2:0,0,0,0")
+    ap.add_argument("--scratch", action="store_true", help="fresh weights for every architecture (no inheritance)")
     ap.add_argument("--out", type=Path, default=None, help="keep the trainings here (default: a temporary folder)")
     args = ap.parse_args()
     import torch
@@ -49,18 +54,19 @@ def main() -> None:
     from spnas.training.schedule import TrainConfig
 
     ft = args.run / "output" / "fine_tune"
+    ft = ft if (ft / "desc_0.json").is_file() else args.run
     seed_desc = json.loads((ft / "desc_0.json").read_text())
-    state = load_checkpoint(ft / "model_0.pth")
+    state = None if args.scratch else load_checkpoint(ft / "model_0.pth")
     out = args.out or Path(tempfile.mkdtemp(prefix="spnas-arch-"))
-    print(f"seed {seed_desc['backbone']['code']} from {ft}, {args.epochs} epochs, seeds {args.seeds}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"seed {seed_desc['backbone']['code']} from {ft}{' (description only: --scratch)' if args.scratch else ''}, "
+          f"{args.epochs} epochs, seeds {args.seeds}, torch threads {torch.get_num_threads()}")
     rows = []
     for arch in args.arch:
         code, _, neck_text = arch.partition(":")
         neck = [int(v) for v in neck_text.split(",")] if neck_text else [0] * len(code.split("-"))
         child = json.loads(json.dumps(seed_desc))
         child["backbone"]["code"], child["neck"]["code"] = code, neck
-        init, _ = inherit_weights(seed_desc, state, child)
+        init = None if state is None else inherit_weights(seed_desc, state, child)[0]
         maps, params = [], None
         for s in args.seeds:
             cfg = TrainConfig(epochs=args.epochs, batch_size=seed_desc.get("batch_size", 4), lr=0.08, warmup_iters=50,
@@ -69,7 +75,8 @@ def main() -> None:
                                       init=init)
             maps.append(perf["mAP"])
             params = perf["params"]
-        rows.append({"code": code, "neck": neck, "params": params, "mAP": maps, "mean": statistics.mean(maps)})
+        rows.append({"code": code, "neck": neck, "params": params, "mAP": maps, "mean": statistics.mean(maps),
+                     "epochs": args.epochs, "scratch": args.scratch})
         print(f"{code:12s} {str(neck):14s} params {params:>10,}  mAP " + " ".join(f"{m:6.2f}" for m in maps)
               + f"  mean {statistics.mean(maps):6.2f}", flush=True)
     (out / "arch_equal_training.json").write_text(json.dumps(rows, indent=2) + "\n")
