@@ -238,6 +238,28 @@ def test_lineage_follows_parents_back_through_the_phases():
     assert [(e["phase"], e["id"], e["serial"]) for e in chain] == [
         ("parallel", 3, "1-2-12-2"), ("parallel", 1, "1-2-12-2"), ("reignition", 4, "1-2-12-2"),
         ("serial", 4, "1-2-12-2"), ("serial", 0, "1-2-2-2"), ("fine_tune", 0, "1-2-2-2")]
+    assert all("segm_mAP" not in e for e in chain)  # a detector's lineage has no mask AP
+
+
+def test_lineage_and_card_of_a_mask_rcnn_searched_by_mask_ap():
+    """A Mask R-CNN run compared by mask AP (control quality segm_mAP): the lineage records each
+    model's mask AP and the card's lineage table shows it; without that control, box mAP."""
+    from spnas.export.card import _lineage_rows
+    desc = {"type": "MaskRCNN", "backbone": {"code": "1-2-2-2"}}
+    reports = {"phases": {
+        "fine_tune": {"role": "fine_tune", "records": [
+            {"id": 0, "parent": None, "desc": desc, "metrics": {"mAP": 40.0, "segm_mAP": 35.5}, "iters": 10,
+             "weights": "ft/0", "phase": "fine_tune"}]},
+        "fully_train": {"role": "full_train", "records": [
+            {"id": 0, "parent": 0, "desc": desc, "metrics": {"mAP": 44.0, "segm_mAP": 38.25}, "iters": 20,
+             "weights": "f/0"}]}}}
+    chain = lineage(reports, reports["phases"]["fully_train"]["records"][0])
+    assert [(e["phase"], e["mAP"], e["segm_mAP"]) for e in chain] == [("fully_train", 44.0, 38.25),
+                                                                       ("fine_tune", 40.0, 35.5)]
+    info = {"task": "instance_segmentation", "lineage": chain, "control": {"quality": "segm_mAP"}}
+    assert _lineage_rows(info)[:3] == ["| phase | id | serial | parallel | segm_mAP | iterations |",
+                                       "|---|---|---|---|---|---|", "| fully_train | 0 | 1-2-2-2 | [0, 0, 0, 0] | 38.25 | 20 |"]
+    assert "| fully_train | 0 | 1-2-2-2 | [0, 0, 0, 0] | 44.00 | 20 |" in _lineage_rows({**info, "control": None})
 
 
 @pytest.mark.slow

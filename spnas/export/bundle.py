@@ -140,9 +140,10 @@ def lineage(reports: Mapping[str, Any], record: Mapping[str, Any]) -> list[dict[
     while cur is not None and (phase, cur.get("id")) not in seen:
         seen.add((phase, cur.get("id")))
         desc = normalize_desc(cur.get("desc"))
+        m = cur.get("metrics") or {}
         out.append({"phase": phase, "id": cur.get("id"), "serial": desc["backbone"]["code"],
-                    "parallel": list(desc["neck"]["code"]), "mAP": (cur.get("metrics") or {}).get("mAP"),
-                    "mIoU": (cur.get("metrics") or {}).get("mIoU"),
+                    "parallel": list(desc["neck"]["code"]), "mAP": m.get("mAP"), "mIoU": m.get("mIoU"),
+                    **({"segm_mAP": m["segm_mAP"]} if "segm_mAP" in m else {}),  # a Mask R-CNN's mask AP
                     "iters": cur.get("iters")})
         if phase is None:
             break

@@ -62,6 +62,17 @@ def _metrics_rows(info: Mapping[str, Any]) -> list[str]:
     return rows
 
 
+def _lineage_rows(info: Mapping[str, Any]) -> list[str]:
+    """The lineage table, in the run's quality (its control's ``quality``: a Mask R-CNN searched
+    by mask AP shows ``segm_mAP``; else mAP, a semantic model's mIoU)."""
+    if not info.get("lineage"):
+        return ["Not given (export from a `spnas run` output with `spnas export --run` to record it)."]
+    q = (info.get("control") or {}).get("quality") or ("mIoU" if _task(info) == "semantic_segmentation" else "mAP")
+    return [f"| phase | id | serial | parallel | {q} | iterations |", "|---|---|---|---|---|---|",
+            *(f"| {e['phase']} | {e['id']} | {e['serial']} | {e['parallel']} | {_f(e.get(q))} | {_f(e['iters'])} |"
+              for e in info["lineage"])]
+
+
 def render(info: Mapping[str, Any], report: Mapping[str, Any]) -> str:
     """The model card's Markdown."""
     d, costs, data = info["desc"], info["costs"], info["data"]
@@ -99,13 +110,7 @@ def render(info: Mapping[str, Any], report: Mapping[str, Any]) -> str:
     lines += ["", f"Probes: the first validation images resized by (height, width) factors {scales}: both programs "
               "are traced on one image, so sizes unlike it are checked too, and gate like the validation images.",
               "", "## Lineage", ""]
-    q = "mIoU" if _task(info) == "semantic_segmentation" else "mAP"
-    if info.get("lineage"):
-        lines += [f"| phase | id | serial | parallel | {q} | iterations |", "|---|---|---|---|---|---|"]
-        lines += [f"| {e['phase']} | {e['id']} | {e['serial']} | {e['parallel']} | {_f(e.get(q))} | {_f(e['iters'])} |"
-                  for e in info["lineage"]]
-    else:
-        lines.append("Not given (export from a `spnas run` output with `spnas export --run` to record it).")
+    lines += _lineage_rows(info)
     lines += ["", "## Intended use and limits", "",
               f"- Handles the {data['classes']} categories of `labels.json` in images like those of the data set above; "
               "it was neither trained nor evaluated on any other data: measure it on yours before relying on it.",
