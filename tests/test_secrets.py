@@ -360,7 +360,8 @@ def test_components_and_publish_step_leak_nothing(s3env: dict[str, str], dataset
                                             memory_per_task="2G", model=make(Model, f"full-model-{i}"),
                                             metrics=make(Metrics, f"full-metrics-{i}"))
                    for i, item in enumerate(chosen)]
-        best = c.finish.python_func(records=trained, run_uri=run_uri, step="fully_train")
+        best = c.finish.python_func(config=config, records=trained, run_uri=run_uri, step="fully_train",
+                                     overrides=overrides)
         pod = {"accelerator_type": "nvidia.com/gpu", "gpus_per_task": 0, "cpu_per_task": "1", "memory_per_task": "2G"}
         serial_control = c.phase_control.python_func(config=config, step="serial", state=state, **data,
                                                      run_uri=run_uri, overrides=overrides, **pod,
