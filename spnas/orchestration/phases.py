@@ -199,9 +199,9 @@ def search_init(step: StepConfig, seeds: Sequence[Mapping[str, Any]], out_dir: s
                                          "data set was given")
                     metrics = _metrics(evaluate_architecture(d, weights, data, device=device,
                                                              batch_size=step.trainer.batch_size))
+                    q = quality_key(metrics, settings.objective_keys)
                     log.info("%s: seed %d (code %s) derived from %s: %s %.2f", step.name, len(expanded), code,
-                             normalize_desc(seed["desc"])["backbone"]["code"],
-                             quality_key(metrics, settings.objective_keys), quality(metrics, settings.objective_keys) or 0)
+                             normalize_desc(seed["desc"])["backbone"]["code"], q, metrics.get(q) or 0)
                 expanded.append({**seed, "desc": d, "weights": str(weights), "metrics": metrics})
         seeds = expanded
         log.info("%s starts from the %s codes of the search space: %s", step.name, part, list(codes))
@@ -321,7 +321,7 @@ def reignition(models: Sequence[Mapping[str, Any]], step: StepConfig, out_dir: s
             atomic_write_bytes(weights, Path(weights_in).read_bytes())
         log.info("reignition of %s: kept the model %s reignition: %s", arch_id, kept, reason)
         metrics = after if kept == "after" else before
-        shown = (*METRIC_NAMES, *(k for k in (*SEGM_METRIC_NAMES[:2], *SEMANTIC_METRIC_NAMES[:2]) if k in before))
+        shown = [k for k in (*METRIC_NAMES, *SEGM_METRIC_NAMES[:2], *SEMANTIC_METRIC_NAMES[:2]) if k in before]
         choice = {"before": {k: before.get(k) for k in shown},
                   "after": None if after is None else {k: after.get(k) for k in shown}, "kept": kept,
                   "reason": reason}

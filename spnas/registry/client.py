@@ -52,9 +52,10 @@ PARITY_JSON, EXPORT_JSON = "parity.json", "export.json"
 READY_TIMEOUT_S = 300.0         # the longest wait for a new version to become READY
 #: a registered model name (also the last part of its experiment's name)
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-#: the version tags :func:`version_tags` computes (``extra_tags`` may not reuse them)
-#: the figures a run may compare its searched model and control by (control.json's ``quality``)
+#: the figures a run may compare its searched model and control by (control.json's ``quality``):
+#: spnas.search.settings.MAXIMISED, spelled out because that package imports torch
 RUN_QUALITIES = ("mAP", "segm_mAP", "segm_AP50", "mIoU")
+#: the version tags :func:`version_tags` computes (``extra_tags`` may not reuse them)
 COMPUTED_TAGS = ("serial_code", "parallel_code", "block", "data_version", *RUN_QUALITIES,
                  *(f"control_{k}" for k in RUN_QUALITIES), "control_delta",
                  "params", "gflops", "latency_ms_pytorch_cpu", "latency_ms_onnxruntime_cpu", "parity", "storage_uri")
@@ -219,8 +220,8 @@ def version_tags(info: Mapping[str, Any], *, storage_uri: str | None = None,
     and ``control_delta`` (searched - control, in-run mAPs, rounded to 6 decimals; else the
     control's ``delta_mAP``) when it can be computed. The control tags are of the run's quality
     (``control.quality``): a Mask R-CNN searched by mask AP gets ``segm_mAP``,
-    ``control_segm_mAP`` and a ``control_delta`` of mask AP (beside its box ``mAP``); ``storage_uri`` when given; then
-    ``extra_tags`` (which may not reuse these keys). Numbers are written as
+    ``control_segm_mAP`` and a ``control_delta`` of mask AP (beside its box ``mAP``).
+    ``storage_uri`` when given; then ``extra_tags`` (which may not reuse these keys). Numbers are written as
     :func:`repr`/:func:`str` write them, so ``float(tag)`` gives the value back exactly."""
     parallel = _key(info, "desc.neck.code", where)
     if (not isinstance(parallel, (list, tuple)) or not parallel

@@ -26,11 +26,6 @@ DEFAULT_OBJECTIVES = {"SpNasS": ("mAP", "params"), "SpNasP": ("mAP", "gflops")}
 MAX_SWAP_SHIFT = 8
 
 
-#: The main quality figure of a record's metrics without a run's objectives: box mAP for the
-#: detectors (a Mask R-CNN's too), mIoU for a SemanticFPN. With objectives (:func:`quality_key`),
-#: a run's quality is its first maximised objective, so a Mask R-CNN searched by ``segm_mAP`` is
-#: compared with its control, reignited, and picked by ``segm_mAP`` too.
-QUALITY_KEYS = ("mAP", "mIoU")
 #: The second figure reports print beside a quality figure.
 SECOND_FIGURE = {"mAP": "AP50", "segm_mAP": "segm_AP50", "segm_AP50": "segm_mAP", "mIoU": "pixel_acc"}
 
@@ -38,8 +33,10 @@ SECOND_FIGURE = {"mAP": "AP50", "segm_mAP": "segm_AP50", "segm_AP50": "segm_mAP"
 def quality_key(metrics: Mapping[str, Any] | None, objectives: Iterable[str] = ()) -> str:
     """The figure models are compared by: the first maximised key of ``objectives`` (the run's or
     the search's objective keys) that ``metrics`` hold; else ``"mIoU"`` for a semantic model's
-    metrics (they hold no box mAP), else ``"mAP"``. Records, controls, the run's result, reports,
-    reignition's before/after choice and the plateau trigger all compare by it."""
+    metrics (they hold no box mAP), else ``"mAP"`` (a Mask R-CNN's box mAP too). Records,
+    controls, the run's result, reports, reignition's before/after choice and the plateau trigger
+    all compare by it, so a Mask R-CNN searched by ``segm_mAP`` is compared by ``segm_mAP``
+    throughout."""
     m = metrics or {}
     for k in objectives:
         k = canonical_objective(k)
